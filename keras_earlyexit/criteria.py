@@ -1,0 +1,54 @@
+"""Confidence criteria: logits -> one number in [0, 1] per sample.
+
+Defined once here and used by `ExitGate`, so the Keras model, the exported
+TFLite segments and every runtime compare the same number with a threshold.
+Only ops that convert to TFLite builtins with int8 kernels are used (no
+top-k, no log of a probability).
+"""
+
+import math
+
+from keras import ops
+
+CRITERIA = ("max_prob", "margin", "entropy")
+
+
+def check_criterion(criterion: str) -> str:
+    if criterion not in CRITERIA:
+        raise ValueError(
+            f"Unknown confidence criterion {criterion!r}. "
+            f"Use one of {', '.join(map(repr, CRITERIA))}."
+        )
+    return criterion
+
+
+def confidence(logits, criterion: str = "max_prob", temperature=1.0):
+    """Confidence of each sample's prediction, in [0, 1].
+
+    Args:
+        logits: `(batch, num_classes)` tensor.
+        criterion: `"max_prob"` (top-1 probability), `"margin"` (top-1 minus
+            top-2 probability) or `"entropy"` (1 - entropy / log(classes)).
+        temperature: logits are divided by it before the softmax.
+
+    Returns:
+        `(batch,)` tensor in [0, 1].
+    """
+    check_criterion(criterion)
+    logits = logits / temperature  # (batch, classes)
+    probs = ops.softmax(logits, axis=-1)  # (batch, classes)
+    top1 = ops.max(probs, axis=-1)  # (batch,)
+    if criterion == "max_prob":
+        score = top1
+    elif criterion == "margin":
+        is_top = ops.cast(probs >= top1[:, None], probs.dtype)  # (batch, classes)
+        # Masking the maxima leaves the runner-up; a tie for first means 0.
+        top2 = ops.max(probs - 2.0 * is_top, axis=-1)  # (batch,)
+        tie = ops.sum(is_top, axis=-1) > 1.5  # (batch,)
+        score = ops.where(tie, ops.zeros_like(top1), top1 - top2)
+    else:
+        num_classes = logits.shape[-1]
+        log_probs = ops.log_softmax(logits, axis=-1)  # (batch, classes)
+        entropy = -ops.sum(probs * log_probs, axis=-1)  # (batch,)
+        score = 1.0 - entropy / math.log(num_classes)
+    return ops.clip(score, 0.0, 1.0)

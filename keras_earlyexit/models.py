@@ -1,0 +1,322 @@
+"""`EarlyExitModel`: a functional model whose outputs are exit logits."""
+
+from collections.abc import Sequence
+
+import keras
+from keras import ops
+
+from keras_earlyexit import graph, inference
+from keras_earlyexit.layers import ExitGate, check_threshold
+from keras_earlyexit.losses import EarlyExitLoss, one_hot_targets
+
+_PACKAGE = "keras_earlyexit"
+_SOFTMAX_NAMES = ("softmax", "log_softmax")
+
+
+def _producer(tensor):
+    return tensor._keras_history[0]
+
+
+def _check_exit_outputs(outputs) -> list:
+    outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    if len(outputs) < 2:
+        raise ValueError(
+            f"An EarlyExitModel needs at least 2 exits; received {len(outputs)} "
+            "output(s). Add exit heads with ExitBranch (or attach_exits) and "
+            "pass all exits' logits, shallow to deep: "
+            "EarlyExitModel(inputs, [exit_1, ..., final])."
+        )
+    classes = set()
+    for i, t in enumerate(outputs):
+        if not isinstance(t, keras.KerasTensor):
+            raise ValueError(
+                f"Output {i} is a {type(t).__name__}, not a symbolic Keras "
+                "tensor. Build the model with the functional API."
+            )
+        layer = _producer(t)
+        if len(t.shape) != 2 or t.shape[-1] is None or t.shape[-1] < 2:
+            raise ValueError(
+                f"Output {i} ('{layer.name}') has shape {t.shape}; every exit "
+                "must output classifier logits of shape (batch, num_classes) "
+                "with num_classes >= 2."
+            )
+        activation = getattr(layer, "activation", None)
+        activation_name = getattr(activation, "__name__", str(activation))
+        if activation_name in _SOFTMAX_NAMES or type(layer).__name__ == "Softmax":
+            raise ValueError(
+                f"Output {i} ('{layer.name}') ends in a softmax; exits must "
+                "output logits. Use activation=None on the last layer (the "
+                "loss and the gates apply the softmax)."
+            )
+        classes.add(t.shape[-1])
+    if len(classes) > 1:
+        raise ValueError(
+            "All exits must predict the same classes; received num_classes "
+            f"{[t.shape[-1] for t in outputs]}."
+        )
+    return outputs
+
+
+class _Hidden:
+    """Holds objects that Keras must not track or save (derived state)."""
+
+    def __init__(self):
+        self.segments = None
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class EarlyExitModel(keras.Model):
+    """A functional model with one output per exit (logits, shallow to deep).
+
+    Trains all exits with one label array and one `EarlyExitLoss` through
+    plain `fit`; reports each exit's loss and metrics under the exit's name;
+    holds one `ExitGate` per exit (criterion, threshold, temperature), saved
+    with the model.
+
+    Args:
+        inputs: input tensor(s) of the graph.
+        outputs: list of exit logits `(batch, num_classes)`, shallow to deep;
+            the last is the final classifier.
+        name: model name.
+        criterion: confidence criterion of the gates (`"max_prob"`,
+            `"margin"` or `"entropy"`).
+        thresholds: one threshold per non-final exit (default 0.9 each).
+        **kwargs: passed to `keras.Model`.
+
+    Example:
+
+    ```python
+    model = EarlyExitModel(inputs, [exit_1, exit_2, final])
+    model.compile("adam", EarlyExitLoss("linear"), metrics=["accuracy"])
+    model.fit(x_train, y_train, epochs=10)
+    model.set_thresholds([0.95, 0.9])
+    ```
+    """
+
+    def __init__(self, inputs, outputs, name=None, **kwargs):
+        criterion = kwargs.pop("criterion", "max_prob")
+        thresholds = kwargs.pop("thresholds", None)
+        outputs = _check_exit_outputs(outputs)
+        super().__init__(inputs, outputs, name=name, **kwargs)
+        self._hidden = _Hidden()
+        self.exit_names = [_producer(t).name for t in outputs]
+        self.criterion = criterion
+        self.gates = [
+            ExitGate(
+                criterion,
+                threshold=0.0 if k == len(outputs) - 1 else 0.9,
+                name=f"{exit_name}_gate",
+            )
+            for k, exit_name in enumerate(self.exit_names)
+        ]
+        self._exit_metrics: list = []
+        self._exit_metric_specs: dict = {"metrics": None, "weighted_metrics": None}
+        if thresholds is not None:
+            self.set_thresholds(thresholds)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.outputs)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.outputs[0].shape[-1])
+
+    @property
+    def thresholds(self) -> list[float]:
+        """One threshold per non-final exit."""
+        return [gate.threshold for gate in self.gates[:-1]]
+
+    def set_thresholds(self, thresholds: Sequence[float]) -> None:
+        """Sets the gates' thresholds, one per non-final exit, in [0, 1]."""
+        for gate, value in zip(self.gates, self._check_thresholds(thresholds)):
+            gate.threshold = value
+
+    def _check_thresholds(self, thresholds) -> list[float]:
+        thresholds = list(thresholds)
+        if len(thresholds) != self.num_exits - 1:
+            raise ValueError(
+                f"Expected {self.num_exits - 1} thresholds (one per non-final "
+                f"exit of {self.num_exits}); received {len(thresholds)}. The "
+                "final exit takes every remaining sample."
+            )
+        return [
+            check_threshold(t, f"Threshold of exit {k} ('{self.exit_names[k]}')")
+            for k, t in enumerate(thresholds)
+        ]
+
+    def set_temperatures(self, temperatures: Sequence[float]) -> None:
+        """Sets the gates' softmax temperatures, one per exit."""
+        temperatures = list(temperatures)
+        if len(temperatures) != self.num_exits:
+            raise ValueError(
+                f"Expected {self.num_exits} temperatures (one per exit); "
+                f"received {len(temperatures)}."
+            )
+        for gate, value in zip(self.gates, temperatures):
+            gate.temperature = value
+
+    def segments(self) -> list[keras.Model]:
+        """Per-exit segment models, built once and shared with this model.
+
+        Segment k maps the carry of segment k-1 (segment 0: the model
+        inputs) to a dict of its own carry tensors, `"logits"` and
+        `"confidence"`.
+        """
+        if self._hidden.segments is None:
+            inputs = keras.tree.flatten(self.inputs)
+            plans = graph.plan_segments(inputs, self.outputs)
+            self._hidden.segments = [
+                graph.build_segment(plan, gate, name=f"segment_{k + 1}")
+                for k, (plan, gate) in enumerate(zip(plans, self.gates))
+            ]
+        return self._hidden.segments
+
+    def predict_early(self, x, thresholds=None, batch_size: int = 256):
+        """Gated inference with real per-sample exits.
+
+        Runs segment by segment; after each exit, samples whose confidence
+        reaches the threshold leave and the batch is compacted, so deeper
+        segments compute only the samples still in play.
+
+        Args:
+            x: input array(s).
+            thresholds: one per non-final exit; default `self.thresholds`.
+            batch_size: samples entering the first segment at once.
+
+        Returns:
+            `EarlyExitPrediction` with NumPy arrays `.classes`,
+            `.exit_indices` (0-based) and `.confidences`.
+        """
+        if thresholds is None:
+            thresholds = self.thresholds
+        else:
+            thresholds = self._check_thresholds(thresholds)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(
+                f"batch_size must be an int >= 1. Received: {batch_size!r}"
+            )
+        return inference.predict_early(self, x, thresholds, batch_size)
+
+    # Training: one loss over all exits, per-exit metrics.
+
+    def compile(
+        self,
+        optimizer="rmsprop",
+        loss=None,
+        metrics=None,
+        weighted_metrics=None,
+        **kwargs,
+    ):
+        """Like `keras.Model.compile`; `loss` is an `EarlyExitLoss`
+        (default `EarlyExitLoss()`) and each metric is tracked per exit as
+        `{exit name}_{metric name}`."""
+        if "loss_weights" in kwargs and kwargs["loss_weights"] is not None:
+            raise ValueError(
+                "EarlyExitModel takes exit weights from the loss: use "
+                "loss=EarlyExitLoss(weights=[...]) instead of loss_weights."
+            )
+        kwargs.pop("loss_weights", None)
+        if loss is None:
+            loss = EarlyExitLoss()
+        if not isinstance(loss, EarlyExitLoss):
+            raise ValueError(
+                "EarlyExitModel trains all exits with one EarlyExitLoss; "
+                f"received loss={loss!r}. Use loss=kee.EarlyExitLoss(...) "
+                "(its options cover weights per exit, label smoothing and "
+                "distillation)."
+            )
+        super().compile(optimizer=optimizer, loss=None, **kwargs)
+        self.loss = loss
+        self._exit_metric_specs = {
+            "metrics": metrics,
+            "weighted_metrics": weighted_metrics,
+        }
+        self._exit_metrics = [
+            (_exit_metric(spec, name, "loss"), k, False)
+            for k, name in enumerate(self.exit_names)
+            for spec in ["__loss__"]
+        ]
+        for specs, weighted in ((metrics, False), (weighted_metrics, True)):
+            for spec in specs or []:
+                for k, name in enumerate(self.exit_names):
+                    self._exit_metrics.append((_exit_metric(spec, name), k, weighted))
+
+    @property
+    def metrics(self):
+        return super().metrics + [m for m, _, _ in self._exit_metrics]
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        losses = [self.loss(y, list(y_pred), sample_weight)]
+        losses += [self._aggregate_additional_loss(v) for v in self.losses]
+        return ops.sum(ops.stack(losses)) if len(losses) > 1 else losses[0]
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        for metric, k, weighted in self._exit_metrics:
+            metric.update_state(
+                y,
+                y_pred[k],
+                sample_weight=sample_weight
+                if weighted or metric.name.endswith("_loss")
+                else None,
+            )
+        return self.get_metrics_result()
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config:
+            config["loss"] = keras.saving.serialize_keras_object(self.loss)
+            for key, value in self._exit_metric_specs.items():
+                config[key] = keras.saving.serialize_keras_object(value)
+        return config
+
+    def compile_from_config(self, config):
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.optimizer is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def get_config(self):
+        config = super().get_config()
+        config["criterion"] = self.criterion
+        return config
+
+
+def _exit_metric(spec, exit_name: str, kind: str | None = None):
+    """A fresh metric for one exit, named `{exit_name}_{metric name}`."""
+    if kind == "loss":
+        return keras.metrics.MeanMetricWrapper(
+            _exit_cross_entropy, name=f"{exit_name}_loss"
+        )
+    if spec in ("accuracy", "acc"):
+        return keras.metrics.MeanMetricWrapper(
+            _exit_accuracy, name=f"{exit_name}_accuracy"
+        )
+    metric = keras.metrics.get(spec)
+    if isinstance(metric, keras.metrics.Metric):
+        config = metric.get_config()
+        config["name"] = f"{exit_name}_{config['name']}"
+        return metric.__class__.from_config(config)
+    if isinstance(metric, type):
+        metric = metric()
+        config = metric.get_config()
+        config["name"] = f"{exit_name}_{config['name']}"
+        return metric.__class__.from_config(config)
+    return keras.metrics.MeanMetricWrapper(
+        metric, name=f"{exit_name}_{metric.__name__}"
+    )
+
+
+def _exit_cross_entropy(y_true, logits):
+    targets = one_hot_targets(y_true, logits.shape[-1])
+    return -ops.sum(targets * ops.log_softmax(logits, axis=-1), axis=-1)
+
+
+def _exit_accuracy(y_true, logits):
+    """Accuracy for sparse or one-hot labels."""
+    targets = one_hot_targets(y_true, logits.shape[-1])
+    return ops.cast(
+        ops.argmax(targets, axis=-1) == ops.argmax(logits, axis=-1), "float32"
+    )
