@@ -184,7 +184,13 @@ class ExitBranch(keras.layers.Layer):
         strides = [x.shape[a] // self.pooled_size for a in axes]
         sizes = [x.shape[a] - (self.pooled_size - 1) * s for a, s in zip(axes, strides)]
         pool = ops.average_pool if self.pooling == "avg" else ops.max_pool
-        x = pool(x, sizes, strides, padding="valid", data_format=self.data_format)
+        x = pool(
+            x,
+            tuple(sizes),
+            tuple(strides),
+            padding="valid",
+            data_format=self.data_format,
+        )
         return ops.reshape(x, (-1, int(np.prod(x.shape[1:]))))  # (batch, bins*ch)
 
     def call(self, inputs, training=None):

@@ -1,0 +1,32 @@
+"""Shared fixtures. The suite runs once per backend: KERAS_BACKEND is set by
+the caller (see the Makefile), never here."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_earlyexit as kee
+from keras_earlyexit import demo
+
+
+@pytest.fixture(scope="session")
+def digits() -> demo.Splits:
+    return demo.load_digits(seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_digits_model(digits) -> kee.EarlyExitModel:
+    """The demo CNN trained on digits (shared: do not modify it in a test;
+    clone it or save/load a copy first)."""
+    keras.utils.set_random_seed(0)
+    model = demo.digits_cnn()
+    model.compile(
+        keras.optimizers.Adam(3e-3), kee.EarlyExitLoss(), metrics=["accuracy"]
+    )
+    model.fit(digits.x_train, digits.y_train, epochs=30, batch_size=32, verbose=0)
+    return model
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
