@@ -1,5 +1,6 @@
 """keras-earlyexit: early-exit networks on Keras 3, from training to device."""
 
+from keras_earlyexit.attach import attach_exits
 from keras_earlyexit.inference import EarlyExitPrediction
 from keras_earlyexit.layers import ExitBranch, ExitGate
 from keras_earlyexit.losses import EarlyExitLoss, ExitCurriculum, exit_weights
@@ -8,6 +9,7 @@ from keras_earlyexit.models import EarlyExitModel
 __version__ = "0.1.0"
 
 __all__ = [
+    "attach_exits",
     "EarlyExitLoss",
     "EarlyExitModel",
     "EarlyExitPrediction",

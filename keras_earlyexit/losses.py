@@ -278,8 +278,8 @@ class ExitCurriculum(keras.callbacks.Callback):
       linearly to 1 over `duration` epochs; the final exit trains from the
       start so the backbone learns features first.
     - `"gradual"` (LayerSkip): exits are switched on from deep to shallow,
-      one group every `duration / (num_exits - 1)` epochs; inactive exits
-      get weight 0.
+      one every `duration / (num_exits - 1)` epochs; inactive exits get
+      weight 0.
 
     Keras compiles the training step once, so the callback rebuilds the
     train and test functions when the weights change (once per epoch at
@@ -325,8 +325,8 @@ class ExitCurriculum(keras.callbacks.Callback):
             scale = self.start_scale + (1.0 - self.start_scale) * progress
             return [scale] * (num_exits - 1) + [1.0]
         # Exits k = 0..n-2 switch on deep to shallow as progress grows.
-        active = math.floor((self.epoch + 1) / self.duration * (num_exits - 1))
-        first_active = max(0, num_exits - 1 - active)
+        active = math.floor(progress * (num_exits - 1))
+        first_active = num_exits - 1 - active
         return [1.0 if k >= first_active else 0.0 for k in range(num_exits)]
 
     def step(self):

@@ -1,0 +1,235 @@
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_earlyexit as kee
+from keras_earlyexit import demo
+from keras_earlyexit.inference import select_exits
+
+
+def _chain_segments(model, x):
+    """Runs the segments one after another on all samples."""
+    segments = model.segments()
+    carry = {t.name: x for t in segments[0].inputs}
+    logits = []
+    for k, segment in enumerate(segments):
+        out = segment(carry)
+        logits.append(ops.convert_to_numpy(out["logits"]))
+        if k + 1 < len(segments):
+            carry = {t.name: out[t.name] for t in segments[k + 1].inputs}
+    return logits
+
+
+def _resnet_style():
+    """An exit sits between the two ends of a skip connection."""
+    inputs = keras.Input((8, 8, 1))
+    stem = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="stem")(
+        inputs
+    )
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="a")(stem)
+    exit_1 = kee.ExitBranch(10, name="exit_1")(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", name="b")(x)
+    x = keras.layers.Add(name="skip")([stem, x])
+    exit_2 = kee.ExitBranch(10, name="exit_2")(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c")(x)
+    final = kee.ExitBranch(10, hidden_units=16, name="final")(x)
+    return kee.EarlyExitModel(inputs, [exit_1, exit_2, final])
+
+
+def test_digits_exits_are_accurate(trained_digits_model, digits):
+    result = trained_digits_model.evaluate(
+        digits.x_test, digits.y_test, verbose=0, return_dict=True
+    )
+    majority = np.bincount(digits.y_test).max() / len(digits.y_test)
+    assert result["final_accuracy"] >= 0.95
+    assert result["exit_1_accuracy"] >= majority + 0.5
+    assert set(result) >= {
+        "loss",
+        "exit_1_loss",
+        "exit_2_loss",
+        "final_loss",
+        "exit_1_accuracy",
+        "exit_2_accuracy",
+        "final_accuracy",
+    }
+
+
+def test_fit_history_reports_each_exit(digits):
+    model = demo.digits_cnn(width=4)
+    model.compile(
+        "adam",
+        kee.EarlyExitLoss("linear"),
+        metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(k=3)],
+    )
+    history = model.fit(
+        digits.x_train[:64],
+        digits.y_train[:64],
+        epochs=1,
+        verbose=0,
+        validation_data=(digits.x_val[:32], digits.y_val[:32]),
+    )
+    for name in model.exit_names:
+        for key in (
+            f"{name}_loss",
+            f"{name}_accuracy",
+            f"{name}_sparse_top_k_categorical_accuracy",
+        ):
+            assert key in history.history and f"val_{key}" in history.history
+
+
+def test_one_hot_labels_and_sample_weight_train(digits):
+    model = demo.digits_cnn(width=4)
+    model.compile("adam", kee.EarlyExitLoss(label_smoothing=0.1), metrics=["accuracy"])
+    y = np.eye(10, dtype="float32")[digits.y_train[:64]]
+    weights = np.linspace(0.5, 1.5, 64).astype("float32")
+    history = model.fit(
+        digits.x_train[:64], y, sample_weight=weights, epochs=2, verbose=0
+    )
+    assert np.isfinite(history.history["loss"]).all()
+    assert 0.0 <= history.history["final_accuracy"][-1] <= 1.0
+
+
+def test_gradients_reach_every_exit_and_the_backbone(digits):
+    keras.utils.set_random_seed(0)
+    model = demo.digits_cnn(width=4)
+    model.compile(keras.optimizers.SGD(0.1), kee.EarlyExitLoss())
+    before = [ops.convert_to_numpy(v).copy() for v in model.trainable_variables]
+    model.fit(
+        digits.x_train[:32], digits.y_train[:32], epochs=1, batch_size=32, verbose=0
+    )
+    for variable, old in zip(model.trainable_variables, before):
+        assert not np.allclose(ops.convert_to_numpy(variable), old), variable.path
+
+
+@pytest.mark.parametrize("build", [demo.digits_cnn, _resnet_style])
+def test_segment_chain_equals_full_model(build, digits):
+    model = build()
+    x = digits.x_test[:16]
+    full = model.predict(x, verbose=0)
+    for got, expected in zip(_chain_segments(model, x), full):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_skip_connection_is_carried_across_the_exit():
+    segments = _resnet_style().segments()
+    assert sorted(t.name for t in segments[1].inputs) == ["a", "stem"]
+    assert [t.name for t in segments[2].inputs] == ["skip"]
+
+
+def test_predict_early_equals_compute_all_then_select(trained_digits_model, digits):
+    model = trained_digits_model
+    x = digits.x_test
+    thresholds = [0.95, 0.8]
+    result = model.predict_early(x, thresholds=thresholds, batch_size=50)
+    logits = model.predict(x, verbose=0)
+    confidences = np.stack(
+        [ops.convert_to_numpy(g(z)) for g, z in zip(model.gates, logits)], axis=1
+    )
+    exits = select_exits(confidences, thresholds)
+    np.testing.assert_array_equal(result.exit_indices, exits)
+    chosen = np.stack(logits)[exits, np.arange(len(x))]
+    np.testing.assert_array_equal(result.classes, chosen.argmax(-1))
+    np.testing.assert_allclose(
+        result.confidences, confidences[np.arange(len(x)), exits], atol=1e-6
+    )
+    assert len(set(exits)) == 3  # every exit fires at these thresholds
+    everyone_early = model.predict_early(x, thresholds=[0.0, 0.0])
+    assert (everyone_early.exit_indices == 0).all()
+
+
+def test_save_load_round_trip(tmp_path, digits):
+    keras.utils.set_random_seed(0)
+    model = demo.digits_cnn(width=4, criterion="margin")
+    loss = kee.EarlyExitLoss("sqrt", distillation_weight=0.2, label_smoothing=0.05)
+    model.compile(keras.optimizers.Adam(1e-3), loss, metrics=["accuracy"])
+    model.fit(digits.x_train[:64], digits.y_train[:64], epochs=1, verbose=0)
+    model.set_thresholds([0.3, 0.6])
+    model.set_temperatures([1.5, 1.2, 1.0])
+    path = tmp_path / "model.keras"
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    assert isinstance(reloaded, kee.EarlyExitModel)
+    assert reloaded.criterion == "margin" and reloaded.num_exits == 3
+    assert reloaded.thresholds == pytest.approx([0.3, 0.6])
+    assert [g.temperature for g in reloaded.gates] == pytest.approx([1.5, 1.2, 1.0])
+    assert reloaded.loss.get_config() == loss.get_config()
+    x = digits.x_test[:32]
+    for a, b in zip(model.predict(x, verbose=0), reloaded.predict(x, verbose=0)):
+        np.testing.assert_array_equal(a, b)
+    early, early_reloaded = model.predict_early(x), reloaded.predict_early(x)
+    np.testing.assert_array_equal(early.exit_indices, early_reloaded.exit_indices)
+    # Compiled state came back too: training continues with per-exit metrics.
+    history = reloaded.fit(digits.x_train[:32], digits.y_train[:32], verbose=0)
+    assert "exit_1_accuracy" in history.history
+
+
+def test_num_exits_and_thresholds():
+    model = demo.digits_cnn(width=4, thresholds=[0.5, 0.7])
+    assert model.num_exits == 3 and model.num_classes == 10
+    assert model.exit_names == ["exit_1", "exit_2", "final"]
+    assert model.thresholds == pytest.approx([0.5, 0.7])
+
+
+@pytest.mark.parametrize(
+    "thresholds, message",
+    [
+        ([0.5], "Expected 2 thresholds"),
+        ([0.5, 1.5], r"in \[0, 1\]"),
+        ([-0.1, 0.5], r"in \[0, 1\]"),
+    ],
+)
+def test_bad_thresholds(thresholds, message, digits):
+    model = demo.digits_cnn(width=4)
+    with pytest.raises(ValueError, match=message):
+        model.set_thresholds(thresholds)
+    with pytest.raises(ValueError, match=message):
+        model.predict_early(digits.x_test[:4], thresholds=thresholds)
+
+
+def test_predict_early_bad_input():
+    model = demo.digits_cnn(width=4)
+    with pytest.raises(ValueError, match="no samples"):
+        model.predict_early(np.zeros((0, 8, 8, 1), "float32"))
+    with pytest.raises(ValueError, match=r"expects samples of shape \(8, 8, 1\)"):
+        model.predict_early(np.zeros((4, 8, 8), "float32"))
+
+
+def test_model_needs_exits():
+    inputs = keras.Input((4,))
+    logits = keras.layers.Dense(3)(inputs)
+    with pytest.raises(ValueError, match="at least 2 exits"):
+        kee.EarlyExitModel(inputs, [logits])
+    with pytest.raises(ValueError, match="at least 2 exits"):
+        kee.EarlyExitModel(inputs, [])
+
+
+def test_model_needs_classifier_logits():
+    inputs = keras.Input((4, 4, 1))
+    exit_1 = kee.ExitBranch(3)(inputs)
+    features = keras.layers.Conv2D(2, 3)(inputs)
+    with pytest.raises(ValueError, match="must output classifier logits"):
+        kee.EarlyExitModel(inputs, [exit_1, features])
+    probs = keras.layers.Dense(3, activation="softmax", name="probs")(
+        keras.layers.Flatten()(inputs)
+    )
+    with pytest.raises(ValueError, match="ends in a softmax"):
+        kee.EarlyExitModel(inputs, [exit_1, probs])
+    other = kee.ExitBranch(5)(inputs)
+    with pytest.raises(ValueError, match="same classes"):
+        kee.EarlyExitModel(inputs, [exit_1, other])
+
+
+def test_compile_rejects_other_losses_and_loss_weights():
+    model = demo.digits_cnn(width=4)
+    with pytest.raises(ValueError, match="one EarlyExitLoss"):
+        model.compile("adam", "sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match="loss_weights"):
+        model.compile("adam", kee.EarlyExitLoss(), loss_weights=[1, 1, 1])
+
+
+def test_fit_with_labels_that_fit_no_exit(digits):
+    model = demo.digits_cnn(width=4)
+    model.compile("adam", kee.EarlyExitLoss())
+    with pytest.raises(ValueError, match="fit no exit with 10 classes"):
+        model.fit(digits.x_train[:8], np.zeros((8, 3)), verbose=0)
