@@ -58,10 +58,13 @@ def _check_exit_outputs(outputs) -> list:
 
 
 class _Hidden:
-    """Holds objects that Keras must not track or save (derived state)."""
+    """Derived state that Keras must not track or save: segment models and
+    per-exit metrics (rebuilt by `compile`, so a recompile replaces them)."""
 
     def __init__(self):
         self.segments = None
+        self.exit_metrics: list[tuple] = []  # (metric, exit index, weighted)
+        self.metric_specs: dict = {"metrics": None, "weighted_metrics": None}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -109,8 +112,6 @@ class EarlyExitModel(keras.Model):
             )
             for k, exit_name in enumerate(self.exit_names)
         ]
-        self._exit_metrics: list = []
-        self._exit_metric_specs: dict = {"metrics": None, "weighted_metrics": None}
         if thresholds is not None:
             self.set_thresholds(thresholds)
 
@@ -228,23 +229,23 @@ class EarlyExitModel(keras.Model):
             )
         super().compile(optimizer=optimizer, loss=None, **kwargs)
         self.loss = loss
-        self._exit_metric_specs = {
+        self._hidden.metric_specs = {
             "metrics": metrics,
             "weighted_metrics": weighted_metrics,
         }
-        self._exit_metrics = [
-            (_exit_metric(spec, name, "loss"), k, False)
-            for k, name in enumerate(self.exit_names)
-            for spec in ["__loss__"]
+        # Each exit's own cross-entropy, weighted like the loss.
+        exit_metrics = [
+            (_exit_loss_metric(name), k, True) for k, name in enumerate(self.exit_names)
         ]
         for specs, weighted in ((metrics, False), (weighted_metrics, True)):
             for spec in specs or []:
                 for k, name in enumerate(self.exit_names):
-                    self._exit_metrics.append((_exit_metric(spec, name), k, weighted))
+                    exit_metrics.append((_exit_metric(spec, name), k, weighted))
+        self._hidden.exit_metrics = exit_metrics
 
     @property
     def metrics(self):
-        return super().metrics + [m for m, _, _ in self._exit_metrics]
+        return super().metrics + [m for m, _, _ in self._hidden.exit_metrics]
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
@@ -254,13 +255,9 @@ class EarlyExitModel(keras.Model):
         return ops.sum(ops.stack(losses)) if len(losses) > 1 else losses[0]
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        for metric, k, weighted in self._exit_metrics:
+        for metric, k, weighted in self._hidden.exit_metrics:
             metric.update_state(
-                y,
-                y_pred[k],
-                sample_weight=sample_weight
-                if weighted or metric.name.endswith("_loss")
-                else None,
+                y, y_pred[k], sample_weight=sample_weight if weighted else None
             )
         return self.get_metrics_result()
 
@@ -268,7 +265,7 @@ class EarlyExitModel(keras.Model):
         config = super().get_compile_config()
         if config:
             config["loss"] = keras.saving.serialize_keras_object(self.loss)
-            for key, value in self._exit_metric_specs.items():
+            for key, value in self._hidden.metric_specs.items():
                 config[key] = keras.saving.serialize_keras_object(value)
         return config
 
@@ -284,12 +281,14 @@ class EarlyExitModel(keras.Model):
         return config
 
 
-def _exit_metric(spec, exit_name: str, kind: str | None = None):
+def _exit_loss_metric(exit_name: str):
+    return keras.metrics.MeanMetricWrapper(
+        _exit_cross_entropy, name=f"{exit_name}_loss"
+    )
+
+
+def _exit_metric(spec, exit_name: str):
     """A fresh metric for one exit, named `{exit_name}_{metric name}`."""
-    if kind == "loss":
-        return keras.metrics.MeanMetricWrapper(
-            _exit_cross_entropy, name=f"{exit_name}_loss"
-        )
     if spec in ("accuracy", "acc"):
         return keras.metrics.MeanMetricWrapper(
             _exit_accuracy, name=f"{exit_name}_accuracy"
