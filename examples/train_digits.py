@@ -99,7 +99,6 @@ model.set_thresholds([0.95, 0.9])
 early = model.predict_early(data.x_test)
 accuracy = (early.classes == data.y_test).mean()
 shares = early.exit_counts(model.num_exits) / len(data.y_test)
-print(
-    f"gated accuracy {accuracy:.4f} at thresholds {[round(t, 3) for t in model.thresholds]}"
-)
+thresholds = ", ".join(f"{t:.2f}" for t in model.thresholds)
+print(f"gated accuracy {accuracy:.4f} at thresholds [{thresholds}]")
 print("share leaving at each exit:", ", ".join(f"{s:.2f}" for s in shares))
