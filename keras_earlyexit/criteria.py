@@ -49,6 +49,7 @@ def confidence(logits, criterion: str = "max_prob", temperature=1.0):
     else:
         num_classes = logits.shape[-1]
         log_probs = ops.log_softmax(logits, axis=-1)  # (batch, classes)
-        entropy = -ops.sum(probs * log_probs, axis=-1)  # (batch,)
-        score = 1.0 - entropy / math.log(num_classes)
+        # 1 - H / log(C) with H = -sum(p log p), written without a negation
+        # (TFLite has no int8 NEG kernel).
+        score = 1.0 + ops.sum(probs * log_probs, axis=-1) / math.log(num_classes)
     return ops.clip(score, 0.0, 1.0)

@@ -1,0 +1,582 @@
+"""`calibrate`: per-exit thresholds for an accuracy target, a compute budget
+or a risk guarantee."""
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from keras_earlyexit.evaluation import _data
+from keras_earlyexit.inference import select_exits
+
+_MIN_SAMPLES = 10
+
+
+@dataclass
+class CalibrationResult:
+    """Thresholds found by `calibrate` and what they are expected to give.
+
+    Attributes:
+        thresholds: one per non-final exit; apply with
+            `model.set_thresholds(result.thresholds)` or `result.apply(model)`.
+        expected_accuracy: accuracy of gated inference on the validation data.
+        expected_macs: average MACs per sample on the validation data.
+        expected_share: `expected_macs` as a fraction of the full model's MACs.
+        exit_shares: fraction of validation samples leaving at each exit.
+        final_accuracy: accuracy of the final exit alone.
+        full_macs: MACs of the full model (every segment).
+        target: `"max_accuracy_drop"`, `"macs_budget"` or `"risk"`.
+        target_value: the value asked for.
+        bound: the guarded quantity of the chosen thresholds: the upper
+            confidence bound of the accuracy drop, of the MACs share, or of
+            the disagreement rate with the final exit (risk).
+        delta: the bounds hold with probability >= 1 - delta.
+        temperatures: per exit, when temperature scaling was fitted (else
+            None: the gates' temperatures are kept).
+        shared_threshold: the best single threshold for all exits under the
+            same target and guard (None for `risk`), for comparison.
+        shared_macs: average MACs of `shared_threshold` on the validation data.
+        num_samples: validation samples used.
+    """
+
+    thresholds: list[float]
+    expected_accuracy: float
+    expected_macs: float
+    expected_share: float
+    exit_shares: list[float]
+    final_accuracy: float
+    full_macs: int
+    target: str
+    target_value: float
+    bound: float
+    delta: float
+    temperatures: list[float] | None = None
+    shared_threshold: float | None = None
+    shared_macs: float | None = None
+    num_samples: int = 0
+
+    def apply(self, model):
+        """Sets the model's thresholds (and fitted temperatures); returns it.
+        Both are gate weights, so they are saved with the model."""
+        if self.temperatures is not None:
+            model.set_temperatures(self.temperatures)
+        model.set_thresholds(self.thresholds)
+        return model
+
+    def __str__(self) -> str:
+        lines = [
+            f"Calibrated for {self.target}={self.target_value} "
+            f"on {self.num_samples} samples (delta={self.delta})",
+            f"  thresholds:        [{', '.join(f'{t:.4f}' for t in self.thresholds)}]",
+        ]
+        if self.temperatures is not None:
+            temps = ", ".join(f"{t:.3f}" for t in self.temperatures)
+            lines.append(f"  temperatures:      [{temps}]")
+        lines += [
+            f"  expected accuracy: {self.expected_accuracy:.4f} "
+            f"(final exit {self.final_accuracy:.4f})",
+            f"  expected MACs:     {self.expected_macs:,.0f} per sample = "
+            f"{self.expected_share:.1%} of {self.full_macs:,} "
+            f"({1 / max(self.expected_share, 1e-12):.2f}x fewer)",
+            "  exit shares:       " + ", ".join(f"{s:.1%}" for s in self.exit_shares),
+            f"  guarded bound:     {self.bound:.4f} (holds w.p. >= {1 - self.delta})",
+        ]
+        if self.shared_threshold is not None:
+            lines.append(
+                f"  one shared threshold {self.shared_threshold:.4f} would cost "
+                f"{self.shared_macs:,.0f} MACs per sample"
+            )
+        return "\n".join(lines)
+
+
+def calibrate(
+    model,
+    x_val,
+    y_val,
+    max_accuracy_drop: float | None = None,
+    macs_budget: float | None = None,
+    risk: float | None = None,
+    delta: float = 0.1,
+    temperature_scaling: bool = False,
+    guard: bool = True,
+    risk_bound: str = "binomial",
+    search_fraction: float = 0.5,
+    num_candidates: int = 256,
+    seed: int = 0,
+    apply: bool = False,
+    batch_size: int = 256,
+    verbose: int = 0,
+) -> CalibrationResult:
+    """Per-exit thresholds for one target, found on validation data.
+
+    Give exactly one target:
+
+    - `max_accuracy_drop`: least average MACs whose accuracy is at most this
+      much (absolute, e.g. 0.01 = 1 point) below the final exit's.
+    - `macs_budget`: best accuracy whose average MACs are at most this
+      fraction of the full model's (e.g. 0.25).
+    - `risk`: least average MACs whose rate of disagreement with the final
+      exit's prediction is <= `risk` with probability >= 1 - `delta` over the
+      draw of the validation data (distribution-free, Learn-then-Test).
+
+    Search: the candidates of each exit are its confidences on the
+    validation data (quantiles of them beyond `num_candidates`). Starting
+    points are the best single shared threshold and the minimizers of
+    `objective + lambda * constraint` over a grid of multipliers; from each,
+    coordinate descent moves one exit's threshold at a time to its best
+    feasible candidate until no move helps. On the validation data the
+    result is thus never worse than one shared threshold, and usually
+    spends fewer MACs.
+
+    Guarding against overfitting the validation set: with `guard=True`
+    (default), the constraint of `max_accuracy_drop` / `macs_budget` is
+    checked on the one-sided upper confidence bound, at level `1 - delta`,
+    of the drop / MACs share (mean plus a normal quantile times its standard
+    error, variance add-one smoothed so a perfect score still has a margin),
+    not on the raw validation value. Small validation sets thus get
+    conservative thresholds instead of promises that do not hold on new data.
+    `risk` is guarded by construction: the validation data is split once at
+    random; the first part (`search_fraction`) orders a fixed sequence of
+    per-exit threshold settings from cautious to aggressive (and fits
+    temperatures); the second part tests them in that order with a binomial
+    (Clopper-Pearson) or Hoeffding p-value and keeps the last one certified
+    before the first failure (fixed-sequence testing controls the error at
+    `delta`; Angelopoulos et al., 2021).
+
+    Args:
+        model: an `EarlyExitModel` (its gates' criterion is used).
+        x_val: validation input array(s), not used for training.
+        y_val: labels, int `(n,)` or one-hot `(n, num_classes)`.
+        max_accuracy_drop: target in [0, 1).
+        macs_budget: target in (0, 1].
+        risk: target in (0, 1).
+        delta: failure probability of the bounds, in (0, 1).
+        temperature_scaling: fit one softmax temperature per exit on the
+            validation negative log-likelihood (on the search part for
+            `risk`) before searching thresholds.
+        guard: use the upper confidence bound (see above) for
+            `max_accuracy_drop` and `macs_budget`.
+        risk_bound: `"binomial"` or `"hoeffding"`.
+        search_fraction: part of the validation data that orders the
+            settings for `risk`.
+        num_candidates: candidate thresholds per exit.
+        seed: seed of the `risk` split.
+        apply: also set the thresholds (and temperatures) on `model`.
+        batch_size: batch size of `model.predict`.
+        verbose: 1 shows progress.
+
+    Returns:
+        `CalibrationResult` with `.thresholds`, `.expected_accuracy`,
+        `.expected_macs` (per sample), `.exit_shares` and `.apply(model)`.
+
+    Example:
+
+    ```python
+    result = kee.calibrate(model, x_val, y_val, max_accuracy_drop=0.01)
+    model.set_thresholds(result.thresholds)
+    model.save("calibrated.keras")  # thresholds are saved with the model
+    ```
+
+    Reference:
+        [Angelopoulos et al., 2021](https://arxiv.org/abs/2110.01052)
+        (Learn then Test).
+    """
+    targets = {
+        "max_accuracy_drop": max_accuracy_drop,
+        "macs_budget": macs_budget,
+        "risk": risk,
+    }
+    given = {k: v for k, v in targets.items() if v is not None}
+    if len(given) != 1:
+        raise ValueError(
+            "Give exactly one target: max_accuracy_drop, macs_budget or risk. "
+            f"Received: {given or 'none'}."
+        )
+    ((target, value),) = given.items()
+    value = _check_target(target, value)
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1). Received: {delta}")
+    if risk_bound not in ("binomial", "hoeffding"):
+        raise ValueError(
+            f"risk_bound must be 'binomial' or 'hoeffding'. Received: {risk_bound!r}"
+        )
+    if not 0.0 < search_fraction < 1.0:
+        raise ValueError(
+            f"search_fraction must be in (0, 1). Received: {search_fraction}"
+        )
+    _data.check_model(model)
+    n = _data.num_samples(model, x_val)
+    if n < _MIN_SAMPLES:
+        raise ValueError(
+            f"calibrate received {n} validation samples; thresholds fitted on "
+            f"fewer than {_MIN_SAMPLES} mean nothing. Use a few hundred or more."
+        )
+    data = _data.exit_outputs(model, x_val, y_val, batch_size, verbose)
+    z = statistics.NormalDist().inv_cdf(1.0 - delta) if guard else 0.0
+    search = data
+    if target == "risk":
+        rows = np.random.default_rng(seed).permutation(n)
+        cut = int(round(search_fraction * n))
+        if cut < 1 or cut >= n:
+            raise ValueError(
+                f"risk needs both parts of the split non-empty; {n} samples with "
+                f"search_fraction={search_fraction} leave one empty."
+            )
+        search, test = data.subset(rows[:cut]), data.subset(rows[cut:])
+    temperatures = None
+    if temperature_scaling:
+        temperatures = [
+            fit_temperature(logits, search.labels) for logits in search.logits
+        ]
+        data = data.with_temperatures(model, temperatures)
+        search = search.with_temperatures(model, temperatures)
+        if target == "risk":
+            test = test.with_temperatures(model, temperatures)
+    full = float(data.cumulative_macs[-1])
+    candidates = _candidates(search.confidences, num_candidates)
+    final_accuracy = float(data.correct[:, -1].mean())
+    shared = shared_macs = None
+
+    if target == "risk":
+        thresholds, bound = _learn_then_test(
+            search, test, candidates, value, delta, risk_bound, verbose
+        )
+        thresholds = list(thresholds)
+    else:
+        stats = _Stats(search, z)
+        if target == "max_accuracy_drop":
+            objective = lambda s: s.share - 1e-6 * s.accuracy  # noqa: E731
+            constraint = lambda s: s.drop_bound  # noqa: E731
+        else:
+            objective = lambda s: -s.accuracy + 1e-6 * s.share  # noqa: E731
+            constraint = lambda s: s.share_bound  # noqa: E731
+        feasible = lambda s: constraint(s) <= value + 1e-12  # noqa: E731
+        progbar = _progbar(1, verbose)
+        starts = _lagrangian_starts(stats, candidates, objective, constraint)
+        found = search_thresholds(stats, candidates, feasible, objective, starts)
+        if progbar is not None:
+            progbar.add(1)
+        if found is None:
+            raise ValueError(_unreachable(target, value, stats, candidates, guard))
+        thresholds, shared = found
+        if shared is not None:
+            shared_macs = stats(shared).share * full
+            shared = float(shared[0])
+        bound = constraint(stats(thresholds))
+
+    thresholds = [float(t) for t in thresholds]
+    accuracy, macs, _, exits = data.simulate(thresholds)
+    result = CalibrationResult(
+        thresholds=thresholds,
+        expected_accuracy=accuracy,
+        expected_macs=macs,
+        expected_share=macs / full,
+        exit_shares=[
+            float(s) for s in np.bincount(exits, minlength=data.num_exits) / n
+        ],
+        final_accuracy=final_accuracy,
+        full_macs=int(full),
+        target=target,
+        target_value=value,
+        bound=float(bound),
+        delta=delta,
+        temperatures=None if temperatures is None else [float(t) for t in temperatures],
+        shared_threshold=shared,
+        shared_macs=shared_macs,
+        num_samples=n,
+    )
+    if apply:
+        result.apply(model)
+    return result
+
+
+def _check_target(target: str, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{target} must be a number. Received: {value!r}") from None
+    ranges = {
+        "max_accuracy_drop": (0.0 <= value < 1.0, "[0, 1) (0.01 = one point)"),
+        "macs_budget": (0.0 < value <= 1.0, "(0, 1] (a fraction of full-model MACs)"),
+        "risk": (0.0 < value < 1.0, "(0, 1) (a rate of disagreement)"),
+    }
+    ok, allowed = ranges[target]
+    if not ok:
+        raise ValueError(f"{target} must be in {allowed}. Received: {value}")
+    return value
+
+
+class _Stats:
+    """Simulated gated inference on one data set, with guarded bounds,
+    vectorized over the candidate thresholds of one exit."""
+
+    @dataclass
+    class Result:
+        accuracy: np.ndarray
+        share: np.ndarray  # average MACs / full MACs
+        disagreement: np.ndarray
+        drop_bound: np.ndarray
+        share_bound: np.ndarray
+
+    def __init__(self, data: "_data.ExitOutputs", z: float):
+        self.data = data
+        self.z = z
+        self.rows = np.arange(len(data.labels))
+        self.share_of_exit = data.cumulative_macs / data.cumulative_macs[-1]
+        self.final_correct = data.correct[:, -1].astype(np.float64)
+
+    def __call__(self, thresholds) -> "_Stats.Result":
+        thresholds = [float(t) for t in thresholds]
+        result = self.along(thresholds, 0, np.asarray(thresholds[:1]))
+        return self.Result(*(float(v[0]) for v in vars(result).values()))
+
+    def along(self, thresholds, k: int, values: np.ndarray) -> "_Stats.Result":
+        """Statistics for `thresholds` with exit k's replaced by each value."""
+        conf = self.data.confidences
+        early = list(thresholds[:k]) + [2.0] + list(thresholds[k + 1 :])
+        without_k = select_exits(conf, early)  # (n,) exit if k never takes it
+        before = without_k < k
+        open_at_k = ~before & (conf[:, k][None, :] >= values[:, None])  # (c, n)
+        exits = np.where(open_at_k, k, without_k[None, :])  # (c, n)
+        correct = self.data.correct[self.rows[None, :], exits]  # (c, n)
+        share = self.share_of_exit[exits]  # (c, n)
+        drop = self.final_correct[None, :] - correct  # (c, n) in {-1, 0, 1}
+        agree = self.data.agrees[self.rows[None, :], exits]  # (c, n)
+        return self.Result(
+            accuracy=correct.mean(axis=1),
+            share=share.mean(axis=1),
+            disagreement=1.0 - agree.mean(axis=1),
+            drop_bound=_upper_bound(drop, self.z),
+            share_bound=_upper_bound(share, self.z),
+        )
+
+
+def _upper_bound(values: np.ndarray, z: float) -> np.ndarray:
+    """Row means plus `z` standard errors; add-one smoothing of the second
+    moment keeps a margin when every value agrees."""
+    n = values.shape[-1]
+    mean = values.mean(axis=-1)
+    if z == 0.0:
+        return mean
+    second = (np.sum(values**2, axis=-1) + 1.0) / (n + 1.0)
+    return mean + z * np.sqrt(np.maximum(second - mean**2, 0.0) / n)
+
+
+def _candidates(confidences: np.ndarray, num: int) -> list[np.ndarray]:
+    """Per non-final exit: its distinct confidences (quantiles of them when
+    there are more than `num`), plus 0 and 1."""
+    columns = []
+    for c in confidences[:, :-1].T:
+        values = np.unique(c)
+        if len(values) > num:
+            values = np.quantile(c, np.linspace(0.0, 1.0, num))
+        columns.append(np.unique(np.concatenate([values, [0.0, 1.0]]).clip(0, 1)))
+    return columns
+
+
+def _lagrangian_starts(stats, candidates, objective, constraint, passes=3) -> list:
+    """Settings minimizing `objective + lam * constraint` for a grid of
+    multipliers, by coordinate descent: points on the trade-off curve that
+    single-exit moves under a hard constraint cannot reach."""
+    starts = []
+    for lam in np.geomspace(1e-2, 1e4, 25):
+        current = [1.0] * len(candidates)
+        for _ in range(passes):
+            for k, values in enumerate(candidates):
+                s = stats.along(current, k, values)
+                current[k] = float(
+                    values[np.argmin(objective(s) + lam * constraint(s))]
+                )
+        starts.append(tuple(current))
+    return starts
+
+
+def search_thresholds(
+    stats: "_Stats",
+    candidates: list[np.ndarray],
+    feasible: Callable,
+    cost: Callable,
+    starts: list | None = None,
+    max_passes: int = 10,
+):
+    """Best feasible per-exit thresholds.
+
+    Starts from the best feasible shared threshold, from "every threshold 1"
+    and from `starts` (e.g. Lagrangian solutions), then moves one exit's
+    threshold at a time to the candidate of lowest cost that stays feasible,
+    until a pass changes nothing.
+
+    Returns:
+        `(thresholds, best shared thresholds or None)`, or None if nothing
+        is feasible.
+    """
+    num_early = len(candidates)
+    best_shared, best_shared_cost = None, np.inf
+    for t in np.unique(np.concatenate(candidates)):
+        s = stats((float(t),) * num_early)
+        if feasible(s) and cost(s) < best_shared_cost:
+            best_shared, best_shared_cost = (float(t),) * num_early, cost(s)
+    options = [best_shared, (1.0,) * num_early, *(starts or [])]
+    options = [o for o in dict.fromkeys(o for o in options if o is not None)]
+    options = [o for o in options if feasible(stats(o))]
+    if not options:
+        return None
+    best, best_cost = None, np.inf
+    for start in sorted(options, key=lambda o: cost(stats(o)))[:4]:
+        current, current_cost = list(start), cost(stats(start))
+        for _ in range(max_passes):
+            changed = False
+            for k, values in enumerate(candidates):
+                s = stats.along(current, k, values)
+                costs = np.where(feasible(s), cost(s), np.inf)
+                i = int(np.argmin(costs))
+                if costs[i] < current_cost - 1e-15:
+                    current[k], current_cost, changed = float(values[i]), costs[i], True
+            if not changed:
+                break
+        if current_cost < best_cost:
+            best, best_cost = current, current_cost
+    return best, best_shared
+
+
+def _progbar(total: int, verbose: int):
+    if not verbose:
+        return None
+    import keras
+
+    return keras.utils.Progbar(total, unit_name="search")
+
+
+def _unreachable(target, value, stats, candidates, guard) -> str:
+    num_early = len(candidates)
+    what = "upper confidence bound of " if guard else ""
+    if target == "max_accuracy_drop":
+        best = min(
+            stats((float(t),) * num_early).drop_bound
+            for t in np.unique(np.concatenate(candidates))
+        )
+        return (
+            f"max_accuracy_drop={value} is not reachable on this validation data: "
+            f"the smallest {what}the accuracy drop found is {best:.4f}. Use "
+            f"max_accuracy_drop >= {best:.4f}, more validation data"
+            + (", or guard=False" if guard else "")
+            + "."
+        )
+    cheapest = stats((0.0,) * num_early).share_bound
+    return (
+        f"macs_budget={value} is not reachable: the cheapest setting (every "
+        f"sample leaves at the first exit) needs {cheapest:.4f} of the full "
+        f"model's MACs ({what}the average). Use macs_budget >= {cheapest:.4f}, "
+        "or add an earlier, cheaper exit."
+    )
+
+
+def _learn_then_test(search, test, candidates, risk, delta, bound, verbose):
+    """Fixed-sequence Learn-then-Test over settings ordered on `search`."""
+    num_early = len(candidates)
+    search_stats = _Stats(search, 0.0)
+    objective = lambda s: s.share + 1e-6 * s.disagreement  # noqa: E731
+    starts = _lagrangian_starts(
+        search_stats, candidates, objective, lambda s: s.disagreement
+    )
+    progbar = _progbar(21, verbose)
+    sequence = [(1.0,) * num_early]
+    for level in np.linspace(0.0, risk, 21):
+        found = search_thresholds(
+            search_stats,
+            candidates,
+            lambda s, level=level: s.disagreement <= level + 1e-12,
+            objective,
+            starts,
+            max_passes=4,
+        )
+        if found is not None and tuple(found[0]) not in sequence:
+            sequence.append(tuple(found[0]))
+        if progbar is not None:
+            progbar.add(1)
+    test_stats = _Stats(test, 0.0)
+    n = len(test.labels)
+    chosen = None
+    for step, thresholds in enumerate(sequence):
+        errors = int(round(test_stats(thresholds).disagreement * n))
+        if _p_value(errors, n, risk, bound) > delta:
+            break
+        chosen = thresholds
+    if chosen is None:
+        errors = int(round(test_stats(sequence[0]).disagreement * n))
+        reachable = _risk_upper_bound(errors, n, delta, bound)
+        raise ValueError(
+            f"risk={risk} cannot be certified with delta={delta} from "
+            f"{n} test samples (the part of the validation data after the "
+            f"search split): the most cautious setting certifies at best "
+            f"risk={reachable:.4f}. Use risk >= {reachable:.4f}, more "
+            "validation data, or a larger delta."
+        )
+    errors = int(round(test_stats(chosen).disagreement * n))
+    return list(chosen), _risk_upper_bound(errors, n, delta, bound)
+
+
+def _p_value(errors: int, n: int, risk: float, bound: str) -> float:
+    """p-value of "true disagreement rate > risk" given `errors` of `n`."""
+    if bound == "hoeffding":
+        gap = risk - errors / n
+        return 1.0 if gap <= 0 else math.exp(-2.0 * n * gap * gap)
+    return _binomial_cdf(errors, n, risk)
+
+
+def _binomial_cdf(k: int, n: int, p: float) -> float:
+    """P[Binomial(n, p) <= k], summed in log space."""
+    if k >= n:
+        return 1.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    terms = [
+        math.lgamma(n + 1)
+        - math.lgamma(i + 1)
+        - math.lgamma(n - i + 1)
+        + i * log_p
+        + (n - i) * log_q
+        for i in range(k + 1)
+    ]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def _risk_upper_bound(errors: int, n: int, delta: float, bound: str) -> float:
+    """Smallest risk certified by `errors` of `n` at level `delta`."""
+    lo, hi = errors / n, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if mid > 0 and _p_value(errors, n, mid, bound) <= delta:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Softmax temperature minimizing the negative log-likelihood
+    (golden-section search over log T in [log 0.05, log 20])."""
+    logits = logits.astype(np.float64)
+
+    def nll(log_t: float) -> float:
+        scaled = logits / math.exp(log_t)  # (n, classes)
+        scaled -= scaled.max(axis=1, keepdims=True)
+        log_probs = scaled - np.log(np.exp(scaled).sum(axis=1, keepdims=True))
+        return float(-log_probs[np.arange(len(labels)), labels].mean())
+
+    lo, hi = math.log(0.05), math.log(20.0)
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(60):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = nll(b)
+    return float(math.exp((lo + hi) / 2))

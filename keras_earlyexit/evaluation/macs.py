@@ -1,0 +1,333 @@
+"""`count_macs`: multiply-accumulates per exit segment, from layer shapes.
+
+Counting rules (per sample, batch axis excluded):
+
+- `Dense`: one MAC per kernel entry and per position (a `Dense` on a
+  sequence runs once per step). Biases and activations are not counted.
+- `EinsumDense`: output elements times the sizes of the contracted axes.
+- `Conv1D/2D/3D`: output positions times kernel entries (`groups` taken
+  into account through the kernel shape); `Conv*Transpose`: input
+  positions times kernel entries.
+- `DepthwiseConv1D/2D`: output elements times the kernel window.
+- `SeparableConv1D/2D`: the depthwise and the pointwise part.
+- `MultiHeadAttention`: the query, key, value and output projections plus
+  `heads * Tq * Tk * (key_dim + value_dim)` for the scores and the weighted
+  sum (default attention over all non-batch, non-feature axes).
+- `BatchNormalization`: 0 when it directly follows a convolution or a
+  `Dense` layer (the TFLite converter folds it into their weights); otherwise
+  1 MAC per element (the scale and shift that remain at inference).
+  `LayerNormalization` / `GroupNormalization`: 1 MAC per element (scale and
+  shift; mean and variance are not counted).
+- Pooling (max, average, global) and the `ExitBranch` pooling: 0 MACs. They
+  multiply nothing; their adds/comparisons are not counted (a rule of thumb
+  shared with most MAC counters), and each one still gets a row in the
+  per-layer breakdown saying so.
+- `ExitBranch`: its hidden `Dense` layers and classifier.
+- `ExitGate` (softmax + confidence), activations, reshapes, merges, dropout
+  and other layers without weights: 0. `keras.ops.matmul` in a functional
+  graph: output elements times the contracted size.
+- Layers nested in a sub-model are counted through the sub-model's graph.
+- Other layers with weights (e.g. recurrent layers): counted as 0 and named
+  in one warning.
+"""
+
+import warnings
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from keras_earlyexit.layers import ExitBranch, ExitGate
+
+_CONV = (
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+)
+_CONV_TRANSPOSE = (
+    keras.layers.Conv1DTranspose,
+    keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose,
+)
+_DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+_SEPARABLE = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+_POOLING_NAMES = ("Pooling", "pooling")
+# Layers whose weights a following BatchNormalization folds into.
+_FOLDS_BATCHNORM = (
+    keras.layers.Dense,
+    keras.layers.EinsumDense,
+    *_CONV,
+    *_CONV_TRANSPOSE,
+    *_DEPTHWISE,
+    *_SEPARABLE,
+)
+# Layers with weights that cost no MACs by design.
+_ZERO_MAC_WEIGHTED = (keras.layers.Embedding, ExitGate)
+
+
+@dataclass
+class LayerMacs:
+    """MACs of one layer call.
+
+    Attributes:
+        segment: 0-based index of the exit segment the call belongs to.
+        name: layer name (`outer/inner` for layers of nested models).
+        type: layer class name.
+        macs: multiply-accumulates per sample.
+        note: how the count was made, when it is not the plain rule.
+    """
+
+    segment: int
+    name: str
+    type: str
+    macs: int
+    note: str = ""
+
+
+@dataclass
+class MacsReport:
+    """MACs per exit segment, cumulative, and per layer.
+
+    Attributes:
+        segment_macs: per exit, MACs of its segment (backbone part and head).
+        cumulative_macs: per exit, MACs to reach and evaluate that exit
+            (segments 1..k).
+        layers: `LayerMacs` rows, in graph order.
+        exit_names: names of the exits.
+        uncounted: names of layer types with weights that were counted as 0.
+    """
+
+    segment_macs: list[int]
+    cumulative_macs: list[int]
+    layers: list[LayerMacs] = field(default_factory=list)
+    exit_names: list[str] = field(default_factory=list)
+    uncounted: list[str] = field(default_factory=list)
+
+    @property
+    def total_macs(self) -> int:
+        """MACs of the full model (every segment, every exit head)."""
+        return self.cumulative_macs[-1]
+
+    def share(self) -> list[float]:
+        """Cumulative MACs of each exit as a fraction of the full model."""
+        total = max(self.total_macs, 1)
+        return [c / total for c in self.cumulative_macs]
+
+    def __str__(self) -> str:
+        rows = [f"{'layer':<32} {'type':<22} {'MACs':>12}  note"]
+        for k, name in enumerate(self.exit_names):
+            rows.append(f"-- segment {k + 1} (exit '{name}')")
+            for r in self.layers:
+                if r.segment == k:
+                    rows.append(f"{r.name:<32} {r.type:<22} {r.macs:>12,}  {r.note}")
+        rows.append("")
+        rows.append(
+            f"{'exit':<12} {'segment MACs':>14} {'cumulative':>14} {'share':>8}"
+        )
+        for name, seg, cum, share in zip(
+            self.exit_names, self.segment_macs, self.cumulative_macs, self.share()
+        ):
+            rows.append(f"{name:<12} {seg:>14,} {cum:>14,} {share:>8.1%}")
+        return "\n".join(rows)
+
+
+def count_macs(model: keras.Model, warn: bool = True) -> MacsReport:
+    """Counts multiply-accumulates per exit segment from layer shapes.
+
+    See the module docstring for the rule of each layer type (BatchNorm is
+    folded into a preceding convolution or `Dense` layer; pooling counts 0).
+
+    Args:
+        model: an `EarlyExitModel` (counted per exit segment) or any built
+            functional / Sequential `keras.Model` (counted as one segment).
+        warn: emit one warning naming layer types with weights that have no
+            counting rule (they are counted as 0).
+
+    Returns:
+        `MacsReport` with lists `.segment_macs` and `.cumulative_macs` (one
+        int per exit), the per-layer breakdown `.layers`, and a table from
+        `str()`.
+
+    Example:
+
+    ```python
+    macs = kee.count_macs(model)
+    print(macs)  # per-layer table and per-exit summary
+    macs.cumulative_macs[-1]  # full model, per sample
+    ```
+    """
+    if hasattr(model, "segments"):
+        graphs = model.segments()
+        exit_names = list(model.exit_names)
+    else:
+        graph = getattr(model, "_functional", None) or model
+        if not getattr(graph, "outputs", None):
+            raise ValueError(
+                f"count_macs needs a built functional or Sequential model; "
+                f"'{model.name}' has no symbolic outputs. Build it first "
+                "(call it on a keras.Input or pass input_shape)."
+            )
+        graphs = [graph]
+        exit_names = [model.name]
+    rows: list[LayerMacs] = []
+    uncounted: set = set()
+    for k, graph in enumerate(graphs):
+        _count_graph(graph, k, "", rows, uncounted)
+    segment_macs = [
+        sum(r.macs for r in rows if r.segment == k) for k in range(len(graphs))
+    ]
+    cumulative = [int(c) for c in np.cumsum(segment_macs)]
+    if uncounted and warn:
+        warnings.warn(
+            "count_macs has no rule for layer type(s) "
+            f"{', '.join(sorted(uncounted))}; they were counted as 0 MACs.",
+            stacklevel=2,
+        )
+    return MacsReport(segment_macs, cumulative, rows, exit_names, sorted(uncounted))
+
+
+def _graph_nodes(graph) -> list:
+    """Nodes of a functional graph in topological order (inputs excluded).
+
+    Walks back from the graph's own outputs, so a layer shared by several
+    graphs (the model and its segments) is seen through this graph's call.
+    """
+    input_ids = {id(t) for t in keras.tree.flatten(graph.inputs)}
+    order, seen = [], set()
+    stack = [(t, False) for t in reversed(keras.tree.flatten(graph.outputs))]
+    while stack:
+        tensor, expanded = stack.pop()
+        if id(tensor) in input_ids:
+            continue
+        operation, node_index, _ = tensor._keras_history
+        node = operation._inbound_nodes[node_index]
+        if expanded:
+            if id(node) not in seen:
+                seen.add(id(node))
+                order.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        stack.append((tensor, True))
+        stack.extend((p, False) for p in reversed(node.input_tensors))
+    return [n for n in order if not n.is_input]
+
+
+def _count_graph(graph, segment: int, prefix: str, rows: list, uncounted: set):
+    for node in _graph_nodes(graph):
+        op = node.operation
+        inner = getattr(op, "_functional", None) or op
+        if isinstance(op, keras.Model) and getattr(inner, "outputs", None):
+            _count_graph(inner, segment, f"{prefix}{op.name}/", rows, uncounted)
+            continue
+        macs, note = _node_macs(node)
+        if macs is None:
+            uncounted.add(type(op).__name__)
+            macs, note = 0, "no rule: counted as 0"
+        rows.append(LayerMacs(segment, prefix + op.name, type(op).__name__, macs, note))
+
+
+def _size(shape) -> int:
+    """Elements per sample of a `(batch, ...)` shape."""
+    dims = list(shape[1:])
+    if any(d is None for d in dims):
+        raise ValueError(
+            f"count_macs needs static shapes; found a tensor of shape {shape}. "
+            "Build the model with fixed input sizes (e.g. keras.Input((32, 32, "
+            "3))) to count it."
+        )
+    return int(np.prod(dims, dtype=np.int64))
+
+
+def _prod(shape) -> int:
+    return int(np.prod(tuple(shape), dtype=np.int64))
+
+
+def _node_macs(node) -> tuple[int | None, str]:
+    """MACs of one layer call, or `(None, "")` when no rule applies."""
+    op = node.operation
+    in_shape = node.input_tensors[0].shape if node.input_tensors else None
+    out_shape = keras.tree.flatten(node.outputs)[0].shape
+    if isinstance(op, ExitBranch):
+        dense = [*op.hidden_layers, op.classifier]
+        macs = sum(_prod(layer.kernel.shape) for layer in dense)
+        pooled = len(in_shape) > 2
+        return macs, "pooling 0 + dense layers" if pooled else ""
+    if isinstance(op, keras.layers.Dense):
+        return _size(in_shape) * op.units, ""
+    if isinstance(op, keras.layers.EinsumDense):
+        return _einsum_macs(op, in_shape), ""
+    if isinstance(op, _SEPARABLE):
+        positions = _size(out_shape) // op.filters
+        depthwise = positions * _prod(op.depthwise_kernel.shape)
+        pointwise = positions * _prod(op.pointwise_kernel.shape)
+        return depthwise + pointwise, "depthwise + pointwise"
+    if isinstance(op, _DEPTHWISE):
+        return _size(out_shape) * _prod(op.kernel_size), ""
+    if isinstance(op, _CONV_TRANSPOSE):
+        return _size(in_shape) // in_shape[_channel_axis(op)] * _prod(
+            op.kernel.shape
+        ), ""
+    if isinstance(op, _CONV):
+        return _size(out_shape) // op.filters * _prod(op.kernel.shape), ""
+    if isinstance(op, keras.layers.MultiHeadAttention):
+        return _attention_macs(op, node), "projections + scores + weighted sum"
+    if isinstance(op, keras.layers.BatchNormalization):
+        producer = node.input_tensors[0]._keras_history[0]
+        if isinstance(producer, _FOLDS_BATCHNORM):
+            return 0, f"folded into '{producer.name}'"
+        return _size(out_shape), "scale and shift (not foldable)"
+    if isinstance(
+        op, (keras.layers.LayerNormalization, keras.layers.GroupNormalization)
+    ):
+        return _size(out_shape), "scale and shift; statistics not counted"
+    if any(s in type(op).__name__ for s in _POOLING_NAMES):
+        return 0, "pooling: no multiplies (adds/comparisons not counted)"
+    if type(op).__name__ == "Matmul":
+        a = node.input_tensors[0].shape
+        return _size(out_shape) * int(a[-1]), ""
+    if isinstance(op, _ZERO_MAC_WEIGHTED) or not getattr(op, "weights", None):
+        return 0, ""
+    return None, ""
+
+
+def _channel_axis(layer) -> int:
+    return (
+        -1 if getattr(layer, "data_format", "channels_last") == "channels_last" else 1
+    )
+
+
+def _einsum_macs(layer, in_shape) -> int:
+    """One MAC per combination of the equation's indices (batch excluded)."""
+    lhs, kernel = layer.equation.split("->")[0].split(",")
+    sizes = dict(zip(kernel, layer.kernel.shape))
+    if lhs.startswith("..."):
+        letters = lhs[3:]
+        broadcast = in_shape[1 : len(in_shape) - len(letters)]
+        extra = _size((None, *broadcast))
+    else:
+        letters, extra = lhs[1:], 1  # lhs[0] indexes the batch
+    sizes.update(zip(letters, in_shape[len(in_shape) - len(letters) :]))
+    return extra * _size((None, *sizes.values()))
+
+
+def _attention_macs(layer, node) -> int:
+    args = list(node.arguments.args)
+    kwargs = node.arguments.kwargs
+    query = kwargs.get("query", args[0] if args else None)
+    value = kwargs.get("value", args[1] if len(args) > 1 else None)
+    key = kwargs.get("key", args[2] if len(args) > 2 else None)
+    key = value if key is None else key
+    heads, key_dim = layer.num_heads, layer.key_dim
+    value_dim = layer.value_dim or key_dim
+    tq = _size(query.shape) // query.shape[-1]
+    tk = _size(key.shape) // key.shape[-1]
+    tv = _size(value.shape) // value.shape[-1]
+    out_dim = keras.tree.flatten(node.outputs)[0].shape[-1]
+    projections = (
+        tq * query.shape[-1] * heads * key_dim
+        + tk * key.shape[-1] * heads * key_dim
+        + tv * value.shape[-1] * heads * value_dim
+        + tq * heads * value_dim * out_dim
+    )
+    return int(projections + heads * tq * tk * (key_dim + value_dim))

@@ -1,0 +1,386 @@
+"""`profile`: accuracy against compute, per exit and over thresholds."""
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from keras_earlyexit.evaluation import _data
+from keras_earlyexit.evaluation.macs import count_macs
+
+# Per-exit threshold combinations evaluated for the Pareto front.
+_MAX_COMBINATIONS = 4096
+
+
+@dataclass
+class SweepPoint:
+    """Simulated gated inference at one setting of thresholds.
+
+    Attributes:
+        thresholds: one per non-final exit.
+        accuracy: fraction of samples classified right.
+        average_macs: MACs per sample, averaged over the samples.
+        share: `average_macs` as a fraction of the full model's MACs.
+        exit_shares: fraction of samples leaving at each exit.
+    """
+
+    thresholds: tuple[float, ...]
+    accuracy: float
+    average_macs: float
+    share: float
+    exit_shares: tuple[float, ...]
+
+
+@dataclass
+class ProfileReport:
+    """Accuracy against MACs of an early-exit model on labelled data.
+
+    Attributes:
+        exit_names: names of the exits, shallow to deep.
+        accuracy: per exit, accuracy when every sample leaves there.
+        segment_macs: per exit, MACs of its segment.
+        cumulative_macs: per exit, MACs to reach and evaluate it.
+        macs_share: per exit, cumulative MACs as a fraction of the full model.
+        oracle_accuracy: accuracy when each sample leaves at the first exit
+            that is right (else at the final exit): an upper bound.
+        oracle_macs: average MACs per sample of that oracle: the least
+            compute any gate could spend for that accuracy.
+        oracle_exit_shares: fraction of samples the oracle sends to each exit.
+        current: the model's own thresholds, simulated.
+        sweep: one shared threshold for every exit, from 0 to 1.
+        pareto_front: the settings (shared and per-exit thresholds) that no
+            other setting beats in both accuracy and average MACs, by
+            increasing MACs.
+        num_samples: samples profiled.
+        criterion: the gates' confidence criterion.
+    """
+
+    exit_names: list[str]
+    accuracy: list[float]
+    segment_macs: list[int]
+    cumulative_macs: list[int]
+    macs_share: list[float]
+    oracle_accuracy: float
+    oracle_macs: float
+    oracle_exit_shares: list[float]
+    current: SweepPoint
+    sweep: list[SweepPoint] = field(default_factory=list)
+    pareto_front: list[SweepPoint] = field(default_factory=list)
+    num_samples: int = 0
+    criterion: str = ""
+
+    @property
+    def full_macs(self) -> int:
+        return self.cumulative_macs[-1]
+
+    def best_under(self, max_accuracy_drop: float) -> SweepPoint:
+        """Cheapest Pareto point within `max_accuracy_drop` of the final exit."""
+        target = self.accuracy[-1] - max_accuracy_drop
+        return min(
+            (p for p in self.pareto_front if p.accuracy >= target - 1e-12),
+            key=lambda p: p.average_macs,
+        )
+
+    def _front_rows(self, max_rows: int = 12) -> list[SweepPoint]:
+        front = self.pareto_front
+        if len(front) <= max_rows:
+            return front
+        keep = np.unique(np.linspace(0, len(front) - 1, max_rows).round().astype(int))
+        return [front[i] for i in keep]
+
+    def _rows(self) -> tuple[list, list, list]:
+        exits = [
+            (
+                name,
+                f"{acc:.4f}",
+                f"{seg:,}",
+                f"{cum:,}",
+                f"{share:.1%}",
+            )
+            for name, acc, seg, cum, share in zip(
+                self.exit_names,
+                self.accuracy,
+                self.segment_macs,
+                self.cumulative_macs,
+                self.macs_share,
+            )
+        ]
+        summary = [
+            (
+                "oracle",
+                f"{self.oracle_accuracy:.4f}",
+                f"{self.oracle_macs:,.0f}",
+                f"{self.oracle_macs / self.full_macs:.1%}",
+                _fmt_list(self.oracle_exit_shares, "{:.0%}"),
+            ),
+            (
+                f"thresholds {_fmt_list(self.current.thresholds, '{:.3f}')}",
+                f"{self.current.accuracy:.4f}",
+                f"{self.current.average_macs:,.0f}",
+                f"{self.current.share:.1%}",
+                _fmt_list(self.current.exit_shares, "{:.0%}"),
+            ),
+        ]
+        front = [
+            (
+                _fmt_list(p.thresholds, "{:.3f}"),
+                f"{p.accuracy:.4f}",
+                f"{p.average_macs:,.0f}",
+                f"{p.share:.1%}",
+                f"{1 / max(p.share, 1e-12):.2f}x",
+                _fmt_list(p.exit_shares, "{:.0%}"),
+            )
+            for p in self._front_rows()
+        ]
+        return exits, summary, front
+
+    def __str__(self) -> str:
+        exits, summary, front = self._rows()
+        title = (
+            f"Early-exit profile on {self.num_samples} samples "
+            f"(criterion {self.criterion!r}, full model {self.full_macs:,} MACs)"
+        )
+        parts = [
+            title,
+            _text_table(
+                ("exit", "accuracy", "segment MACs", "cumulative MACs", "share"), exits
+            ),
+            "",
+            _text_table(
+                ("gated", "accuracy", "avg MACs", "share", "exit shares"), summary
+            ),
+            "",
+            f"Pareto front ({len(self.pareto_front)} points, accuracy vs avg MACs):",
+            _text_table(
+                ("thresholds", "accuracy", "avg MACs", "share", "speed-up", "exits"),
+                front,
+            ),
+        ]
+        return "\n".join(parts)
+
+    def to_markdown(self) -> str:
+        """The same tables in GitHub markdown."""
+        exits, summary, front = self._rows()
+        return "\n".join(
+            [
+                f"Profile on {self.num_samples} samples, criterion "
+                f"`{self.criterion}`, full model {self.full_macs:,} MACs.",
+                "",
+                _md_table(
+                    ("exit", "accuracy", "segment MACs", "cumulative MACs", "share"),
+                    exits,
+                ),
+                "",
+                _md_table(
+                    ("gated", "accuracy", "avg MACs", "share", "exit shares"), summary
+                ),
+                "",
+                _md_table(
+                    (
+                        "thresholds",
+                        "accuracy",
+                        "avg MACs",
+                        "share",
+                        "speed-up",
+                        "exits",
+                    ),
+                    front,
+                ),
+            ]
+        )
+
+    def plot(self, path: str, title: str | None = None) -> str:
+        """Writes accuracy against average MACs as a PNG.
+
+        Shows the Pareto front, the shared-threshold sweep, each exit (all
+        samples leaving there), the final exit, the oracle and the model's
+        current thresholds.
+
+        Args:
+            path: file to write (`.png`).
+            title: figure title.
+
+        Returns:
+            `path`.
+        """
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+        ax.plot(
+            [p.average_macs for p in self.sweep],
+            [p.accuracy for p in self.sweep],
+            color="0.6",
+            lw=1,
+            label="one shared threshold",
+        )
+        ax.step(
+            [p.average_macs for p in self.pareto_front],
+            [p.accuracy for p in self.pareto_front],
+            where="post",
+            color="C0",
+            lw=2,
+            label="Pareto front (per-exit thresholds)",
+        )
+        ax.scatter(
+            self.cumulative_macs[:-1],
+            self.accuracy[:-1],
+            color="C1",
+            zorder=3,
+            label="single exit",
+        )
+        for name, macs, acc in zip(
+            self.exit_names, self.cumulative_macs, self.accuracy
+        ):
+            ax.annotate(name, (macs, acc), textcoords="offset points", xytext=(4, -10))
+        ax.scatter(
+            [self.full_macs],
+            [self.accuracy[-1]],
+            marker="s",
+            color="C3",
+            zorder=3,
+            label="final exit (no early exit)",
+        )
+        ax.scatter(
+            [self.oracle_macs],
+            [self.oracle_accuracy],
+            marker="*",
+            s=150,
+            color="C2",
+            zorder=3,
+            label="oracle",
+        )
+        ax.scatter(
+            [self.current.average_macs],
+            [self.current.accuracy],
+            marker="x",
+            color="k",
+            zorder=3,
+            label="current thresholds",
+        )
+        ax.set_xlabel("average MACs per sample")
+        ax.set_ylabel("accuracy")
+        ax.set_title(title or f"Accuracy vs compute ({self.num_samples} samples)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return str(path)
+
+
+def profile(
+    model, x, y, batch_size: int = 256, verbose: int = 0, num_thresholds: int = 101
+) -> ProfileReport:
+    """Accuracy and compute per exit, the oracle bound and the Pareto front.
+
+    All exits' logits are computed once with `model.predict`; confidences
+    come from the model's own gates; thresholds are then simulated in NumPy
+    with the same rule as `predict_early` (leave at the first exit whose
+    confidence reaches its threshold).
+
+    Args:
+        model: an `EarlyExitModel`.
+        x: input array(s).
+        y: labels, int `(n,)` or one-hot `(n, num_classes)`.
+        batch_size: batch size of `model.predict`.
+        verbose: 1 shows the progress bar of `model.predict`.
+        num_thresholds: grid size of the shared-threshold sweep (the
+            confidences' quantiles are added to it).
+
+    Returns:
+        `ProfileReport` with per-exit `.accuracy` and `.cumulative_macs`,
+        `.oracle_accuracy`, `.oracle_macs`, `.pareto_front`, `.plot(path)`
+        and a table from `str()` / `.to_markdown()`.
+
+    Example:
+
+    ```python
+    report = kee.profile(model, x_val, y_val)
+    print(report)
+    report.plot("profile.png")
+    ```
+    """
+    macs = count_macs(model)
+    data = _data.exit_outputs(
+        model, x, y, batch_size, verbose, cumulative_macs=macs.cumulative_macs
+    )
+    num_exits = data.num_exits
+    full = float(macs.total_macs)
+
+    def point(thresholds) -> SweepPoint:
+        acc, avg, _, exits = data.simulate(thresholds)
+        shares = np.bincount(exits, minlength=num_exits) / len(exits)
+        return SweepPoint(
+            tuple(float(t) for t in thresholds),
+            acc,
+            avg,
+            avg / full,
+            tuple(float(s) for s in shares),
+        )
+
+    # Oracle: first exit that is right, else the final one.
+    right = np.concatenate([data.correct[:, :-1], np.ones_like(data.correct[:, :1])], 1)
+    oracle_exits = np.argmax(right, axis=1)
+    oracle_shares = np.bincount(oracle_exits, minlength=num_exits) / len(oracle_exits)
+
+    early = data.confidences[:, :-1]
+    shared = np.unique(
+        np.concatenate(
+            [
+                np.linspace(0.0, 1.0, num_thresholds),
+                np.quantile(early, np.linspace(0, 1, num_thresholds)),
+            ]
+        ).clip(0.0, 1.0)
+    )
+    sweep = [point([t] * (num_exits - 1)) for t in shared]
+    per_exit = max(2, int(_MAX_COMBINATIONS ** (1 / max(num_exits - 1, 1))))
+    grids = [
+        np.unique(np.append(np.quantile(early[:, k], np.linspace(0, 1, per_exit)), 1.0))
+        for k in range(num_exits - 1)
+    ]
+    candidates = sweep + [point(c) for c in itertools.product(*grids)]
+    return ProfileReport(
+        exit_names=list(model.exit_names),
+        accuracy=[float(a) for a in data.correct.mean(axis=0)],
+        segment_macs=list(macs.segment_macs),
+        cumulative_macs=list(macs.cumulative_macs),
+        macs_share=macs.share(),
+        oracle_accuracy=float(data.correct.any(axis=1).mean()),
+        oracle_macs=float(data.cumulative_macs[oracle_exits].mean()),
+        oracle_exit_shares=[float(s) for s in oracle_shares],
+        current=point(model.thresholds),
+        sweep=sweep,
+        pareto_front=pareto_front(candidates),
+        num_samples=len(data.labels),
+        criterion=str(model.gates[0].criterion),
+    )
+
+
+def pareto_front(points: list[SweepPoint]) -> list[SweepPoint]:
+    """Points not beaten in both accuracy and average MACs, by MACs."""
+    front: list[SweepPoint] = []
+    for p in sorted(points, key=lambda p: (p.average_macs, -p.accuracy)):
+        if not front or p.accuracy > front[-1].accuracy + 1e-12:
+            front.append(p)
+    return front
+
+
+def _fmt_list(values, fmt: str) -> str:
+    return "[" + ", ".join(fmt.format(v) for v in values) + "]"
+
+
+def _text_table(header, rows) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def _md_table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,28 @@
+"""Export: per-exit TFLite segments and their manifest.
+
+`to_tflite` imports TensorFlow lazily (only conversion needs it); reading
+manifests and inspecting `.tflite` files needs only `ai_edge_litert`.
+"""
+
+from keras_earlyexit.export.c_arrays import to_c_arrays
+from keras_earlyexit.export.flatbuffer import OpInfo, list_ops
+from keras_earlyexit.export.manifest import (
+    FORMAT_VERSION,
+    QUANTIZATION_MODES,
+    BundleError,
+    Manifest,
+    read_manifest,
+)
+from keras_earlyexit.export.tflite import to_tflite
+
+__all__ = [
+    "BundleError",
+    "FORMAT_VERSION",
+    "Manifest",
+    "OpInfo",
+    "QUANTIZATION_MODES",
+    "list_ops",
+    "read_manifest",
+    "to_c_arrays",
+    "to_tflite",
+]

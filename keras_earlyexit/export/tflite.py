@@ -1,0 +1,515 @@
+"""`to_tflite`: one quantized `.tflite` per exit segment, plus a manifest.
+
+Each segment model holds its part of the backbone, its exit head and its
+gate; its outputs are the carry tensors for the next segment, `"logits"` and
+`"confidence"`, named through the TFLite signature (the converter reorders
+outputs, so positions are never trusted).
+
+Int8 boundaries. Segment k+1 is calibrated on the float carry that segment k
+computes on the representative data, so both sides observe the same range;
+the converter then derives the same scale and zero-point up to float
+rounding (the carry is computed by Keras on one side and by the calibrator
+on the other). The exporter writes segment k's output parameters into
+segment k+1's input tensor, so the int8 carry is handed on byte for byte: no
+requantization, no extra rounding, nothing to compute between segments on a
+microcontroller. Where the two sides differ by more than rounding (an op in
+segment k that fixes its output scale, such as a softmax or sigmoid carry),
+the parameters are left as calibrated, the manifest says so in `boundary`,
+and runtimes requantize that carry (`runtime.requantize`).
+
+TensorFlow is imported here only, lazily: conversion needs the TensorFlow
+backend. Under JAX or PyTorch, `to_tflite` saves the model to a temporary
+`.keras` file and converts it in a `KERAS_BACKEND=tensorflow` subprocess.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+
+import keras
+import numpy as np
+
+from keras_earlyexit.export import flatbuffer
+from keras_earlyexit.export.manifest import (
+    MANIFEST_NAME,
+    QUANTIZATION_MODES,
+    GateInfo,
+    Manifest,
+    SegmentInfo,
+    TensorInfo,
+    quantize_threshold,
+    sha256_of,
+    write_manifest,
+)
+
+# Relative scale difference below which two int8 boundary parameters are
+# the same calibration up to float rounding.
+_SAME_SCALE_RTOL = 1e-3
+
+
+def to_tflite(
+    model,
+    directory: str,
+    representative_data=None,
+    quantization: str = "int8",
+    calibration_samples: int = 500,
+    verbose: int = 1,
+) -> str:
+    """Converts an `EarlyExitModel` into a bundle of per-exit TFLite segments.
+
+    Writes one `segment_<k>.tflite` per exit (backbone part, exit head and
+    gate; outputs: carry tensors, `"logits"`, `"confidence"`) and
+    `manifest.json` (see `keras_earlyexit.export.manifest`). The bundle is
+    written to a temporary directory next to `directory` and renamed into
+    place at the end: a failed or interrupted conversion leaves no partial
+    bundle and keeps a previous bundle at `directory` intact.
+
+    Args:
+        model: an `EarlyExitModel` (trained on any backend). Its gates'
+            criterion, temperature and thresholds are exported.
+        directory: bundle directory to create or replace. An existing
+            directory is replaced only if it is empty or holds a bundle.
+        representative_data: model inputs (array, list or dict of arrays,
+            float) to calibrate int8 activations; required for `"int8"`,
+            unused otherwise. A few hundred samples suffice.
+        quantization: `"int8"` (full integer: int8 inputs, outputs and
+            kernels, for microcontrollers), `"float16"` (float16 weights),
+            `"dynamic"` (int8 weights, float activations) or `"float32"`.
+        calibration_samples: use at most this many representative samples.
+        verbose: 1 shows a progress bar, 0 is silent.
+
+    Returns:
+        The bundle directory.
+
+    Example:
+
+    ```python
+    bundle = kee.export.to_tflite(
+        model, "digits_int8", representative_data=x_val, quantization="int8"
+    )
+    result = kee.runtime.GatedInterpreter(bundle).predict(x_test)
+    ```
+    """
+    if not hasattr(model, "segments"):
+        raise ValueError(
+            f"to_tflite converts an EarlyExitModel; received a "
+            f"{type(model).__name__}. Build one with kee.EarlyExitModel or "
+            "kee.attach_exits."
+        )
+    if quantization not in QUANTIZATION_MODES:
+        raise ValueError(
+            f"Unknown quantization {quantization!r}. Use one of "
+            f"{', '.join(map(repr, QUANTIZATION_MODES))}."
+        )
+    if not isinstance(calibration_samples, int) or calibration_samples < 1:
+        raise ValueError(
+            f"calibration_samples must be an int >= 1. Received: "
+            f"{calibration_samples!r}"
+        )
+    if quantization == "int8":
+        if representative_data is None:
+            raise ValueError(
+                "quantization='int8' needs representative_data (a few hundred "
+                "input samples, e.g. from the validation set) to calibrate "
+                "activation ranges."
+            )
+        representative_data = input_dict(model, representative_data)
+        representative_data = {
+            k: v[:calibration_samples] for k, v in representative_data.items()
+        }
+    else:
+        representative_data = None
+    directory = os.path.abspath(directory)
+    _check_target(directory)
+    if keras.backend.backend() != "tensorflow":
+        _convert_in_subprocess(
+            model, directory, representative_data, quantization, verbose
+        )
+    else:
+        _convert(model, directory, representative_data, quantization, verbose)
+    return directory
+
+
+def input_dict(model, x) -> dict[str, np.ndarray]:
+    """Model inputs as `{name: float32 array}`, named like segment 1's inputs.
+
+    Args:
+        model: an `EarlyExitModel`.
+        x: an array (single-input models), a list of arrays in input order,
+            or a dict by input name.
+
+    Returns:
+        Dict of float32 arrays with the same number of samples.
+    """
+    specs = model.segments()[0].inputs
+    names = [t.name for t in specs]
+    if isinstance(x, dict):
+        missing = set(names) - set(x)
+        if missing:
+            raise ValueError(
+                f"Input data lacks {sorted(missing)}; the model's inputs are {names}."
+            )
+        arrays = [x[n] for n in names]
+    else:
+        arrays = list(x) if isinstance(x, (list, tuple)) else [x]
+    if len(arrays) != len(names):
+        raise ValueError(
+            f"The model takes {len(names)} input(s) {names}; received "
+            f"{len(arrays)} array(s)."
+        )
+    out = {}
+    for name, array, spec in zip(names, arrays, specs):
+        array = np.asarray(array)
+        if tuple(array.shape[1:]) != tuple(spec.shape[1:]):
+            raise ValueError(
+                f"Input {name!r} expects samples of shape {tuple(spec.shape[1:])}; "
+                f"received an array of shape {array.shape}."
+            )
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(
+                f"Input {name!r} must hold floats (the model's input scale); "
+                f"received {array.dtype}. Convert with x.astype('float32')."
+            )
+        array = array.astype(np.float32)
+        if not np.all(np.isfinite(array)):
+            raise ValueError(
+                f"Input {name!r} holds NaN or infinite values; calibration and "
+                "inference need finite inputs."
+            )
+        out[name] = array
+    if len({len(a) for a in out.values()}) > 1 or len(arrays[0]) == 0:
+        raise ValueError("Input arrays must hold the same, non-zero number of samples.")
+    return out
+
+
+def _check_target(directory: str) -> None:
+    if os.path.exists(directory):
+        if not os.path.isdir(directory):
+            raise FileExistsError(
+                f"{directory} exists and is a file; choose a directory path."
+            )
+        entries = os.listdir(directory)
+        if entries and MANIFEST_NAME not in entries:
+            raise FileExistsError(
+                f"{directory} is a non-empty directory that holds no bundle "
+                f"({MANIFEST_NAME} not found); to_tflite replaces only bundles. "
+                "Choose a new or empty directory."
+            )
+
+
+def _convert_in_subprocess(
+    model, directory, representative_data, quantization, verbose
+):
+    """Saves `model` and converts it with the TensorFlow backend in a child
+    process (JAX and PyTorch have no TFLite converter)."""
+    with tempfile.TemporaryDirectory(prefix="kee-export-") as tmp:
+        model_path = os.path.join(tmp, "model.keras")
+        model.save(model_path)
+        command = [
+            sys.executable,
+            "-m",
+            "keras_earlyexit.export",
+            model_path,
+            directory,
+            "--quantization",
+            quantization,
+            "--verbose",
+            str(verbose),
+        ]
+        if representative_data is not None:
+            data_path = os.path.join(tmp, "representative.npz")
+            np.savez(data_path, **representative_data)
+            command += ["--representative-data", data_path]
+        env = dict(os.environ, KERAS_BACKEND="tensorflow")
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        proc = subprocess.run(command, env=env, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(
+            f"Converting with the TensorFlow backend in a subprocess failed "
+            f"(exit status {proc.returncode}); the {keras.backend.backend()} "
+            "model was saved to .keras and reloaded there. Check that "
+            "tensorflow is installed. Its last output:\n" + tail
+        )
+
+
+def _convert(model, directory, representative_data, quantization, verbose) -> None:
+    """The conversion proper (TensorFlow backend), into a temporary
+    directory renamed into place at the end."""
+    from keras_earlyexit.evaluation import count_macs
+
+    segments = model.segments()
+    macs = count_macs(model, warn=False)
+    parent, base = os.path.split(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    progbar = keras.utils.Progbar(len(segments)) if verbose else None
+    try:
+        carry = representative_data
+        infos: list[SegmentInfo] = []
+        unmatched: list[str] = []
+        for k, (segment, gate) in enumerate(zip(segments, model.gates)):
+            data = convert_model(segment, quantization, carry)
+            inputs, outputs = tensor_infos(data)
+            if quantization == "int8":
+                _warn_float_ops(data, k)
+            if quantization == "int8" and k > 0:
+                data, inputs, names = _match_boundary(data, inputs, infos[-1].outputs)
+                unmatched += names
+            file = f"segment_{k + 1}.tflite"
+            with open(os.path.join(tmp, file), "wb") as f:
+                f.write(data)
+            carry_out = (
+                [t.name for t in segments[k + 1].inputs]
+                if k + 1 < len(segments)
+                else []
+            )
+            infos.append(
+                SegmentInfo(
+                    index=k,
+                    exit_name=model.exit_names[k],
+                    file=file,
+                    sha256=sha256_of(data),
+                    size_bytes=len(data),
+                    inputs=inputs,
+                    outputs=outputs,
+                    carry_out=carry_out,
+                    macs=int(macs.segment_macs[k]),
+                    cumulative_macs=int(macs.cumulative_macs[k]),
+                    gate=_gate_info(gate, outputs, is_final=k == len(segments) - 1),
+                )
+            )
+            if carry is not None and carry_out:
+                carry = _float_carry(segment, carry, carry_out)
+            if progbar is not None:
+                progbar.update(k + 1)
+        if quantization != "int8":
+            boundary = "float: carries are passed on unchanged"
+        elif not unmatched:
+            boundary = (
+                "identical: each int8 carry has the same scale and zero-point "
+                "on both sides and is passed on unchanged"
+            )
+        else:
+            boundary = "requantize: " + ", ".join(unmatched)
+        manifest = Manifest(
+            quantization=quantization,
+            model_name=model.name,
+            num_classes=int(model.num_classes),
+            criterion=model.criterion,
+            exit_names=list(model.exit_names),
+            boundary=boundary,
+            segments=infos,
+        )
+        write_manifest(manifest, tmp)
+        _move_into_place(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def convert_model(
+    keras_model, quantization: str, representative_data: dict | None = None
+) -> bytes:
+    """Converts one functional Keras model with named inputs and a dict of
+    named outputs to TFLite (TensorFlow backend, batch size 1).
+
+    Used for each segment, and by the benchmarks for the monolithic model.
+
+    Args:
+        keras_model: the model; its input names become signature input names
+            and its output dict keys signature output names.
+        quantization: one of `QUANTIZATION_MODES`.
+        representative_data: `{input name: float array}` for `"int8"`.
+
+    Returns:
+        The `.tflite` bytes.
+    """
+    import tensorflow as tf
+
+    specs = {
+        t.name: tf.TensorSpec((1, *t.shape[1:]), t.dtype, name=t.name)
+        for t in keras_model.inputs
+    }
+    with tempfile.TemporaryDirectory(prefix="kee-savedmodel-") as saved_model:
+        # The SavedModel route freezes every variable (the gates' temperature
+        # included) and names signature outputs after the dict keys;
+        # from_concrete_functions left the temperature as a READ_VARIABLE
+        # op that fails during int8 calibration.
+        archive = keras.export.ExportArchive()
+        archive.track(keras_model)
+        archive.add_endpoint(
+            "serving_default",
+            lambda inputs: keras_model(inputs, training=False),
+            input_signature=[specs],
+        )
+        archive.write_out(saved_model, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
+        if quantization != "float32":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantization == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        elif quantization == "int8":
+            converter.representative_dataset = _samples(representative_data)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
+        try:
+            with warnings.catch_warnings():
+                # The calibrator uses the deprecated tf.lite.Interpreter.
+                warnings.filterwarnings("ignore", message=".*is deprecated")
+                return converter.convert()
+        except Exception as e:
+            raise RuntimeError(
+                f"TFLite conversion of '{keras_model.name}' "
+                f"(quantization={quantization!r}) failed: {e}. With 'int8', "
+                "every layer must map to an int8 TFLite builtin; try "
+                "'dynamic' or 'float16', or replace the layer named above."
+            ) from e
+
+
+def _samples(data: dict):
+    n = len(next(iter(data.values())))
+
+    def generate():
+        for i in range(n):
+            yield {name: v[i : i + 1] for name, v in data.items()}
+
+    return generate
+
+
+def tensor_infos(data: bytes) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """Signature inputs and outputs of a converted model, by name, with the
+    position of each in the subgraph's input/output list."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=data)
+    runner = interpreter.get_signature_runner()
+    input_order = [d["index"] for d in interpreter.get_input_details()]
+    output_order = [d["index"] for d in interpreter.get_output_details()]
+
+    def info(name, d, order):
+        scale, zero_point = d["quantization"]
+        quantized = np.dtype(d["dtype"]) == np.int8 and scale > 0
+        return TensorInfo(
+            name=name,
+            position=order.index(d["index"]),
+            shape=[int(s) for s in d["shape"]],
+            dtype=np.dtype(d["dtype"]).name,
+            scale=float(scale) if quantized else None,
+            zero_point=int(zero_point) if quantized else None,
+        )
+
+    inputs = [info(n, d, input_order) for n, d in runner.get_input_details().items()]
+    outputs = [info(n, d, output_order) for n, d in runner.get_output_details().items()]
+    return (
+        sorted(inputs, key=lambda t: t.position),
+        sorted(outputs, key=lambda t: t.position),
+    )
+
+
+def _match_boundary(data: bytes, inputs: list, previous_outputs: list):
+    """Gives segment k+1's int8 inputs the exact parameters of segment k's
+    carry outputs when calibration found the same range. Returns the patched
+    bytes, the updated input infos and the names left to requantize."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    produced = {t.name: t for t in previous_outputs}
+    tensor_index = {
+        name: d["index"]
+        for name, d in Interpreter(model_content=data)
+        .get_signature_runner()
+        .get_input_details()
+        .items()
+    }
+    unmatched = []
+    for t in inputs:
+        source = produced[t.name]
+        if (source.scale, source.zero_point) == (t.scale, t.zero_point):
+            continue
+        same = (
+            source.zero_point == t.zero_point
+            and abs(source.scale - t.scale) <= _SAME_SCALE_RTOL * source.scale
+        )
+        if not same:
+            unmatched.append(t.name)
+            continue
+        data = flatbuffer.set_input_quantization(
+            data, tensor_index[t.name], source.scale, source.zero_point
+        )
+        t.scale, t.zero_point = source.scale, source.zero_point
+    return data, inputs, unmatched
+
+
+def _warn_float_ops(data: bytes, k: int) -> None:
+    float_ops = sorted(
+        {
+            op.name
+            for op in flatbuffer.list_ops(data)
+            if "FLOAT32" in op.input_types + op.output_types
+        }
+    )
+    if float_ops:
+        warnings.warn(
+            f"Segment {k + 1} converted to int8 still computes {float_ops} in "
+            "float32 (no int8 kernel for the op as written). It runs in LiteRT, "
+            "but is not integer-only for microcontrollers; rewrite the layer "
+            "with ops that have int8 kernels.",
+            stacklevel=3,
+        )
+
+
+def _gate_info(gate, outputs: list, is_final: bool) -> GateInfo:
+    threshold = 0.0 if is_final else float(gate.threshold)
+    confidence = next(t for t in outputs if t.name == "confidence")
+    quantized = None
+    if confidence.quantized:
+        quantized = quantize_threshold(
+            threshold, confidence.scale, confidence.zero_point
+        )
+    return GateInfo(
+        criterion=gate.criterion,
+        temperature=float(gate.temperature),
+        threshold=threshold,
+        threshold_quantized=quantized,
+    )
+
+
+def _float_carry(segment, inputs: dict, names: list, batch_size: int = 256) -> dict:
+    """The float carry a segment computes on the representative data: the
+    calibration data of the next segment."""
+    from keras import ops
+
+    n = len(next(iter(inputs.values())))
+    parts: dict = {name: [] for name in names}
+    for start in range(0, n, batch_size):
+        batch = {k: v[start : start + batch_size] for k, v in inputs.items()}
+        out = segment(batch, training=False)
+        for name in names:
+            parts[name].append(ops.convert_to_numpy(out[name]).astype(np.float32))
+    return {name: np.concatenate(p) for name, p in parts.items()}
+
+
+def _move_into_place(tmp: str, directory: str) -> None:
+    """Renames the finished bundle to `directory`, replacing a previous one.
+
+    POSIX has no atomic swap of two directories: the old bundle is first
+    renamed aside, so that at every moment either the old or the new bundle
+    is complete on disk, and removed once the new one is in place.
+    """
+    if not os.path.exists(directory):
+        os.rename(tmp, directory)
+        return
+    parent, base = os.path.split(directory)
+    old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+    os.rmdir(old)
+    os.rename(directory, old)
+    try:
+        os.rename(tmp, directory)
+    except BaseException:
+        os.rename(old, directory)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,228 @@
+"""`kee.export.to_tflite`: bundles per quantization mode, their manifest,
+int8 ops, atomic writes.
+
+Runs under every backend: with JAX or PyTorch, the session's model is
+trained on that backend and converted through the TensorFlow-backend
+subprocess, so these tests are the "trained anywhere, converts" tests.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+import keras_earlyexit as kee
+from keras_earlyexit.export import manifest as manifest_lib
+
+# Under JAX and PyTorch every conversion is a TensorFlow subprocess; the
+# float16 and dynamic modes differ from float32 only inside it, so they are
+# converted under the TensorFlow backend only (keeps the suite short).
+if keras.backend.backend() == "tensorflow":
+    MODES = ("float32", "float16", "dynamic", "int8")
+else:
+    MODES = ("float32", "int8")
+
+
+@pytest.fixture(scope="module")
+def bundles(trained_digits_model, digits, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("bundles")
+    return {
+        mode: kee.export.to_tflite(
+            trained_digits_model,
+            str(root / mode),
+            representative_data=digits.x_val,
+            quantization=mode,
+            verbose=0,
+        )
+        for mode in MODES
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(trained_digits_model, digits):
+    return trained_digits_model.predict_early(digits.x_test)
+
+
+def _gated(bundle, x):
+    return kee.runtime.GatedInterpreter(bundle).predict(x)
+
+
+def test_float32_bundle_takes_the_same_exits_and_classes(
+    bundles, reference, trained_digits_model, digits
+):
+    result = _gated(bundles["float32"], digits.x_test)
+    thresholds = trained_digits_model.thresholds + [0.0]
+    differ = np.flatnonzero(
+        (result.exit_indices != reference.exit_indices)
+        | (result.classes != reference.classes)
+    )
+    for i in differ:  # only exact ties (confidence on the threshold) may differ
+        k = min(result.exit_indices[i], reference.exit_indices[i])
+        assert abs(reference.confidences[i] - thresholds[k]) < 1e-5, i
+    assert len(differ) <= 2
+    # Both exits are used, so the carry hand-off is exercised.
+    assert len(np.unique(result.exit_indices)) >= 2
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "float32"])
+def test_quantized_bundle_agrees_with_keras(mode, bundles, reference, digits):
+    result = _gated(bundles[mode], digits.x_test)
+    agreement = np.mean(result.classes == reference.classes)
+    keras_accuracy = np.mean(reference.classes == digits.y_test)
+    accuracy = np.mean(result.classes == digits.y_test)
+    assert agreement >= 0.98, agreement
+    assert abs(accuracy - keras_accuracy) <= 0.01, (accuracy, keras_accuracy)
+
+
+def test_manifest_describes_each_segment(bundles, trained_digits_model):
+    model = trained_digits_model
+    macs = kee.count_macs(model, warn=False)
+    for mode, bundle in bundles.items():
+        manifest = kee.export.read_manifest(bundle)
+        raw = json.loads(open(os.path.join(bundle, "manifest.json")).read())
+        assert raw["format_version"] == kee.export.FORMAT_VERSION
+        assert manifest.quantization == mode
+        assert manifest.exit_names == model.exit_names
+        assert manifest.thresholds == pytest.approx(model.thresholds)
+        segments = model.segments()
+        for k, (info, segment) in enumerate(zip(manifest.segments, segments)):
+            data = open(os.path.join(bundle, info.file), "rb").read()
+            assert info.sha256 == hashlib.sha256(data).hexdigest()
+            assert info.macs == macs.segment_macs[k]
+            assert [t.name for t in info.inputs] == [t.name for t in segment.inputs]
+            carry = set(info.carry_out)
+            assert {t.name for t in info.outputs} == carry | {"logits", "confidence"}
+            logits = info.output("logits")
+            assert logits.shape == [1, model.num_classes]
+            assert info.gate.criterion == model.criterion
+            assert info.gate.temperature == pytest.approx(model.gates[k].temperature)
+            if k + 1 < len(segments):
+                # Carry by name: each next input is an output of this segment.
+                assert info.carry_out == [t.name for t in segments[k + 1].inputs]
+            expected_dtype = "int8" if mode == "int8" else "float32"
+            assert {t.dtype for t in info.inputs + info.outputs} == {expected_dtype}
+
+
+def test_int8_boundaries_and_thresholds_are_quantized(bundles):
+    manifest = kee.export.read_manifest(bundles["int8"])
+    assert manifest.boundary.startswith("identical")
+    for previous, segment in zip(manifest.segments, manifest.segments[1:]):
+        for t in segment.inputs:
+            source = previous.output(t.name)
+            # Byte-for-byte hand-off: identical parameters on both sides.
+            assert (t.scale, t.zero_point) == (source.scale, source.zero_point)
+    for segment in manifest.segments:
+        c = segment.output("confidence")
+        q, threshold = segment.gate.threshold_quantized, segment.gate.threshold
+        # q is the smallest int8 confidence whose float value reaches it.
+        assert (q - c.zero_point) * c.scale >= threshold - 1e-7
+        assert (q - 1 - c.zero_point) * c.scale < threshold
+
+
+def test_int8_bundle_has_int8_builtins_only(bundles):
+    manifest = kee.export.read_manifest(bundles["int8"])
+    for segment in manifest.segments:
+        data = open(os.path.join(bundles["int8"], segment.file), "rb").read()
+        ops = kee.export.list_ops(data)
+        assert ops and all(op.is_builtin for op in ops)
+        names = {op.name for op in ops}
+        assert not names & {"DEQUANTIZE", "FLEX", "CUSTOM"}, names
+        for op in ops:
+            assert "FLOAT32" not in op.input_types + op.output_types, op
+
+
+def test_bad_arguments_are_rejected(trained_digits_model, tmp_path, digits):
+    with pytest.raises(ValueError, match="Unknown quantization"):
+        kee.export.to_tflite(
+            trained_digits_model, str(tmp_path / "b"), quantization="int4"
+        )
+    with pytest.raises(ValueError, match="representative_data"):
+        kee.export.to_tflite(trained_digits_model, str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="shape"):
+        kee.export.to_tflite(
+            trained_digits_model,
+            str(tmp_path / "b"),
+            representative_data=digits.x_val[:, :4],
+        )
+    with pytest.raises(ValueError, match="EarlyExitModel"):
+        kee.export.to_tflite(
+            keras.Sequential([keras.layers.Dense(2)]), str(tmp_path / "b")
+        )
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="no bundle"):
+        kee.export.to_tflite(
+            trained_digits_model, str(tmp_path / "notes"), quantization="float32"
+        )
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+def _snapshot(directory) -> dict:
+    return {
+        name: hashlib.sha256(
+            open(os.path.join(directory, name), "rb").read()
+        ).hexdigest()
+        for name in sorted(os.listdir(directory))
+    }
+
+
+def test_interrupted_conversion_keeps_the_previous_bundle(
+    bundles, trained_digits_model, tmp_path
+):
+    """Kills a conversion after it wrote its first segment: the bundle it
+    was replacing is untouched and still loads."""
+    bundle = tmp_path / "bundle"
+    os.rename(bundles["float32"], bundle)  # this module's last use of it
+    before = _snapshot(bundle)
+    model_path = str(tmp_path / "model.keras")
+    trained_digits_model.save(model_path)
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    command = [
+        sys.executable,
+        "-m",
+        "keras_earlyexit.export",
+        model_path,
+        str(bundle),
+        "--quantization",
+        "float32",
+        "--verbose",
+        "0",
+    ]
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            partial = [p for p in tmp_path.glob(".bundle.tmp-*/segment_1.tflite")]
+            if partial:
+                break
+            time.sleep(0.02)
+        assert partial, "the conversion never wrote a segment"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert _snapshot(bundle) == before
+    manifest = kee.export.read_manifest(str(bundle))  # checks every sha256
+    assert manifest.quantization == "float32"
+
+
+def test_non_finite_calibration_data_is_refused(trained_digits_model, tmp_path):
+    # The converter would silently fall back to float kernels on a NaN range.
+    x = np.full((4, 8, 8, 1), np.nan, np.float32)
+    with pytest.raises(ValueError, match="NaN"):
+        kee.export.to_tflite(
+            trained_digits_model, str(tmp_path / "b"), representative_data=x, verbose=0
+        )
+    assert os.listdir(tmp_path) == []
+
+
+def test_quantize_threshold_edges():
+    assert manifest_lib.quantize_threshold(0.0, 1 / 256, -128) == -128
+    assert manifest_lib.quantize_threshold(1.0, 1 / 256, -128) == 128  # never
+    assert manifest_lib.quantize_threshold(0.5, 1 / 256, -128) == 0

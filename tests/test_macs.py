@@ -1,0 +1,136 @@
+"""count_macs against MACs counted by hand from layer shapes."""
+
+import keras
+import pytest
+
+import keras_earlyexit as kee
+from keras_earlyexit import demo
+
+
+def test_digits_cnn_by_hand():
+    macs = kee.count_macs(demo.digits_cnn())
+    conv_1 = 8 * 8 * 16 * (3 * 3 * 1)
+    exit_1 = (2 * 2 * 16) * 10  # 2x2 pooled grid -> classifier
+    conv_2 = 8 * 8 * 32 * (3 * 3 * 16)
+    exit_2 = (2 * 2 * 32) * 10
+    conv_3 = 4 * 4 * 64 * (3 * 3 * 32)
+    conv_4 = 4 * 4 * 64 * (3 * 3 * 64)
+    final = (2 * 2 * 64) * 64 + 64 * 10  # hidden Dense + classifier
+    assert macs.segment_macs == [
+        conv_1 + exit_1,
+        conv_2 + exit_2,
+        conv_3 + conv_4 + final,
+    ]
+    assert macs.cumulative_macs == [
+        conv_1 + exit_1,
+        conv_1 + exit_1 + conv_2 + exit_2,
+        sum([conv_1, exit_1, conv_2, exit_2, conv_3, conv_4, final]),
+    ]
+    by_name = {row.name: row.macs for row in macs.layers}
+    assert by_name["pool_2"] == 0 and by_name["conv_2"] == conv_2
+    table = str(macs)
+    assert "conv_4" in table and "exit_2" in table and "cumulative" in table
+
+
+def test_image_layers_by_hand():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)  # (6, 6, 4)
+    x = keras.layers.BatchNormalization(name="bn_folded")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    x = keras.layers.Activation("relu")(x)
+    x = keras.layers.BatchNormalization(name="bn_alone")(x)
+    e1 = kee.ExitBranch(5, hidden_units=8, name="exit_1")(x)
+    x = keras.layers.SeparableConv2D(6, 3, depth_multiplier=2, name="sep")(x)  # 4x4
+    x = keras.layers.AveragePooling2D(2, name="pool")(x)  # (2, 2, 6)
+    x = keras.layers.Conv2D(6, 1, groups=2, use_bias=False, name="grouped")(x)
+    final = kee.ExitBranch(5, name="final")(x)
+    macs = kee.count_macs(kee.EarlyExitModel(inputs, [e1, final]))
+    rows = {row.name: row for row in macs.layers}
+    assert rows["conv"].macs == 6 * 6 * 4 * (3 * 3 * 3)
+    assert rows["bn_folded"].macs == 0 and "folded" in rows["bn_folded"].note
+    assert rows["dw"].macs == 6 * 6 * 4 * 3 * 3
+    assert rows["bn_alone"].macs == 6 * 6 * 4
+    assert rows["exit_1"].macs == 4 * 8 + 8 * 5
+    assert rows["sep"].macs == 4 * 4 * (3 * 3 * 4 * 2) + 4 * 4 * (8 * 6)
+    assert rows["pool"].macs == 0 and "pooling" in rows["pool"].note
+    assert rows["grouped"].macs == 2 * 2 * 6 * (6 // 2)
+    assert macs.segment_macs == [3888 + 0 + 1296 + 144 + 72, 1152 + 768 + 0 + 72 + 30]
+
+
+def test_sequence_and_attention_layers_by_hand():
+    inputs = keras.Input((10, 6))
+    x = keras.layers.Conv1D(8, 3, padding="same", name="conv1d")(inputs)
+    x = keras.layers.Dense(4, name="dense_seq")(x)  # per step
+    e1 = kee.ExitBranch(3, name="exit_1")(x)
+    x = keras.layers.SeparableConv1D(4, 3, name="sep1d")(x)  # (8, 4)
+    x = keras.layers.DepthwiseConv1D(3, padding="same", name="dw1d")(x)
+    x = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, name="mha")(x, x)
+    x = keras.layers.LayerNormalization(name="ln")(x)
+    x = keras.layers.EinsumDense("abc,cd->abd", output_shape=(None, 5), name="ein")(x)
+    final = kee.ExitBranch(3, name="final")(x)
+    macs = kee.count_macs(kee.EarlyExitModel(inputs, [e1, final]))
+    rows = {row.name: row.macs for row in macs.layers}
+    assert rows["conv1d"] == 10 * 8 * 3 * 6
+    assert rows["dense_seq"] == 10 * 8 * 4
+    assert rows["sep1d"] == 8 * 3 * 4 + 8 * 4 * 4
+    assert rows["dw1d"] == 8 * 4 * 3
+    projections = 3 * (8 * 4 * 2 * 3) + 8 * (2 * 3) * 4  # q, k, v, output
+    scores_and_sum = 2 * 8 * 8 * (3 + 3)
+    assert rows["mha"] == projections + scores_and_sum
+    assert rows["ln"] == 8 * 4
+    assert rows["ein"] == 8 * 4 * 5
+    assert macs.cumulative_macs[-1] == sum(rows.values())
+
+
+def test_plain_model_is_one_segment():
+    model = keras.Sequential(
+        [keras.Input((20,)), keras.layers.Dense(30), keras.layers.Dense(10)]
+    )
+    macs = kee.count_macs(model)
+    assert macs.segment_macs == [20 * 30 + 30 * 10]
+    assert macs.cumulative_macs == macs.segment_macs
+
+
+def test_unknown_layer_with_weights_is_named_in_one_warning():
+    inputs = keras.Input((12, 4))
+    x = keras.layers.LSTM(6, return_sequences=True, name="lstm")(inputs)
+    e1 = kee.ExitBranch(3, name="exit_1")(x)
+    x = keras.layers.GRU(6, name="gru")(x)
+    final = kee.ExitBranch(3, name="final")(x)
+    with pytest.warns(UserWarning, match="GRU, LSTM") as record:
+        macs = kee.count_macs(kee.EarlyExitModel(inputs, [e1, final]))
+    assert len([w for w in record if "count_macs" in str(w.message)]) == 1
+    assert macs.uncounted == ["GRU", "LSTM"]
+    assert macs.segment_macs == [6 * 3, 6 * 3]
+
+
+def test_dynamic_shapes_are_rejected():
+    inputs = keras.Input((None, 4))
+    x = keras.layers.Conv1D(4, 3)(inputs)
+    e1 = kee.ExitBranch(3, name="exit_1")(x)
+    final = kee.ExitBranch(3, name="final")(keras.layers.Conv1D(4, 3)(x))
+    with pytest.raises(ValueError, match="static shapes"):
+        kee.count_macs(kee.EarlyExitModel(inputs, [e1, final]))
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="TF profiler: TensorFlow only"
+)
+def test_matches_tensorflow_profiler():
+    import tensorflow as tf
+
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(8, 3, use_bias=False),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, use_bias=False),
+        ]
+    )
+    fn = tf.function(lambda x: model(x)).get_concrete_function(
+        tf.TensorSpec((1, 8, 8, 3), tf.float32)
+    )
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    flops = tf.compat.v1.profiler.profile(fn.graph, options=options).total_float_ops
+    assert flops == 2 * kee.count_macs(model).cumulative_macs[-1]
