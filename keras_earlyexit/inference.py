@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
-from keras import ops
 
 
 @dataclass
@@ -39,7 +38,9 @@ def select_exits(confidences: np.ndarray, thresholds) -> np.ndarray:
     return np.argmax(passes, axis=1)
 
 
-def predict_early(model, x, thresholds, batch_size: int = 256) -> EarlyExitPrediction:
+def predict_early(
+    model, x, thresholds, batch_size: int = 256
+) -> EarlyExitPrediction:
     """Runs `model`'s segments with per-sample exits; see
     `EarlyExitModel.predict_early`."""
     segments = model.segments()
@@ -49,32 +50,42 @@ def predict_early(model, x, thresholds, batch_size: int = 256) -> EarlyExitPredi
     classes = np.zeros(n, np.int64)
     exit_indices = np.zeros(n, np.int64)
     confidences = np.zeros(n, np.float32)
+    input_names = [t.name for t in segments[0].inputs]
     for start in range(0, n, batch_size):
         rows = np.arange(start, min(start + batch_size, n))
-        names = [t.name for t in segments[0].inputs]
-        carry = {name: ops.convert_to_tensor(v[rows]) for name, v in zip(names, x)}
+        carry = {name: v[rows] for name, v in zip(input_names, x)}
         for k, segment in enumerate(segments):
-            out = segment(carry, training=False)
-            conf = ops.convert_to_numpy(out["confidence"]).astype(np.float32)
+            out = _run_segment(segment, carry)
+            conf = out["confidence"].astype(np.float32)
             leave = conf >= thresholds[k]
             if k == len(segments) - 1:
                 leave[:] = True
-            if leave.any():
-                logits = ops.convert_to_numpy(out["logits"])[leave]
-                done = rows[leave]
-                classes[done] = np.argmax(logits, axis=-1)
-                exit_indices[done] = k
-                confidences[done] = conf[leave]
+            done = rows[leave]
+            classes[done] = np.argmax(out["logits"][leave], axis=-1)
+            exit_indices[done] = k
+            confidences[done] = conf[leave]
             stay = np.flatnonzero(~leave)
             if stay.size == 0:
                 break
             rows = rows[stay]
-            keep = ops.convert_to_tensor(stay)
-            carry = {
-                t.name: ops.take(out[t.name], keep, axis=0)
-                for t in segments[k + 1].inputs
-            }
+            carry = {t.name: out[t.name][stay] for t in segments[k + 1].inputs}
     return EarlyExitPrediction(classes, exit_indices, confidences)
+
+
+def _run_segment(segment, carry: dict) -> dict:
+    """One compiled segment call. On backends that compile (TensorFlow,
+    JAX) the batch is padded to the next power of two, so they see a handful
+    of shapes instead of one per number of remaining samples (each new
+    shape would be a retrace); eager PyTorch runs the exact batch."""
+    n = len(next(iter(carry.values())))
+    size = 1 << max(0, n - 1).bit_length()
+    if size > n and keras.backend.backend() in ("tensorflow", "jax"):
+        carry = {
+            name: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)])
+            for name, v in carry.items()
+        }
+    out = segment.predict_on_batch(carry)
+    return {name: np.asarray(v)[:n] for name, v in out.items()}
 
 
 def _check_inputs(model, x) -> list[np.ndarray]:
