@@ -1,0 +1,501 @@
+"""`to_c_arrays`: a bundle as C++ sources for the TFLite Micro runner.
+
+Writes, for a bundle made by `to_tflite`:
+
+- `segment_<k>_model_data.cc/.h`: each segment's `.tflite` bytes as
+  `alignas(16) const unsigned char g_segment_<k>_model_data[]` (TFLite Micro
+  reads the flatbuffer in place, from flash) and its length as a constant;
+- `earlyexit_config.h`: an `earlyexit::ModelConfig` for the runner in
+  `tflite/micro/` (per segment: input, logits, confidence and carry tensors
+  with their positions, shapes, dtypes and int8 parameters; thresholds in
+  float and int8; MACs), the tensor arena size, the carry buffer size, and
+  `EARLYEXIT_OPS(OP)`, the `MicroMutableOpResolver` ops the segments use.
+
+The manifest has no measured arena size: `arena_size` is given by the caller
+or estimated from the flatbuffers by `estimate_arena_size`, an upper bound
+that assumes no memory reuse between the tensors of one segment.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import textwrap
+
+import numpy as np
+
+from keras_earlyexit.export.flatbuffer import list_ops
+from keras_earlyexit.export.manifest import (
+    BundleError,
+    Manifest,
+    SegmentInfo,
+    TensorInfo,
+    read_manifest,
+    read_segment,
+)
+
+CONFIG_NAME = "earlyexit_config.h"
+# TFLite Micro's tensor arena and flatbuffer alignment.
+ALIGNMENT = 16
+MAX_RANK = 6
+_DTYPES = {
+    "int8": ("earlyexit::DType::kInt8", 1),
+    "float32": ("earlyexit::DType::kFloat32", 4),
+}
+
+# `MicroMutableOpResolver::Add<Name>` methods of builtin ops (tflite-micro
+# 90b983c, micro_mutable_op_resolver.h). An op's method name is its builtin
+# name in CamelCase, except for `_RESOLVER_SPELLING`.
+_TFLM_BUILTINS = frozenset(
+    """Abs Add AddN ArgMax ArgMin AssignVariable AveragePool2D BatchMatMul
+    BatchToSpaceNd BroadcastArgs BroadcastTo CallOnce Cast Ceil Concatenation
+    Conv2D Cos CumSum DepthToSpace DepthwiseConv2D Dequantize Div
+    DynamicUpdateSlice Elu EmbeddingLookup Equal Exp ExpandDims Fill Floor FloorDiv
+    FloorMod FullyConnected Gather GatherNd Greater GreaterEqual HardSwish If
+    L2Normalization L2Pool2D LeakyRelu Less LessEqual Log LogSoftmax LogicalAnd
+    LogicalNot LogicalOr Logistic MaxPool2D Maximum Mean Minimum MirrorPad Mul Neg
+    NotEqual Pack Pad PadV2 Prelu Quantize ReadVariable ReduceAll ReduceMax
+    ReduceMin Relu Relu6 Reshape ResizeBilinear ResizeNearestNeighbor ReverseV2
+    Round Rsqrt SelectV2 Shape Sin Slice Softmax SpaceToBatchNd SpaceToDepth Split
+    SplitV Sqrt Square SquaredDifference Squeeze StridedSlice Sub Sum Svdf Tanh
+    Transpose TransposeConv UnidirectionalSequenceLSTM Unpack VarHandle While
+    ZerosLike""".split()
+)
+_RESOLVER_SPELLING = {
+    "BATCH_MATMUL": "BatchMatMul",
+    "CUMSUM": "CumSum",
+    "PADV2": "PadV2",
+    "UNIDIRECTIONAL_SEQUENCE_LSTM": "UnidirectionalSequenceLSTM",
+}
+
+
+def to_c_arrays(
+    directory: str,
+    out_dir: str,
+    arena_size: int | None = None,
+    namespace: str = "earlyexit_config",
+) -> str:
+    """Writes a bundle's segments as C arrays plus the runner's config header.
+
+    Each segment file is checked against the manifest's sha256 first. The
+    sources are written to a temporary directory next to `out_dir` and
+    renamed into place: a failure leaves no partial output, and a previous
+    output at `out_dir` stays intact until the new one is complete.
+
+    Args:
+        directory: a bundle written by `kee.export.to_tflite` (int8 for
+            integer-only microcontrollers; float bundles also work).
+        out_dir: directory to create or replace. An existing directory is
+            replaced only if it is empty or holds a previous output
+            (`earlyexit_config.h`).
+        arena_size: TFLite Micro tensor arena bytes for all segments
+            together (they share one arena). Default: `estimate_arena_size`,
+            a conservative upper bound; measure the real need on the target
+            (`RecordingMicroAllocator`) and pass it to save RAM.
+        namespace: C++ namespace of the config constants.
+
+    Returns:
+        `out_dir`, absolute.
+
+    Example:
+
+    ```python
+    bundle = kee.export.to_tflite(model, "digits_int8", representative_data=x)
+    kee.export.to_c_arrays(bundle, "firmware/src/model")
+    ```
+    """
+    if arena_size is not None and (not isinstance(arena_size, int) or arena_size <= 0):
+        raise ValueError(
+            f"arena_size must be a positive int (bytes). Received: {arena_size!r}"
+        )
+    if not re.fullmatch(r"[A-Za-z_]\w*", namespace):
+        raise ValueError(f"namespace must be a C++ identifier. Received: {namespace!r}")
+    directory = os.path.abspath(directory)
+    manifest = read_manifest(directory, verify=False)
+    if not manifest.segments:
+        raise BundleError(f"The manifest in {directory} lists no segments.")
+    models = [read_segment(directory, s) for s in manifest.segments]
+    for segment in manifest.segments:
+        for t in segment.inputs + segment.outputs:
+            _check_tensor(segment, t)
+    ops = resolver_ops(models)
+    if arena_size is None:
+        arena_size = estimate_arena_size(models)
+
+    out_dir = os.path.abspath(out_dir)
+    _check_target(out_dir)
+    parent, base = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    try:
+        for segment, data in zip(manifest.segments, models):
+            stem = _stem(segment)
+            # Relative to the bundle's parent: no local paths in sources.
+            source = os.path.join(os.path.basename(directory), segment.file)
+            _write(tmp, f"{stem}.h", _array_header(stem, source, segment))
+            _write(tmp, f"{stem}.cc", _array_source(stem, source, segment, data))
+        config = _config_header(
+            manifest, os.path.basename(directory), ops, arena_size, namespace
+        )
+        _write(tmp, CONFIG_NAME, config)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_c_array(path: str) -> bytes:
+    """The bytes of a `segment_<k>_model_data.cc` written by `to_c_arrays`.
+
+    Raises:
+        ValueError: the file holds no such array, or its length constant
+            (in the matching `.h`) disagrees with the array.
+    """
+    with open(path) as f:
+        text = f.read()
+    match = re.search(r"\[\]\s*=\s*\{([^}]*)\}", text)
+    if match is None:
+        raise ValueError(f"{path} holds no C array written by to_c_arrays.")
+    values = re.findall(r"0x([0-9a-fA-F]{2})", match.group(1))
+    data = bytes(int(v, 16) for v in values)
+    header = os.path.splitext(path)[0] + ".h"
+    if os.path.isfile(header):
+        with open(header) as f:
+            length = re.search(r"_len\s*=\s*(\d+)", f.read())
+        if length is None or int(length.group(1)) != len(data):
+            raise ValueError(
+                f"{header} declares a length different from the {len(data)} "
+                f"bytes of {path}: the two files come from different exports."
+            )
+    return data
+
+
+def read_c_arrays(out_dir: str) -> list[bytes]:
+    """The segment models in a `to_c_arrays` output, in segment order."""
+    files = [
+        f for f in os.listdir(out_dir) if re.fullmatch(r"segment_\d+_model_data\.cc", f)
+    ]
+    files.sort(key=lambda f: int(f.split("_")[1]))
+    return [read_c_array(os.path.join(out_dir, f)) for f in files]
+
+
+def resolver_ops(models: list[bytes]) -> list[str]:
+    """`MicroMutableOpResolver::Add<Name>` names for the ops of the given
+    `.tflite` models, sorted.
+
+    Raises:
+        ValueError: an op with no TFLite Micro kernel (or a custom op).
+    """
+    names = set()
+    for k, data in enumerate(models):
+        for op in list_ops(data):
+            method = _resolver_method(op.name)
+            if method not in _TFLM_BUILTINS:
+                raise ValueError(
+                    f"Segment {k + 1} uses the TFLite op {op.name}, which TFLite "
+                    "Micro's MicroMutableOpResolver does not provide. Rewrite the "
+                    "layer with ops that TFLite Micro supports, or run this bundle "
+                    "with LiteRT instead."
+                )
+            names.add(method)
+    return sorted(names)
+
+
+def estimate_arena_size(models: list[bytes]) -> int:
+    """A conservative tensor arena size for segments sharing one arena.
+
+    TFLite Micro keeps persistent data (tensor structs, node data,
+    per-channel quantization) at the arena's tail for every segment, and
+    plans activations at the head, which segments sharing one
+    `MicroAllocator` reuse. The estimate sums each segment's persistent part
+    and takes the largest activation part; it counts every activation tensor
+    as live at once (no reuse inside a segment) and adds scratch for
+    optimized convolution kernels, then a quarter on top.
+
+    Args:
+        models: the segments' `.tflite` bytes.
+
+    Returns:
+        Bytes, a multiple of 1 KiB.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    type_sizes = {
+        schema.TensorType.FLOAT32: 4,
+        schema.TensorType.INT32: 4,
+        schema.TensorType.INT64: 8,
+        schema.TensorType.INT16: 2,
+        schema.TensorType.FLOAT16: 2,
+    }
+    conv_like = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"}
+    persistent, heads = 2048, []  # 2048: allocator and planner objects
+    for data in models:
+        model = schema.Model.GetRootAs(data, 0)
+        ops = list_ops(data)
+        head = tail = 0
+        for s in range(model.SubgraphsLength()):
+            graph = model.Subgraphs(s)
+            for i in range(graph.TensorsLength()):
+                tensor = graph.Tensors(i)
+                buffer = model.Buffers(tensor.Buffer())
+                elements = int(np.prod(tensor.ShapeAsNumpy()))
+                if buffer.DataLength() == 0 and buffer.Size() == 0:
+                    size = elements * type_sizes.get(tensor.Type(), 1)
+                    head += _align(size) + 64  # 64: planning bookkeeping
+                tail += 32  # TfLiteEvalTensor
+            io = graph.InputsLength() + graph.OutputsLength()
+            tail += 128 * io + 1024  # TfLiteTensor + quantization; subgraph
+            for o in range(graph.OperatorsLength()):
+                op = graph.Operators(o)
+                tail += 256  # node, registration and kernel op data
+                if ops[o].name in conv_like:
+                    weights = graph.Tensors(int(op.InputsAsNumpy()[1]))
+                    shape = weights.ShapeAsNumpy()
+                    tail += 8 * int(shape[0])  # per-channel multiplier, shift
+                    head += _align(4 * int(np.prod(shape[1:])))  # im2col scratch
+        persistent += tail
+        heads.append(head)
+    total = (persistent + max(heads, default=0)) * 5 // 4
+    return -(-total // 1024) * 1024
+
+
+def _resolver_method(op_name: str) -> str:
+    if op_name in _RESOLVER_SPELLING:
+        return _RESOLVER_SPELLING[op_name]
+    # CONV_2D -> Conv2D, L2_POOL_2D -> L2Pool2D, REDUCE_MAX -> ReduceMax.
+    return "".join(
+        part if part[0].isdigit() else part[0] + part[1:].lower()
+        for part in op_name.split("_")
+    )
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def _check_tensor(segment: SegmentInfo, t: TensorInfo) -> None:
+    if t.dtype not in _DTYPES:
+        raise BundleError(
+            f"Segment {segment.index + 1} tensor {t.name!r} has dtype {t.dtype}; "
+            f"the micro runner handles {sorted(_DTYPES)}. Convert with "
+            "quantization='int8' (or 'float32')."
+        )
+    if len(t.shape) > MAX_RANK or min(t.shape, default=1) < 1:
+        raise BundleError(
+            f"Segment {segment.index + 1} tensor {t.name!r} has shape {t.shape}; "
+            f"the micro runner needs static shapes of rank <= {MAX_RANK}."
+        )
+
+
+def _check_target(out_dir: str) -> None:
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise FileExistsError(
+                f"{out_dir} exists and is a file; choose a directory path."
+            )
+        entries = os.listdir(out_dir)
+        if entries and CONFIG_NAME not in entries:
+            raise FileExistsError(
+                f"{out_dir} is a non-empty directory without {CONFIG_NAME}; "
+                "to_c_arrays replaces only its own output. Choose a new or empty "
+                "directory (and add it to your firmware's sources)."
+            )
+
+
+def _move_into_place(tmp: str, out_dir: str) -> None:
+    """Renames `tmp` to `out_dir`; a previous output is moved aside first so
+    that one complete version is on disk at every moment."""
+    if not os.path.exists(out_dir):
+        os.rename(tmp, out_dir)
+        return
+    parent, base = os.path.split(out_dir)
+    old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+    os.rmdir(old)
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write(directory: str, name: str, text: str) -> None:
+    with open(os.path.join(directory, name), "w") as f:
+        f.write(text)
+
+
+def _stem(segment: SegmentInfo) -> str:
+    return f"segment_{segment.index + 1}_model_data"
+
+
+def _banner(source: str, segment: SegmentInfo | None = None) -> str:
+    line = f"// Generated by keras_earlyexit.export.to_c_arrays from {source}"
+    if segment is not None:
+        line += f"\n// (sha256 {segment.sha256})"
+    return line + ".\n// Do not edit: export again.\n"
+
+
+def _array_header(stem: str, source: str, segment: SegmentInfo) -> str:
+    guard = f"EARLYEXIT_{stem.upper()}_H_"
+    return (
+        f"{_banner(source, segment)}\n#ifndef {guard}\n#define {guard}\n\n"
+        f"extern const unsigned char g_{stem}[];\n"
+        f"constexpr unsigned int g_{stem}_len = {segment.size_bytes};\n\n"
+        f"#endif  // {guard}\n"
+    )
+
+
+def _array_source(stem: str, source: str, segment: SegmentInfo, data: bytes) -> str:
+    rows = [
+        "    " + ", ".join(f"0x{b:02x}" for b in data[i : i + 12]) + ","
+        for i in range(0, len(data), 12)
+    ]
+    # Including the header gives the const array external linkage.
+    return (
+        f'{_banner(source, segment)}\n#include "{stem}.h"\n\n'
+        f"alignas({ALIGNMENT}) const unsigned char g_{stem}[] = {{\n"
+        + "\n".join(rows)
+        + "\n};\n"
+    )
+
+
+def _float(value: float | None) -> str:
+    """A C float literal that reads back as the same float32."""
+    text = f"{np.float32(value or 0.0):.9g}"
+    if "." not in text and "e" not in text:
+        text += ".0"
+    return text + "f"
+
+
+def _tensor(t: TensorInfo) -> str:
+    dims = ", ".join(str(d) for d in t.shape)
+    # json.dumps quotes and escapes the name as a valid C string literal.
+    return (
+        f"{{{json.dumps(t.name)}, {t.position}, {_DTYPES[t.dtype][0]}, "
+        f"{len(t.shape)}, {{{dims}}}, {_bytes(t)}u, {_float(t.scale)}, "
+        f"{t.zero_point or 0}}}"
+    )
+
+
+def _config_header(
+    manifest: Manifest,
+    bundle_name: str,
+    ops: list[str],
+    arena_size: int,
+    namespace: str,
+) -> str:
+    segments = manifest.segments
+    lines = [
+        _banner(os.path.join(bundle_name, "manifest.json")),
+        f"// Model {manifest.model_name!r}, quantization {manifest.quantization!r},",
+        f"// criterion {manifest.criterion!r}.",
+        *textwrap.wrap(
+            f"Carries: {manifest.boundary}.",
+            76,
+            initial_indent="// ",
+            subsequent_indent="// ",
+        ),
+        "",
+        "#ifndef EARLYEXIT_CONFIG_H_",
+        "#define EARLYEXIT_CONFIG_H_",
+        "",
+        "#include <cstddef>",
+        "",
+        '#include "earlyexit_runner.h"',
+    ]
+    lines += [f'#include "{_stem(s)}.h"' for s in segments]
+    lines += [
+        "",
+        "// The ops of all segments, for a MicroMutableOpResolver<kNumOps>:",
+        "//   #define ADD_OP(name) resolver.Add##name();",
+        "//   EARLYEXIT_OPS(ADD_OP)",
+        "#define EARLYEXIT_OPS(OP) " + " ".join(f"OP({op})" for op in ops),
+        "",
+        f"namespace {namespace} {{",
+        "",
+        f"inline constexpr int kNumSegments = {len(segments)};",
+        f"inline constexpr int kNumClasses = {manifest.num_classes};",
+        f"inline constexpr int kNumOps = {len(ops)};",
+        "// One arena shared by all segments' MicroInterpreters.",
+        f"inline constexpr size_t kArenaSize = {arena_size};",
+    ]
+    carry_size = 0
+    for k, s in enumerate(segments[:-1]):
+        targets = segments[k + 1].inputs
+        carry_size = max(carry_size, sum(_align(_bytes(t)) for t in targets))
+    lines += [
+        "// Bytes the runner needs to park the carry between two segments.",
+        f"inline constexpr size_t kCarryBufferSize = {carry_size};",
+        f'inline constexpr const char* kQuantization = "{manifest.quantization}";',
+        "",
+    ]
+    for k, s in enumerate(segments):
+        n = k + 1
+        inputs = ",\n    ".join(_tensor(t) for t in s.inputs)
+        lines += [
+            f"// Segment {n}: exit {s.exit_name!r}, {s.file}.",
+            f"inline constexpr earlyexit::TensorConfig kSegment{n}Inputs[] = {{",
+            f"    {inputs}}};",
+        ]
+        if k + 1 < len(segments):
+            carries = []
+            for target in segments[k + 1].inputs:
+                source = s.output(target.name)
+                requantize = (source.scale, source.zero_point) != (
+                    target.scale,
+                    target.zero_point,
+                )
+                carries.append(
+                    f"{{{_tensor(source)},\n     {_tensor(target)},\n     "
+                    f"{'true' if requantize else 'false'}}}"
+                )
+            lines += [
+                f"inline constexpr earlyexit::CarryConfig kSegment{n}Carry[] = {{",
+                "    " + ",\n    ".join(carries) + "};",
+            ]
+        lines.append("")
+    entries = []
+    for k, s in enumerate(segments):
+        n = k + 1
+        last = k + 1 == len(segments)
+        # Float bundles compare floats; the runner ignores this field then.
+        quantized = s.gate.threshold_quantized or 0
+        entries.append(
+            "    {"
+            + ",\n     ".join(
+                [
+                    f'"{s.exit_name}", g_{_stem(s)}, g_{_stem(s)}_len',
+                    f"kSegment{n}Inputs, {len(s.inputs)}",
+                    f"/*logits=*/{_tensor(s.output('logits'))}",
+                    f"/*confidence=*/{_tensor(s.output('confidence'))}",
+                    "nullptr, 0"
+                    if last
+                    else f"kSegment{n}Carry, {len(segments[k + 1].inputs)}",
+                    f"/*threshold=*/{_float(s.gate.threshold)}, "
+                    f"/*threshold_quantized=*/{quantized}",
+                    f"/*macs=*/{s.macs}",
+                ]
+            )
+            + "}"
+        )
+    lines += [
+        "inline constexpr earlyexit::SegmentConfig kSegments[] = {",
+        ",\n".join(entries) + "};",
+        "",
+        "inline constexpr earlyexit::ModelConfig kModel = {",
+        "    kSegments, kNumSegments, kNumClasses, kArenaSize, kCarryBufferSize};",
+        "",
+        f"}}  // namespace {namespace}",
+        "",
+        "#endif  // EARLYEXIT_CONFIG_H_",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _bytes(t: TensorInfo) -> int:
+    return _DTYPES[t.dtype][1] * math.prod(t.shape)

@@ -1,0 +1,35 @@
+"""A small int8 bundle and its C arrays, made once per test process and
+shared by test_c_arrays.py and test_micro_cpp.py."""
+
+import functools
+import os
+
+import keras
+
+import keras_earlyexit as kee
+from keras_earlyexit import demo
+
+
+@functools.cache
+def small_int8_bundle(root: str) -> str:
+    """An untrained width-4 digits CNN as an int8 bundle under `root`. The
+    thresholds are low, so that int8 thresholds are reachable and both
+    exits and carries occur."""
+    keras.utils.set_random_seed(0)
+    model = demo.digits_cnn(width=4)
+    model.set_thresholds([0.12, 0.11])
+    x = demo.load_digits(seed=0).x_val[:64]
+    return kee.export.to_tflite(
+        model,
+        os.path.join(root, "bundle"),
+        representative_data=x,
+        quantization="int8",
+        verbose=0,
+    )
+
+
+@functools.cache
+def small_c_arrays(root: str) -> str:
+    from keras_earlyexit.export.c_arrays import to_c_arrays
+
+    return to_c_arrays(small_int8_bundle(root), os.path.join(root, "c_arrays"))

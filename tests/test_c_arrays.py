@@ -1,0 +1,201 @@
+"""`to_c_arrays`: C arrays round-trip to the segment bytes, the config header
+agrees with the manifest, the arena estimate runs in TFLite Micro, and bad
+input fails with a clear error."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from _micro_bundle import small_c_arrays, small_int8_bundle
+
+from keras_earlyexit.export import BundleError, list_ops, read_manifest
+from keras_earlyexit.export.c_arrays import (
+    CONFIG_NAME,
+    _resolver_method,
+    estimate_arena_size,
+    read_c_arrays,
+    resolver_ops,
+    to_c_arrays,
+)
+
+pytest.importorskip("ai_edge_litert")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def bundle(root) -> str:
+    return small_int8_bundle(root)
+
+
+@pytest.fixture(scope="module")
+def out_dir(root) -> str:
+    return small_c_arrays(root)
+
+
+def _segment_bytes(bundle: str) -> list[bytes]:
+    manifest = read_manifest(bundle)
+    out = []
+    for s in manifest.segments:
+        with open(os.path.join(bundle, s.file), "rb") as f:
+            out.append(f.read())
+    return out
+
+
+def test_arrays_round_trip_to_identical_bytes(bundle, out_dir):
+    assert read_c_arrays(out_dir) == _segment_bytes(bundle)
+    for k in (1, 2, 3):
+        with open(os.path.join(out_dir, f"segment_{k}_model_data.cc")) as f:
+            source = f.read()
+        # TFLite Micro reads the flatbuffer in place: it must be aligned.
+        assert f"alignas(16) const unsigned char g_segment_{k}_model_data[]" in source
+
+
+def test_config_header_matches_manifest(bundle, out_dir):
+    manifest = read_manifest(bundle)
+    with open(os.path.join(out_dir, CONFIG_NAME)) as f:
+        header = f.read()
+
+    def constant(name):
+        return int(re.search(rf"{name} = (\d+);", header).group(1))
+
+    assert constant("kNumSegments") == len(manifest.segments) == 3
+    assert constant("kNumClasses") == manifest.num_classes
+    assert constant("kArenaSize") == estimate_arena_size(_segment_bytes(bundle))
+    # Carries are 16-byte aligned; the largest boundary sets the buffer size.
+    expected_carry = max(
+        sum(-(-_nbytes(t) // 16) * 16 for t in s.inputs) for s in manifest.segments[1:]
+    )
+    assert constant("kCarryBufferSize") == expected_carry
+    quantized = re.findall(r"/\*threshold_quantized=\*/(-?\d+)", header)
+    assert [int(q) for q in quantized] == [
+        s.gate.threshold_quantized for s in manifest.segments
+    ]
+    for s in manifest.segments:
+        for role in ("logits", "confidence"):
+            t = s.output(role)
+            assert f'/*{role}=*/{{"{role}", {t.position}, ' in header
+    ops = re.search(r"#define EARLYEXIT_OPS\(OP\) (.*)", header).group(1)
+    expected = {
+        _resolver_method(op.name)
+        for data in _segment_bytes(bundle)
+        for op in list_ops(data)
+    }
+    assert set(re.findall(r"OP\((\w+)\)", ops)) == expected
+    assert constant("kNumOps") == len(expected)
+
+
+def _nbytes(t) -> int:
+    size = 1
+    for d in t.shape:
+        size *= d
+    return size * (1 if t.dtype == "int8" else 4)
+
+
+def test_resolver_method_names():
+    assert _resolver_method("CONV_2D") == "Conv2D"
+    assert _resolver_method("DEPTHWISE_CONV_2D") == "DepthwiseConv2D"
+    assert _resolver_method("REDUCE_MAX") == "ReduceMax"
+    assert _resolver_method("L2_POOL_2D") == "L2Pool2D"
+    assert _resolver_method("BATCH_MATMUL") == "BatchMatMul"
+    assert _resolver_method("RELU6") == "Relu6"
+
+
+def test_estimated_arena_runs_every_segment_in_tflite_micro(bundle):
+    """Each segment allocates and invokes in the TFLite Micro interpreter
+    with the estimate for that segment alone (a child process: TFLite Micro
+    aborts the process when an arena is too small)."""
+    pytest.importorskip("tflite_micro")
+    script = (
+        "import sys\n"
+        "from tflite_micro.python.tflite_micro import runtime\n"
+        "from keras_earlyexit.export.c_arrays import estimate_arena_size\n"
+        "for path in sys.argv[1:]:\n"
+        "    data = open(path, 'rb').read()\n"
+        "    size = estimate_arena_size([data])\n"
+        "    runtime.Interpreter.from_bytes(data, arena_size=size).invoke()\n"
+        "    print(path, size)\n"
+    )
+    files = [os.path.join(bundle, s.file) for s in read_manifest(bundle).segments]
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *files],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("\n") == len(files)
+    # Shared arena: the persistent parts add up, activations are shared.
+    sizes = [int(line.split()[1]) for line in proc.stdout.splitlines()]
+    assert estimate_arena_size(_segment_bytes(bundle)) < sum(sizes)
+
+
+def test_explicit_arena_size_and_replacing_a_previous_output(bundle, tmp_path):
+    target = tmp_path / "model"
+    to_c_arrays(bundle, str(target), arena_size=12345)
+    to_c_arrays(bundle, str(target), arena_size=4096)
+    header = (target / CONFIG_NAME).read_text()
+    assert "kArenaSize = 4096;" in header
+    assert sorted(os.listdir(tmp_path)) == ["model"]  # no temporary left
+
+
+def test_corrupted_segment_fails_and_keeps_the_previous_output(bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    target = tmp_path / "model"
+    to_c_arrays(str(copy), str(target))
+    before = {p: (target / p).read_bytes() for p in os.listdir(target)}
+    data = bytearray((copy / "segment_2.tflite").read_bytes())
+    data[100] ^= 0xFF
+    (copy / "segment_2.tflite").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="corrupted"):
+        to_c_arrays(str(copy), str(target))
+    assert {p: (target / p).read_bytes() for p in os.listdir(target)} == before
+    assert sorted(os.listdir(tmp_path)) == ["bundle", "model"]
+
+
+def test_bad_input_errors(bundle, tmp_path):
+    with pytest.raises(BundleError, match="manifest.json not found"):
+        to_c_arrays(str(tmp_path), str(tmp_path / "out"))
+    foreign = tmp_path / "src"
+    foreign.mkdir()
+    (foreign / "main.cc").write_text("int main() {}\n")
+    with pytest.raises(FileExistsError, match="replaces only its own output"):
+        to_c_arrays(bundle, str(foreign))
+    assert os.listdir(foreign) == ["main.cc"]
+    with pytest.raises(ValueError, match="arena_size must be a positive int"):
+        to_c_arrays(bundle, str(tmp_path / "out"), arena_size=0)
+    with pytest.raises(ValueError, match="namespace must be a C\\+\\+ identifier"):
+        to_c_arrays(bundle, str(tmp_path / "out"), namespace="my-model")
+    # A manifest that lists a dtype the runner cannot handle.
+    copy = tmp_path / "bundle_int16"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["segments"][0]["inputs"][0]["dtype"] = "int16"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="dtype int16"):
+        to_c_arrays(str(copy), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_read_c_array_rejects_mismatched_files(out_dir, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(out_dir, copy)
+    header = copy / "segment_1_model_data.h"
+    header.write_text(re.sub(r"_len = \d+", "_len = 7", header.read_text()))
+    with pytest.raises(ValueError, match="different exports"):
+        read_c_arrays(str(copy))
+
+
+def test_resolver_ops_of_the_bundle(bundle):
+    ops = resolver_ops(_segment_bytes(bundle))
+    assert "Conv2D" in ops and "Softmax" in ops
+    assert ops == sorted(ops)

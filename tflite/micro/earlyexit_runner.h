@@ -1,0 +1,161 @@
+// Gated early-exit inference over per-exit TFLite segments on a
+// microcontroller: run segment 1, stop at the first exit whose confidence
+// reaches its threshold, otherwise hand the carry to the next segment.
+//
+// The loop mirrors keras_earlyexit/runtime/gated.py (GatedInterpreter._run)
+// step for step. It sees the segments only through the small `Segment`
+// interface, so it builds and is tested on a host without TFLite Micro;
+// tflm_segment.h implements the interface over tflite::MicroInterpreter.
+//
+// The configuration (shapes, positions, quantization, thresholds) comes from
+// the header that keras_earlyexit.export.to_c_arrays generates.
+//
+// C++17, no exceptions, no RTTI, no dynamic allocation.
+
+#ifndef KERAS_EARLYEXIT_TFLITE_MICRO_EARLYEXIT_RUNNER_H_
+#define KERAS_EARLYEXIT_TFLITE_MICRO_EARLYEXIT_RUNNER_H_
+
+#include <cstddef>
+#include <cstdint>
+
+namespace earlyexit {
+
+constexpr int kMaxRank = 6;
+// Fixed capacity for per-segment state held by the runner (no heap).
+constexpr int kMaxSegments = 16;
+
+enum class DType : uint8_t { kInt8, kFloat32 };
+
+// One input or output tensor of a segment, as in manifest.json.
+struct TensorConfig {
+  const char* name;
+  int position;  // index in the subgraph's input or output list
+  DType dtype;
+  int rank;
+  int dims[kMaxRank];
+  size_t bytes;
+  float scale;         // 0 when the tensor is not quantized
+  int32_t zero_point;  // 0 when the tensor is not quantized
+};
+
+// A carry tensor: output `source` of segment k is input `target` of k+1.
+struct CarryConfig {
+  TensorConfig source;
+  TensorConfig target;
+  bool requantize;  // int8 parameters differ on the two sides
+};
+
+struct SegmentConfig {
+  const char* exit_name;
+  const unsigned char* model_data;
+  size_t model_size;
+  const TensorConfig* inputs;
+  int num_inputs;
+  TensorConfig logits;
+  TensorConfig confidence;
+  const CarryConfig* carry;  // to the next segment; empty for the last one
+  int num_carry;
+  float threshold;
+  // Smallest int8 confidence that reaches `threshold`; 128 means "never".
+  int32_t threshold_quantized;
+  int64_t macs;
+};
+
+struct ModelConfig {
+  const SegmentConfig* segments;
+  int num_segments;
+  int num_classes;
+  size_t arena_size;
+  size_t carry_buffer_size;  // bytes for the largest set of carry tensors
+};
+
+// What the runner needs from one segment model. Pointers stay valid from
+// setup until the segment is destroyed; an input or output's contents are
+// only valid until another segment sharing the arena is invoked.
+class Segment {
+ public:
+  virtual void* input(int position) = 0;
+  virtual size_t input_bytes(int position) = 0;
+  virtual const void* output(int position) = 0;
+  virtual size_t output_bytes(int position) = 0;
+  virtual bool Invoke() = 0;
+
+ protected:
+  // Never deleted through this interface (no heap on device).
+  ~Segment() = default;
+};
+
+enum class Status : uint8_t {
+  kOk,
+  kBadConfig,           // config inconsistent with itself
+  kTensorMismatch,      // a segment's tensor size differs from the config
+  kCarryBufferTooSmall, // the buffer given is smaller than carry_buffer_size
+  kBadThreshold,        // outside [0, 1], or wrong count
+  kInvokeFailed,
+  kAllocationFailed,    // arena too small, or an op missing from the resolver
+};
+
+const char* StatusString(Status status);
+
+struct Result {
+  int label;
+  int exit_index;    // 0-based
+  float confidence;  // dequantized
+};
+
+// Float to int8 as TFLite's QUANTIZE op does (round half away from zero);
+// same arithmetic as runtime.gated.quantize.
+void Quantize(const float* x, int8_t* q, size_t n, float scale,
+              int32_t zero_point);
+
+// Smallest int8 q with (q - zero_point) * scale >= threshold, in [-128, 128];
+// same as export.manifest.quantize_threshold.
+int32_t QuantizeThreshold(float threshold, float scale, int32_t zero_point);
+
+class EarlyExitRunner {
+ public:
+  // `segments[k]` runs config.segments[k]. `carry_buffer` holds the carry
+  // between two segments: with TFLite Micro the segments share the arena's
+  // non-persistent section, so segment k's outputs and segment k+1's
+  // inputs may overlap and the carry must be parked outside the arena.
+  EarlyExitRunner(const ModelConfig& config, Segment* const* segments,
+                  uint8_t* carry_buffer, size_t carry_buffer_size);
+
+  // Checks the config against the segments' tensors; call once before Run.
+  Status Init();
+
+  // Gated inference on one sample. `inputs[i]` holds the raw bytes of
+  // segment 1's input i (config order; int8 bundles take quantized data,
+  // see Quantize).
+  Status Run(const void* const* inputs, Result* result);
+  Status Run(const void* input, Result* result) { return Run(&input, result); }
+
+  // Replaces the thresholds of the non-final exits (floats in [0, 1]).
+  Status SetThresholds(const float* thresholds, int count);
+  float threshold(int exit_index) const { return thresholds_[exit_index]; }
+
+  int num_exits() const { return config_.num_segments; }
+  uint32_t exit_count(int k) const { return exit_counts_[k]; }
+  uint32_t invocations(int k) const { return invocations_[k]; }
+  void ResetCounts();
+
+ private:
+  bool Confident(int k, const void* confidence) const;
+  void ParkCarry(int k);
+  void LoadCarry(int k);
+  Result MakeResult(int k);
+
+  const ModelConfig& config_;
+  Segment* const* segments_;
+  uint8_t* carry_buffer_;
+  size_t carry_buffer_size_;
+  bool initialized_ = false;
+  float thresholds_[kMaxSegments] = {};
+  int32_t thresholds_quantized_[kMaxSegments] = {};
+  uint32_t exit_counts_[kMaxSegments] = {};
+  uint32_t invocations_[kMaxSegments] = {};
+};
+
+}  // namespace earlyexit
+
+#endif  // KERAS_EARLYEXIT_TFLITE_MICRO_EARLYEXIT_RUNNER_H_

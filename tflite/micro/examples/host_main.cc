@@ -1,0 +1,65 @@
+// Runs a generated model on the host through TFLite Micro: reads samples of
+// segment 1's input (raw bytes as the model takes them, e.g. int8 already
+// quantized) from a file and prints "label exit_index confidence" per sample,
+// then the per-exit counts. Build: `make host_main TFLM_DIR=... TFLM_LIB=...`.
+
+#include <cstdint>
+#include <cstdio>
+
+#include "earlyexit_config.h"
+#include "earlyexit_runner.h"
+#include "tensorflow/lite/micro/micro_mutable_op_resolver.h"
+#include "tflm_segment.h"
+
+namespace {
+
+namespace config = earlyexit_config;
+
+alignas(16) uint8_t g_arena[config::kArenaSize];
+alignas(16) uint8_t g_carry[config::kCarryBufferSize];
+alignas(16) uint8_t g_sample[config::kSegment1Inputs[0].bytes];
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2 || config::kSegments[0].num_inputs != 1) {
+    std::fprintf(stderr, "usage: %s SAMPLES_FILE (single-input models)\n", argv[0]);
+    return 2;
+  }
+  static tflite::MicroMutableOpResolver<config::kNumOps> resolver;
+#define EARLYEXIT_ADD_OP(name) \
+  if (resolver.Add##name() != kTfLiteOk) return 1;
+  EARLYEXIT_OPS(EARLYEXIT_ADD_OP)
+#undef EARLYEXIT_ADD_OP
+
+  static earlyexit::TflmEarlyExit<config::kNumSegments> model(
+      config::kModel, resolver, g_arena, sizeof(g_arena), g_carry,
+      sizeof(g_carry));
+  const earlyexit::Status status = model.Init();
+  if (status != earlyexit::Status::kOk) {
+    std::fprintf(stderr, "init failed: %s\n", earlyexit::StatusString(status));
+    return 1;
+  }
+  std::FILE* f = std::fopen(argv[1], "rb");
+  if (f == nullptr) {
+    std::fprintf(stderr, "cannot open %s\n", argv[1]);
+    return 2;
+  }
+  while (std::fread(g_sample, 1, sizeof(g_sample), f) == sizeof(g_sample)) {
+    earlyexit::Result result;
+    const earlyexit::Status run = model.runner().Run(g_sample, &result);
+    if (run != earlyexit::Status::kOk) {
+      std::fprintf(stderr, "run failed: %s\n", earlyexit::StatusString(run));
+      std::fclose(f);
+      return 1;
+    }
+    std::printf("%d %d %.9g\n", result.label, result.exit_index,
+                static_cast<double>(result.confidence));
+  }
+  std::fclose(f);
+  for (int k = 0; k < config::kNumSegments; ++k) {
+    std::fprintf(stderr, "exit %d (%s): %u samples\n", k,
+                 config::kSegments[k].exit_name, model.runner().exit_count(k));
+  }
+  return 0;
+}
