@@ -1,6 +1,8 @@
 """Gated inference in Keras: segments run one after another and only the
 samples that have not exited go deeper."""
 
+import contextlib
+import logging
 from dataclasses import dataclass
 
 import keras
@@ -38,38 +40,58 @@ def select_exits(confidences: np.ndarray, thresholds) -> np.ndarray:
     return np.argmax(passes, axis=1)
 
 
-def predict_early(
-    model, x, thresholds, batch_size: int = 256
-) -> EarlyExitPrediction:
+def predict_early(model, x, thresholds, batch_size: int = 256) -> EarlyExitPrediction:
     """Runs `model`'s segments with per-sample exits; see
     `EarlyExitModel.predict_early`."""
     segments = model.segments()
     thresholds = list(thresholds) + [0.0]  # the final exit takes the rest
     x = _check_inputs(model, x)
     n = len(x[0])
-    classes = np.zeros(n, np.int64)
-    exit_indices = np.zeros(n, np.int64)
-    confidences = np.zeros(n, np.float32)
-    input_names = [t.name for t in segments[0].inputs]
-    for start in range(0, n, batch_size):
-        rows = np.arange(start, min(start + batch_size, n))
-        carry = {name: v[rows] for name, v in zip(input_names, x)}
-        for k, segment in enumerate(segments):
-            out = _run_segment(segment, carry)
-            conf = out["confidence"].astype(np.float32)
-            leave = conf >= thresholds[k]
-            if k == len(segments) - 1:
-                leave[:] = True
-            done = rows[leave]
-            classes[done] = np.argmax(out["logits"][leave], axis=-1)
-            exit_indices[done] = k
-            confidences[done] = conf[leave]
-            stay = np.flatnonzero(~leave)
-            if stay.size == 0:
-                break
-            rows = rows[stay]
-            carry = {t.name: out[t.name][stay] for t in segments[k + 1].inputs}
-    return EarlyExitPrediction(classes, exit_indices, confidences)
+    result = EarlyExitPrediction(
+        np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.float32)
+    )
+    with _quiet_retracing():
+        for start in range(0, n, batch_size):
+            rows = np.arange(start, min(start + batch_size, n))
+            _predict_batch(segments, [v[rows] for v in x], rows, thresholds, result)
+    return result
+
+
+def _predict_batch(segments, x, rows, thresholds, result) -> None:
+    """Gated inference on one batch; writes the results of samples `rows`."""
+    carry = {t.name: v for t, v in zip(segments[0].inputs, x)}
+    for k, segment in enumerate(segments):
+        out = _run_segment(segment, carry)
+        confidence = out["confidence"].astype(np.float32)
+        leave = confidence >= thresholds[k]
+        if k == len(segments) - 1:
+            leave[:] = True
+        done = rows[leave]
+        result.classes[done] = np.argmax(out["logits"][leave], axis=-1)
+        result.exit_indices[done] = k
+        result.confidences[done] = confidence[leave]
+        stay = np.flatnonzero(~leave)
+        if stay.size == 0:
+            return
+        rows = rows[stay]
+        carry = {t.name: out[t.name][stay] for t in segments[k + 1].inputs}
+
+
+class _RetracingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "tf.function retracing" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_retracing():
+    """Segments see a few padded batch sizes by design; TensorFlow would
+    warn about each new trace."""
+    logger, quiet = logging.getLogger("tensorflow"), _RetracingFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _run_segment(segment, carry: dict) -> dict:

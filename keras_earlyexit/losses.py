@@ -107,10 +107,13 @@ class EarlyExitLoss(keras.losses.Loss):
     # b = entropy_penalty, C = number of classes.
     ```
 
-    Defaults: uniform weights and no distillation or penalty. Uniform
-    weights give shallow exits as much say as the final one, which on small
-    networks raises early accuracy without lowering the final exit's; the
-    benchmark `benchmarks/loss_defaults.py` compares the options on digits.
+    Defaults: uniform weights and label smoothing 0.1, no distillation or
+    entropy penalty. On digits (`benchmarks/loss_defaults.py`, 3 seeds)
+    this trained every exit best of the options compared: exits 86.6 /
+    99.0 / 99.0% against 84.4 / 97.4 / 97.7% without smoothing; other weight
+    schemes trade shallow for deep accuracy, and distillation or the
+    entropy penalty did not help. Smoothing caps the top probability below
+    1, so choose thresholds with `calibrate` rather than by hand.
 
     Args:
         weights: exit weight scheme (`"uniform"`, `"linear"`, `"sqrt"`,
@@ -148,7 +151,7 @@ class EarlyExitLoss(keras.losses.Loss):
     def __init__(
         self,
         weights: str | Sequence[float] = "uniform",
-        label_smoothing: float = 0.0,
+        label_smoothing: float = 0.1,
         distillation_weight: float = 0.0,
         distillation_temperature: float = 3.0,
         entropy_penalty: float = 0.0,

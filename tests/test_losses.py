@@ -76,7 +76,7 @@ def test_loss_equals_per_exit_loop(batch, scheme, options):
         labels,
         logits,
         weights,
-        smoothing=options.get("label_smoothing", 0.0),
+        smoothing=options.get("label_smoothing", 0.1),
         alpha=options.get("distillation_weight", 0.0),
         tau=options.get("distillation_temperature", 3.0),
         beta=options.get("entropy_penalty", 0.0),
@@ -116,7 +116,7 @@ def test_sample_weight_and_reductions(batch):
     labels, logits = batch
     sample_weight = np.linspace(0.0, 2.0, 8).astype("float32")
     weights = kee.exit_weights("uniform", 3)
-    loss = kee.EarlyExitLoss()
+    loss = kee.EarlyExitLoss(label_smoothing=0.0)
     got = float(ops.convert_to_numpy(loss(labels, logits, sample_weight=sample_weight)))
     expected = _reference_loss(labels, logits, weights, sample_weight=sample_weight)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
