@@ -80,3 +80,22 @@ def test_errors(files, capsys):
     capsys.readouterr()
     assert cli.main(["calibrate", model_path, data_path, "--macs-budget", "0.001"]) == 2
     assert "not reachable" in capsys.readouterr().err
+
+
+def test_convert_run_and_bench_a_bundle(files, digits, capsys):
+    """The deployment half of the CLI, end to end on an int8 bundle."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("conversion from other backends is covered in test_export")
+    folder, model_path, data_path = files
+    bundle = str(folder / "bundle")
+    assert cli.main(["convert", model_path, bundle, "--data", data_path]) == 0
+    assert "segment_3.tflite" in capsys.readouterr().out
+    assert cli.main(["run", bundle, data_path]) == 0
+    out = capsys.readouterr().out
+    reported = float(out.split("accuracy:")[1].split()[0])
+    expected = kee.runtime.GatedInterpreter(bundle).predict(digits.x_val)
+    assert reported == pytest.approx(
+        (expected.classes == digits.y_val).mean(), abs=1e-4
+    )
+    assert cli.main(["bench", bundle, data_path, "--repeats", "1"]) == 0
+    assert "mean latency per sample" in capsys.readouterr().out
