@@ -52,6 +52,17 @@ def _ancestors(tensor, stop_ids: set, seen: set, order: list):
             stack.append((parent, False))
 
 
+def nodes_between(inputs: list, outputs: list) -> list:
+    """The layer calls that compute `outputs` from `inputs`, in topological
+    order (input layers left out)."""
+    input_ids = {id(t) for t in inputs}
+    seen: set = set()
+    order: list = []
+    for tensor in outputs:
+        _ancestors(tensor, input_ids, seen, order)
+    return [node for node in order if not node.is_input]
+
+
 def plan_segments(inputs: list, outputs: list) -> list[SegmentPlan]:
     """Split the graph from `inputs` to exit logits `outputs` into segments."""
     input_ids = {id(t) for t in inputs}

@@ -45,7 +45,7 @@ def predict_early(model, x, thresholds, batch_size: int = 256) -> EarlyExitPredi
     `EarlyExitModel.predict_early`."""
     segments = model.segments()
     thresholds = list(thresholds) + [0.0]  # the final exit takes the rest
-    x = _check_inputs(model, x)
+    x = check_inputs(model, x)
     n = len(x[0])
     result = EarlyExitPrediction(
         np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.float32)
@@ -110,7 +110,9 @@ def _run_segment(segment, carry: dict) -> dict:
     return {name: np.asarray(v)[:n] for name, v in out.items()}
 
 
-def _check_inputs(model, x) -> list[np.ndarray]:
+def check_inputs(model, x) -> list[np.ndarray]:
+    """The model's input arrays from `x`, checked: count, sample shape,
+    non-empty, equal lengths; cast to the inputs' dtypes."""
     arrays = [np.asarray(v) for v in keras.tree.flatten(x)]
     expected = keras.tree.flatten(model.inputs)
     if len(arrays) != len(expected):
@@ -119,14 +121,20 @@ def _check_inputs(model, x) -> list[np.ndarray]:
         )
     for a, t in zip(arrays, expected):
         if a.ndim == 0 or len(a) == 0:
-            raise ValueError("predict_early received no samples (empty input).")
-        if tuple(a.shape[1:]) != tuple(t.shape[1:]) and None not in t.shape[1:]:
+            raise ValueError(
+                "Received no samples (empty x). Pass at least one sample, and "
+                "for profiling or calibration a few hundred."
+            )
+        if a.ndim != len(t.shape) or any(
+            d is not None and d != s for d, s in zip(t.shape[1:], a.shape[1:])
+        ):
             raise ValueError(
                 f"Input '{t.name}' expects samples of shape {tuple(t.shape[1:])}; "
                 f"received an array of shape {a.shape}."
             )
-    if len({len(a) for a in arrays}) > 1:
-        raise ValueError("All inputs must have the same number of samples.")
+    sizes = {len(a) for a in arrays}
+    if len(sizes) > 1:
+        raise ValueError(f"All inputs must have the same number of samples: {sizes}.")
     return [
         a.astype(t.dtype) if a.dtype != t.dtype else a for a, t in zip(arrays, expected)
     ]

@@ -1,21 +1,10 @@
 import keras
 import numpy as np
 import pytest
+from _segments import chain_segments
 from keras import ops
 
 import keras_earlyexit as kee
-
-
-def _chain(model, x):
-    segments = model.segments()
-    carry = {t.name: x for t in segments[0].inputs}
-    outs = []
-    for k, segment in enumerate(segments):
-        out = segment(carry)
-        outs.append(ops.convert_to_numpy(out["logits"]))
-        if k + 1 < len(segments):
-            carry = {t.name: out[t.name] for t in segments[k + 1].inputs}
-    return outs
 
 
 def test_sequential_backbone_keeps_its_classifier(rng):
@@ -66,7 +55,7 @@ def test_mobilenetv2_with_skip_connections(rng):
         rtol=1e-4,
         atol=1e-6,
     )
-    for got, expected in zip(_chain(model, x), full):
+    for got, expected in zip(chain_segments(model, x), full):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 

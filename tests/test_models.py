@@ -1,24 +1,12 @@
 import keras
 import numpy as np
 import pytest
+from _segments import chain_segments
 from keras import ops
 
 import keras_earlyexit as kee
 from keras_earlyexit import demo
 from keras_earlyexit.inference import select_exits
-
-
-def _chain_segments(model, x):
-    """Runs the segments one after another on all samples."""
-    segments = model.segments()
-    carry = {t.name: x for t in segments[0].inputs}
-    logits = []
-    for k, segment in enumerate(segments):
-        out = segment(carry)
-        logits.append(ops.convert_to_numpy(out["logits"]))
-        if k + 1 < len(segments):
-            carry = {t.name: out[t.name] for t in segments[k + 1].inputs}
-    return logits
 
 
 def _resnet_style():
@@ -107,7 +95,7 @@ def test_segment_chain_equals_full_model(build, digits):
     model = build()
     x = digits.x_test[:16]
     full = model.predict(x, verbose=0)
-    for got, expected in zip(_chain_segments(model, x), full):
+    for got, expected in zip(chain_segments(model, x), full):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 

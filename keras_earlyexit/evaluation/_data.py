@@ -3,11 +3,10 @@ and the NumPy simulation of gated inference."""
 
 from dataclasses import dataclass
 
-import keras
 import numpy as np
 from keras import ops
 
-from keras_earlyexit import criteria
+from keras_earlyexit import criteria, inference
 from keras_earlyexit.inference import select_exits
 
 
@@ -113,29 +112,7 @@ def check_labels(y, n: int, num_classes: int, what: str = "y") -> np.ndarray:
 
 
 def num_samples(model, x) -> int:
-    arrays = [np.asarray(v) for v in keras.tree.flatten(x)]
-    expected = keras.tree.flatten(model.inputs)
-    if len(arrays) != len(expected):
-        raise ValueError(
-            f"The model takes {len(expected)} input(s); received {len(arrays)}."
-        )
-    for a, t in zip(arrays, expected):
-        if a.ndim == 0 or len(a) == 0:
-            raise ValueError(
-                "Received no samples (empty x). Pass at least one sample, and "
-                "for profiling or calibration a few hundred."
-            )
-        if a.ndim != len(t.shape) or any(
-            d is not None and d != s for d, s in zip(t.shape[1:], a.shape[1:])
-        ):
-            raise ValueError(
-                f"Input '{t.name}' expects samples of shape {tuple(t.shape[1:])}; "
-                f"received an array of shape {a.shape}."
-            )
-    sizes = {len(a) for a in arrays}
-    if len(sizes) > 1:
-        raise ValueError(f"All inputs must have the same number of samples: {sizes}.")
-    return sizes.pop()
+    return len(inference.check_inputs(model, x)[0])
 
 
 def gate_confidences(model, logits: np.ndarray, temperatures=None) -> np.ndarray:

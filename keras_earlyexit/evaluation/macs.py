@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
+from keras_earlyexit import graph as graph_lib
 from keras_earlyexit.layers import ExitBranch, ExitGate
 
 _CONV = (
@@ -187,30 +188,12 @@ def count_macs(model: keras.Model, warn: bool = True) -> MacsReport:
 
 
 def _graph_nodes(graph) -> list:
-    """Nodes of a functional graph in topological order (inputs excluded).
-
-    Walks back from the graph's own outputs, so a layer shared by several
-    graphs (the model and its segments) is seen through this graph's call.
-    """
-    input_ids = {id(t) for t in keras.tree.flatten(graph.inputs)}
-    order, seen = [], set()
-    stack = [(t, False) for t in reversed(keras.tree.flatten(graph.outputs))]
-    while stack:
-        tensor, expanded = stack.pop()
-        if id(tensor) in input_ids:
-            continue
-        operation, node_index, _ = tensor._keras_history
-        node = operation._inbound_nodes[node_index]
-        if expanded:
-            if id(node) not in seen:
-                seen.add(id(node))
-                order.append(node)
-            continue
-        if id(node) in seen:
-            continue
-        stack.append((tensor, True))
-        stack.extend((p, False) for p in reversed(node.input_tensors))
-    return [n for n in order if not n.is_input]
+    """Nodes of a functional graph in topological order, walked back from
+    the graph's own outputs, so a layer shared by several graphs (the model
+    and its segments) is seen through this graph's call."""
+    return graph_lib.nodes_between(
+        keras.tree.flatten(graph.inputs), keras.tree.flatten(graph.outputs)
+    )
 
 
 def _count_graph(graph, segment: int, prefix: str, rows: list, uncounted: set):
