@@ -47,6 +47,17 @@ def train(width: int, epochs: int, splits) -> kee.EarlyExitModel:
     return model
 
 
+def monolithic_tflite(model, x_val: np.ndarray, mode: str) -> bytes:
+    """The whole network as one `.tflite` computing every exit (outputs
+    named after the exits), converted like the segments; int8 calibrates on
+    up to 500 samples of `x_val`, as `to_tflite` does by default."""
+    whole = keras.Model(
+        model.inputs, dict(zip(model.exit_names, model.outputs)), name="monolithic"
+    )
+    representative = {whole.inputs[0].name: x_val[:500]}
+    return convert_model(whole, mode, representative if mode == "int8" else None)
+
+
 class Monolithic:
     """The whole network as one `.tflite` (every exit computed), run one
     sample at a time like the gated loop."""
@@ -78,11 +89,7 @@ def bench_mode(model, splits, mode: str, root: str, repeats: int) -> dict:
         quantization=mode,
         verbose=0,
     )
-    whole = keras.Model(
-        model.inputs, dict(zip(model.exit_names, model.outputs)), name="monolithic"
-    )
-    representative = {whole.inputs[0].name: splits.x_val[:500]}
-    mono_bytes = convert_model(whole, mode, representative if mode == "int8" else None)
+    mono_bytes = monolithic_tflite(model, splits.x_val, mode)
     gated = kee.runtime.GatedInterpreter(bundle, num_threads=1)
     mono = Monolithic(mono_bytes)
     x, y = splits.x_test, splits.y_test

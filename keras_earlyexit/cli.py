@@ -128,6 +128,12 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", help=".npz with array x: representative inputs (needed for int8)"
     )
     parser.add_argument("--calibration-samples", type=int, default=500)
+    parser.add_argument(
+        "--micro",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="check ops and measure arenas for TFLite Micro (default: for int8)",
+    )
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -142,12 +148,14 @@ def _run_convert(args: argparse.Namespace) -> int:
         quantization=args.quantization,
         calibration_samples=args.calibration_samples,
         verbose=1,
+        micro=args.micro,
     )
     manifest = read_manifest(directory)
     for s in manifest.segments:
         print(
             f"{s.file}: exit '{s.exit_name}', {s.size_bytes:,} bytes, "
             f"{s.macs:,} MACs, threshold {s.gate.threshold:g}"
+            + (f", TFLite Micro arena {s.arena_bytes:,} bytes" if s.arena_bytes else "")
         )
     print(f"bundle: {directory} ({manifest.boundary})")
     return 0

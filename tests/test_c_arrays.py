@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from _micro_bundle import small_c_arrays, small_int8_bundle
 
@@ -16,6 +17,7 @@ from keras_earlyexit.export import BundleError, list_ops, read_manifest
 from keras_earlyexit.export.c_arrays import (
     CONFIG_NAME,
     _resolver_method,
+    bundle_arena_size,
     estimate_arena_size,
     read_c_arrays,
     resolver_ops,
@@ -68,7 +70,15 @@ def test_config_header_matches_manifest(bundle, out_dir):
 
     assert constant("kNumSegments") == len(manifest.segments) == 3
     assert constant("kNumClasses") == manifest.num_classes
-    assert constant("kArenaSize") == estimate_arena_size(_segment_bytes(bundle))
+    # The arena measured at export, for one MicroAllocator shared by all
+    # segments: persistent parts add up, the activation area is shared.
+    segments = manifest.segments
+    shared = sum(s.arena_bytes - s.arena_head_bytes for s in segments) + max(
+        s.arena_head_bytes for s in segments
+    )
+    assert constant("kArenaSize") == bundle_arena_size(manifest) == shared
+    assert max(s.arena_bytes for s in segments) < shared
+    assert shared < estimate_arena_size(_segment_bytes(bundle))
     # Carries are 16-byte aligned; the largest boundary sets the buffer size.
     expected_carry = max(
         sum(-(-_nbytes(t) // 16) * 16 for t in s.inputs) for s in manifest.segments[1:]
@@ -138,6 +148,29 @@ def test_estimated_arena_runs_every_segment_in_tflite_micro(bundle):
     assert estimate_arena_size(_segment_bytes(bundle)) < sum(sizes)
 
 
+def test_bundle_without_measured_arena_falls_back(bundle, tmp_path):
+    """Manifests written before `arena_bytes` existed still load: to_c_arrays
+    uses the estimate, the micro runtime its default arena."""
+    from keras_earlyexit.runtime import GatedInterpreter
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for segment in manifest["segments"]:
+        del segment["arena_bytes"], segment["arena_head_bytes"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert bundle_arena_size(read_manifest(str(copy))) is None
+    to_c_arrays(str(copy), str(tmp_path / "model"))
+    header = (tmp_path / "model" / CONFIG_NAME).read_text()
+    estimate = estimate_arena_size(_segment_bytes(bundle))
+    assert f"kArenaSize = {estimate};" in header
+    pytest.importorskip("tflite_micro")
+    x = np.zeros((2, 8, 8, 1), np.float32)
+    old = GatedInterpreter(str(copy), backend="micro").predict(x)
+    new = GatedInterpreter(bundle, backend="micro").predict(x)
+    np.testing.assert_array_equal(old.classes, new.classes)
+
+
 def test_explicit_arena_size_and_replacing_a_previous_output(bundle, tmp_path):
     target = tmp_path / "model"
     to_c_arrays(bundle, str(target), arena_size=12345)
@@ -199,3 +232,15 @@ def test_resolver_ops_of_the_bundle(bundle):
     ops = resolver_ops(_segment_bytes(bundle))
     assert "Conv2D" in ops and "Softmax" in ops
     assert ops == sorted(ops)
+
+
+def test_layer_of_reads_keras_names_from_tensor_names():
+    from keras_earlyexit.export import OpInfo
+    from keras_earlyexit.export.micro import layer_of
+
+    fused = "segment_2_1/conv_2_1/Gelu/mul;segment_2_1/conv_2_1/Gelu/Erfc"
+    op = OpInfo("GELU", ["INT8"], ["INT8"], ["StatefulPartitionedCall:0"], [fused])
+    # Keras suffixes name scopes with _<n>; an exact name wins over stripping.
+    assert layer_of(op, ["pool_2", "conv_2"]) == "conv_2"
+    assert layer_of(op, ["conv_2_1", "conv_2"]) == "conv_2_1"
+    assert layer_of(op, ["dense"]) is None

@@ -138,6 +138,44 @@ def test_int8_bundle_has_int8_builtins_only(bundles):
             assert "FLOAT32" not in op.input_types + op.output_types, op
 
 
+def test_int8_bundles_carry_measured_arenas(bundles):
+    """Int8 bundles (meant for TFLite Micro by default) record each
+    segment's arena; float bundles are not measured."""
+    for mode, bundle in bundles.items():
+        for segment in kee.export.read_manifest(bundle).segments:
+            if mode == "int8":
+                assert 0 < segment.arena_head_bytes < segment.arena_bytes
+                assert segment.arena_bytes % 16 == 0
+            else:
+                assert segment.arena_bytes is segment.arena_head_bytes is None
+
+
+def test_op_without_tflite_micro_kernel_names_segment_and_layer(tmp_path, rng):
+    """GELU converts to an int8 TFLite builtin that TFLite Micro lacks: an
+    int8 export fails naming the op, the segment and the Keras layer; with
+    micro=False (LiteRT only) the same model converts."""
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    e1 = kee.ExitBranch(10, name="exit_1")(x)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="gelu", name="gelu_conv")(
+        x
+    )
+    model = kee.EarlyExitModel(inputs, [e1, kee.ExitBranch(10, name="final")(x)])
+    x = rng.random((16, 8, 8, 1), dtype=np.float32)
+    with pytest.raises(kee.export.UnsupportedOpError) as error:
+        kee.export.to_tflite(
+            model, str(tmp_path / "micro"), representative_data=x, verbose=0
+        )
+    message = str(error.value)
+    for part in ("GELU", "Segment 2 (exit 'final')", "'gelu_conv'", "micro=False"):
+        assert part in message, message
+    assert not os.path.exists(tmp_path / "micro")
+    bundle = kee.export.to_tflite(
+        model, str(tmp_path / "litert"), representative_data=x, verbose=0, micro=False
+    )
+    assert kee.export.read_manifest(bundle).segments[1].arena_bytes is None
+
+
 def test_bad_arguments_are_rejected(trained_digits_model, tmp_path, digits):
     with pytest.raises(ValueError, match="Unknown quantization"):
         kee.export.to_tflite(

@@ -13,6 +13,7 @@ from keras_earlyexit.export.manifest import (
     Manifest,
     read_manifest,
 )
+from keras_earlyexit.export.micro import UnsupportedOpError
 from keras_earlyexit.export.tflite import to_tflite
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "QUANTIZATION_MODES",
     "list_ops",
     "read_manifest",
+    "UnsupportedOpError",
     "to_c_arrays",
     "to_tflite",
 ]

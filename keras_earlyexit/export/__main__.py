@@ -16,6 +16,12 @@ def main(argv: list[str] | None = None) -> int:
         "--representative-data", help=".npz with one array per model input"
     )
     parser.add_argument("--verbose", type=int, default=1)
+    parser.add_argument(
+        "--micro",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="check ops and measure arenas for TFLite Micro (default: int8)",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
         parser.error("run with KERAS_BACKEND=tensorflow (TFLite conversion).")
@@ -37,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         quantization=args.quantization,
         calibration_samples=sys.maxsize,
         verbose=args.verbose,
+        micro=args.micro,
     )
     return 0
 

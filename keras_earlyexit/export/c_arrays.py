@@ -11,9 +11,13 @@ Writes, for a bundle made by `to_tflite`:
   float and int8; MACs), the tensor arena size, the carry buffer size, and
   `EARLYEXIT_OPS(OP)`, the `MicroMutableOpResolver` ops the segments use.
 
-The manifest has no measured arena size: `arena_size` is given by the caller
-or estimated from the flatbuffers by `estimate_arena_size`, an upper bound
-that assumes no memory reuse between the tensors of one segment.
+The arena size is, in order of preference: `arena_size` given by the
+caller; the arena measured at export in TFLite Micro (manifest field
+`arena_bytes` of int8 bundles; one `MicroAllocator` shared by all segments:
+every segment's persistent part plus the largest activation plan, see
+`micro.shared_arena_bytes`); or `estimate_arena_size`, an upper bound from
+the flatbuffers that assumes no memory reuse inside a segment (bundles
+exported without measurement).
 """
 
 import json
@@ -35,6 +39,15 @@ from keras_earlyexit.export.manifest import (
     read_manifest,
     read_segment,
 )
+from keras_earlyexit.export.micro import (
+    ArenaUsage,
+    resolver_method,
+    resolver_ops,
+    shared_arena_bytes,
+)
+
+# Kept for callers of the former private name.
+_resolver_method = resolver_method
 
 CONFIG_NAME = "earlyexit_config.h"
 # TFLite Micro's tensor arena and flatbuffer alignment.
@@ -43,31 +56,6 @@ MAX_RANK = 6
 _DTYPES = {
     "int8": ("earlyexit::DType::kInt8", 1),
     "float32": ("earlyexit::DType::kFloat32", 4),
-}
-
-# `MicroMutableOpResolver::Add<Name>` methods of builtin ops (tflite-micro
-# 90b983c, micro_mutable_op_resolver.h). An op's method name is its builtin
-# name in CamelCase, except for `_RESOLVER_SPELLING`.
-_TFLM_BUILTINS = frozenset(
-    """Abs Add AddN ArgMax ArgMin AssignVariable AveragePool2D BatchMatMul
-    BatchToSpaceNd BroadcastArgs BroadcastTo CallOnce Cast Ceil Concatenation
-    Conv2D Cos CumSum DepthToSpace DepthwiseConv2D Dequantize Div
-    DynamicUpdateSlice Elu EmbeddingLookup Equal Exp ExpandDims Fill Floor FloorDiv
-    FloorMod FullyConnected Gather GatherNd Greater GreaterEqual HardSwish If
-    L2Normalization L2Pool2D LeakyRelu Less LessEqual Log LogSoftmax LogicalAnd
-    LogicalNot LogicalOr Logistic MaxPool2D Maximum Mean Minimum MirrorPad Mul Neg
-    NotEqual Pack Pad PadV2 Prelu Quantize ReadVariable ReduceAll ReduceMax
-    ReduceMin Relu Relu6 Reshape ResizeBilinear ResizeNearestNeighbor ReverseV2
-    Round Rsqrt SelectV2 Shape Sin Slice Softmax SpaceToBatchNd SpaceToDepth Split
-    SplitV Sqrt Square SquaredDifference Squeeze StridedSlice Sub Sum Svdf Tanh
-    Transpose TransposeConv UnidirectionalSequenceLSTM Unpack VarHandle While
-    ZerosLike""".split()
-)
-_RESOLVER_SPELLING = {
-    "BATCH_MATMUL": "BatchMatMul",
-    "CUMSUM": "CumSum",
-    "PADV2": "PadV2",
-    "UNIDIRECTIONAL_SEQUENCE_LSTM": "UnidirectionalSequenceLSTM",
 }
 
 
@@ -91,9 +79,11 @@ def to_c_arrays(
             replaced only if it is empty or holds a previous output
             (`earlyexit_config.h`).
         arena_size: TFLite Micro tensor arena bytes for all segments
-            together (they share one arena). Default: `estimate_arena_size`,
-            a conservative upper bound; measure the real need on the target
-            (`RecordingMicroAllocator`) and pass it to save RAM.
+            together (they share one arena). Default: `bundle_arena_size`,
+            the arena measured at export (host, reference kernels; targets
+            with optimized kernels such as CMSIS-NN may need scratch on
+            top: check with `RecordingMicroAllocator`), or the conservative
+            `estimate_arena_size` for bundles without measurements.
         namespace: C++ namespace of the config constants.
 
     Returns:
@@ -122,7 +112,7 @@ def to_c_arrays(
             _check_tensor(segment, t)
     ops = resolver_ops(models)
     if arena_size is None:
-        arena_size = estimate_arena_size(models)
+        arena_size = bundle_arena_size(manifest) or estimate_arena_size(models)
 
     out_dir = os.path.abspath(out_dir)
     _check_target(out_dir)
@@ -182,26 +172,18 @@ def read_c_arrays(out_dir: str) -> list[bytes]:
     return [read_c_array(os.path.join(out_dir, f)) for f in files]
 
 
-def resolver_ops(models: list[bytes]) -> list[str]:
-    """`MicroMutableOpResolver::Add<Name>` names for the ops of the given
-    `.tflite` models, sorted.
-
-    Raises:
-        ValueError: an op with no TFLite Micro kernel (or a custom op).
-    """
-    names = set()
-    for k, data in enumerate(models):
-        for op in list_ops(data):
-            method = _resolver_method(op.name)
-            if method not in _TFLM_BUILTINS:
-                raise ValueError(
-                    f"Segment {k + 1} uses the TFLite op {op.name}, which TFLite "
-                    "Micro's MicroMutableOpResolver does not provide. Rewrite the "
-                    "layer with ops that TFLite Micro supports, or run this bundle "
-                    "with LiteRT instead."
-                )
-            names.add(method)
-    return sorted(names)
+def bundle_arena_size(manifest: Manifest) -> int | None:
+    """The shared arena (bytes, a multiple of 16) of the segments of a
+    bundle measured at export, or None when a segment has no measurement
+    (float bundles, bundles from older versions)."""
+    usages = [
+        ArenaUsage(s.arena_bytes, s.arena_head_bytes)
+        for s in manifest.segments
+        if s.arena_bytes is not None and s.arena_head_bytes is not None
+    ]
+    if not usages or len(usages) != len(manifest.segments):
+        return None
+    return _align(shared_arena_bytes(usages))
 
 
 def estimate_arena_size(models: list[bytes]) -> int:
@@ -260,16 +242,6 @@ def estimate_arena_size(models: list[bytes]) -> int:
         heads.append(head)
     total = (persistent + max(heads, default=0)) * 5 // 4
     return -(-total // 1024) * 1024
-
-
-def _resolver_method(op_name: str) -> str:
-    if op_name in _RESOLVER_SPELLING:
-        return _RESOLVER_SPELLING[op_name]
-    # CONV_2D -> Conv2D, L2_POOL_2D -> L2Pool2D, REDUCE_MAX -> ReduceMax.
-    return "".join(
-        part if part[0].isdigit() else part[0] + part[1:].lower()
-        for part in op_name.split("_")
-    )
 
 
 def _align(n: int) -> int:

@@ -5,7 +5,7 @@ place on a copy of the bytes, so sizes, alignment, buffers and signatures
 stay exactly as the converter wrote them.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,11 +32,17 @@ class OpInfo:
         name: builtin operator name (e.g. `"CONV_2D"`), or `"CUSTOM:<code>"`.
         input_types: tensor types of its inputs (e.g. `"INT8"`).
         output_types: tensor types of its outputs.
+        input_names: tensor names of its inputs.
+        output_names: tensor names of its outputs.
     """
 
     name: str
     input_types: list[str]
     output_types: list[str]
+    # Tensor names carry the Keras layer path ("segment_2_1/conv_2_1/..."),
+    # which lets errors name the layer an op came from.
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
 
     @property
     def is_builtin(self) -> bool:
@@ -83,6 +89,13 @@ def list_ops(data: bytes) -> list[OpInfo]:
                 type_names[subgraph.Tensors(int(i)).Type()] for i in indices if i >= 0
             ]
 
+        def names(indices):
+            return [
+                (subgraph.Tensors(int(i)).Name() or b"").decode()
+                for i in indices
+                if i >= 0
+            ]
+
         for o in range(subgraph.OperatorsLength()):
             op = subgraph.Operators(o)
             ops.append(
@@ -90,6 +103,8 @@ def list_ops(data: bytes) -> list[OpInfo]:
                     codes[op.OpcodeIndex()],
                     types(op.InputsAsNumpy()),
                     types(op.OutputsAsNumpy()),
+                    names(op.InputsAsNumpy()),
+                    names(op.OutputsAsNumpy()),
                 )
             )
     return ops

@@ -23,7 +23,9 @@ Schema (`format_version` 1):
     "carry_out": [str, ...],           # output names the next segment reads
     "macs": int, "cumulative_macs": int,
     "gate": {"criterion": str, "temperature": float, "threshold": float,
-             "threshold_quantized": int | null}
+             "threshold_quantized": int | null},
+    "arena_bytes": int | null,         # optional, see below
+    "arena_head_bytes": int | null
   }, ...]
 }
 TENSOR = {"name": str, "position": int, "shape": [int, ...], "dtype": str,
@@ -37,6 +39,13 @@ tensor has the same name as an output of segment k and an input of segment
 k+1. `threshold_quantized` is the smallest int8 confidence whose dequantized
 value reaches `threshold`, so an integer-only loop compares
 `confidence_q >= threshold_quantized` (a value of 128 means "never").
+
+`arena_bytes` is the smallest TFLite Micro tensor arena the segment
+allocates and invokes with on its own, measured at export (int8 bundles,
+`export.micro.measure_arena`); `arena_head_bytes` is the part of it that
+holds activations, which segments on one shared `MicroAllocator` reuse.
+Both are optional additions to version 1: they are null, or absent in
+bundles written before them, when not measured.
 """
 
 import hashlib
@@ -97,6 +106,9 @@ class SegmentInfo:
     macs: int
     cumulative_macs: int
     gate: GateInfo
+    # Optional (see the module docstring): older bundles lack them.
+    arena_bytes: int | None = None
+    arena_head_bytes: int | None = None
 
     def output(self, name: str) -> TensorInfo:
         for t in self.outputs:

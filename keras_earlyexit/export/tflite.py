@@ -17,6 +17,13 @@ segment k that fixes its output scale, such as a softmax or sigmoid carry),
 the parameters are left as calibrated, the manifest says so in `boundary`,
 and runtimes requantize that carry (`runtime.requantize`).
 
+TFLite Micro. Int8 bundles are meant for microcontrollers unless told
+otherwise (`micro=False`): every op of every segment is checked against the
+ops TFLite Micro provides (an unsupported op fails the export, naming the
+op, the segment and the Keras layer), and each segment's arena is measured
+in the TFLite Micro interpreter and written to the manifest. Float bundles
+are neither checked nor measured unless `micro=True`.
+
 TensorFlow is imported here only, lazily: conversion needs the TensorFlow
 backend. Under JAX or PyTorch, `to_tflite` saves the model to a temporary
 `.keras` file and converts it in a `KERAS_BACKEND=tensorflow` subprocess.
@@ -33,6 +40,7 @@ import keras
 import numpy as np
 
 from keras_earlyexit.export import flatbuffer
+from keras_earlyexit.export import micro as micro_lib
 from keras_earlyexit.export.manifest import (
     MANIFEST_NAME,
     QUANTIZATION_MODES,
@@ -57,6 +65,7 @@ def to_tflite(
     quantization: str = "int8",
     calibration_samples: int = 500,
     verbose: int = 1,
+    micro: bool | None = None,
 ) -> str:
     """Converts an `EarlyExitModel` into a bundle of per-exit TFLite segments.
 
@@ -80,6 +89,12 @@ def to_tflite(
             `"dynamic"` (int8 weights, float activations) or `"float32"`.
         calibration_samples: use at most this many representative samples.
         verbose: 1 shows a progress bar, 0 is silent.
+        micro: prepare the bundle for TFLite Micro: fail on an op it lacks
+            (`micro.UnsupportedOpError`, naming the op, segment and Keras
+            layer) and measure each segment's arena into the manifest
+            (`arena_bytes`; skipped with a warning if `tflite_micro` is not
+            installed). Default: True for `"int8"`, False otherwise; pass
+            False for int8 bundles meant for LiteRT (Android) only.
 
     Returns:
         The bundle directory.
@@ -104,6 +119,8 @@ def to_tflite(
             f"Unknown quantization {quantization!r}. Use one of "
             f"{', '.join(map(repr, QUANTIZATION_MODES))}."
         )
+    if micro is None:
+        micro = quantization == "int8"
     if not isinstance(calibration_samples, int) or calibration_samples < 1:
         raise ValueError(
             f"calibration_samples must be an int >= 1. Received: "
@@ -126,10 +143,10 @@ def to_tflite(
     _check_target(directory)
     if keras.backend.backend() != "tensorflow":
         _convert_in_subprocess(
-            model, directory, representative_data, quantization, verbose
+            model, directory, representative_data, quantization, verbose, micro
         )
     else:
-        _convert(model, directory, representative_data, quantization, verbose)
+        _convert(model, directory, representative_data, quantization, verbose, micro)
     return directory
 
 
@@ -201,7 +218,7 @@ def _check_target(directory: str) -> None:
 
 
 def _convert_in_subprocess(
-    model, directory, representative_data, quantization, verbose
+    model, directory, representative_data, quantization, verbose, micro
 ):
     """Saves `model` and converts it with the TensorFlow backend in a child
     process (JAX and PyTorch have no TFLite converter)."""
@@ -218,6 +235,7 @@ def _convert_in_subprocess(
             quantization,
             "--verbose",
             str(verbose),
+            "--micro" if micro else "--no-micro",
         ]
         if representative_data is not None:
             data_path = os.path.join(tmp, "representative.npz")
@@ -227,6 +245,13 @@ def _convert_in_subprocess(
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         proc = subprocess.run(command, env=env, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
+        # The child's clear errors (unsupported op, bad data) are re-raised
+        # as such; anything else is reported with the child's output.
+        for line in reversed(proc.stderr.strip().splitlines()):
+            for error in (micro_lib.UnsupportedOpError,):
+                prefix = f"{error.__module__}.{error.__name__}: "
+                if line.startswith(prefix):
+                    raise error(line[len(prefix) :])
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise RuntimeError(
             f"Converting with the TensorFlow backend in a subprocess failed "
@@ -236,7 +261,9 @@ def _convert_in_subprocess(
         )
 
 
-def _convert(model, directory, representative_data, quantization, verbose) -> None:
+def _convert(
+    model, directory, representative_data, quantization, verbose, micro=False
+) -> None:
     """The conversion proper (TensorFlow backend), into a temporary
     directory renamed into place at the end."""
     from keras_earlyexit.evaluation import count_macs
@@ -254,6 +281,13 @@ def _convert(model, directory, representative_data, quantization, verbose) -> No
         for k, (segment, gate) in enumerate(zip(segments, model.gates)):
             data = convert_model(segment, quantization, carry)
             inputs, outputs = tensor_infos(data)
+            if micro:
+                micro_lib.check_micro_ops(
+                    data,
+                    k,
+                    layer_names=[layer.name for layer in segment.layers],
+                    exit_name=model.exit_names[k],
+                )
             if quantization == "int8":
                 _warn_float_ops(data, k)
             if quantization == "int8" and k > 0:
@@ -286,6 +320,8 @@ def _convert(model, directory, representative_data, quantization, verbose) -> No
                 carry = _float_carry(segment, carry, carry_out)
             if progbar is not None:
                 progbar.update(k + 1)
+        if micro:
+            _add_arena_sizes(tmp, infos)
         if quantization != "int8":
             boundary = "float: carries are passed on unchanged"
         elif not unmatched:
@@ -460,6 +496,22 @@ def _warn_float_ops(data: bytes, k: int) -> None:
             "with ops that have int8 kernels.",
             stacklevel=3,
         )
+
+
+def _add_arena_sizes(directory: str, infos: list[SegmentInfo]) -> None:
+    """Measures each segment's TFLite Micro arena into its `SegmentInfo`."""
+    models = []
+    for info in infos:
+        with open(os.path.join(directory, info.file), "rb") as f:
+            models.append(f.read())
+    try:
+        usages = micro_lib.measure_arena(models)
+    except ImportError as e:
+        warnings.warn(f"{e} The manifest gets no arena sizes.", stacklevel=4)
+        return
+    for info, usage in zip(infos, usages):
+        info.arena_bytes = usage.arena_bytes
+        info.arena_head_bytes = usage.head_bytes
 
 
 def _gate_info(gate, outputs: list, is_final: bool) -> GateInfo:

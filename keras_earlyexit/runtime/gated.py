@@ -26,6 +26,7 @@ from keras_earlyexit.export.manifest import (
     read_manifest,
     read_segment,
 )
+from keras_earlyexit.export.micro import RUNTIME_ARENA_MARGIN
 from keras_earlyexit.inference import EarlyExitPrediction
 
 BACKENDS = ("litert", "micro")
@@ -78,6 +79,13 @@ class MicroRunner:
 
     def get_output(self, tensor: TensorInfo) -> np.ndarray:
         return self.interpreter.get_output(tensor.position)
+
+
+def _micro_arena(info: SegmentInfo) -> int:
+    """A segment's TFLite Micro arena: measured at export, or 1 MiB."""
+    if info.arena_bytes is None:
+        return 1 << 20
+    return info.arena_bytes + RUNTIME_ARENA_MARGIN
 
 
 def quantize(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
@@ -191,7 +199,11 @@ class GatedInterpreter:
         num_threads: threads per LiteRT interpreter (1 for single-thread
             latency, as on a microcontroller).
         thresholds: one per non-final exit; default: the manifest's.
-        arena_size: TFLite Micro tensor arena bytes per segment.
+        arena_size: TFLite Micro tensor arena bytes per segment. Default:
+            the segment's `arena_bytes` measured at export plus
+            `RUNTIME_ARENA_MARGIN` (1 KiB), or 1 MiB for bundles without
+            measurements. Each segment gets its own arena here; the C++
+            runner shares one (see `micro.shared_arena_bytes`).
 
     Example:
 
@@ -209,7 +221,7 @@ class GatedInterpreter:
         backend: str = "litert",
         num_threads: int = 1,
         thresholds=None,
-        arena_size: int = 1 << 20,
+        arena_size: int | None = None,
     ):
         if backend not in BACKENDS:
             raise ValueError(
@@ -230,7 +242,7 @@ class GatedInterpreter:
             if backend == "litert":
                 runner = LiteRTRunner(data, num_threads)
             else:
-                runner = MicroRunner(data, arena_size)
+                runner = MicroRunner(data, arena_size or _micro_arena(info))
             self._segments.append(_Segment(info, runner))
         for previous, segment in zip(self._segments, self._segments[1:]):
             for target in segment.info.inputs:
