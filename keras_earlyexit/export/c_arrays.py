@@ -38,6 +38,7 @@ from keras_earlyexit.export.manifest import (
     TensorInfo,
     read_manifest,
     read_segment,
+    replace_directory,
 )
 from keras_earlyexit.export.micro import (
     ArenaUsage,
@@ -130,7 +131,7 @@ def to_c_arrays(
             manifest, os.path.basename(directory), ops, arena_size, namespace
         )
         _write(tmp, CONFIG_NAME, config)
-        _move_into_place(tmp, out_dir)
+        replace_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -275,24 +276,6 @@ def _check_target(out_dir: str) -> None:
                 "to_c_arrays replaces only its own output. Choose a new or empty "
                 "directory (and add it to your firmware's sources)."
             )
-
-
-def _move_into_place(tmp: str, out_dir: str) -> None:
-    """Renames `tmp` to `out_dir`; a previous output is moved aside first so
-    that one complete version is on disk at every moment."""
-    if not os.path.exists(out_dir):
-        os.rename(tmp, out_dir)
-        return
-    parent, base = os.path.split(out_dir)
-    old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-    os.rmdir(old)
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write(directory: str, name: str, text: str) -> None:

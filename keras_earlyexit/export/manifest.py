@@ -52,6 +52,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 
 FORMAT = "keras-earlyexit-tflite"
@@ -247,3 +249,26 @@ def read_segment(directory: str, segment: SegmentInfo) -> bytes:
             "Copy the bundle again or convert again."
         )
     return data
+
+
+def replace_directory(tmp: str, directory: str) -> None:
+    """Renames the finished output `tmp` to `directory`, replacing a
+    previous one (a bundle or its C arrays).
+
+    POSIX has no atomic swap of two directories: the old bundle is first
+    renamed aside, so that at every moment either the old or the new bundle
+    is complete on disk, and removed once the new one is in place.
+    """
+    if not os.path.exists(directory):
+        os.rename(tmp, directory)
+        return
+    parent, base = os.path.split(directory)
+    old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+    os.rmdir(old)
+    os.rename(directory, old)
+    try:
+        os.rename(tmp, directory)
+    except BaseException:
+        os.rename(old, directory)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -49,6 +49,7 @@ from keras_earlyexit.export.manifest import (
     SegmentInfo,
     TensorInfo,
     quantize_threshold,
+    replace_directory,
     sha256_of,
     write_manifest,
 )
@@ -341,7 +342,7 @@ def _convert(
             segments=infos,
         )
         write_manifest(manifest, tmp)
-        _move_into_place(tmp, directory)
+        replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -543,25 +544,3 @@ def _float_carry(segment, inputs: dict, names: list, batch_size: int = 256) -> d
         for name in names:
             parts[name].append(ops.convert_to_numpy(out[name]).astype(np.float32))
     return {name: np.concatenate(p) for name, p in parts.items()}
-
-
-def _move_into_place(tmp: str, directory: str) -> None:
-    """Renames the finished bundle to `directory`, replacing a previous one.
-
-    POSIX has no atomic swap of two directories: the old bundle is first
-    renamed aside, so that at every moment either the old or the new bundle
-    is complete on disk, and removed once the new one is in place.
-    """
-    if not os.path.exists(directory):
-        os.rename(tmp, directory)
-        return
-    parent, base = os.path.split(directory)
-    old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-    os.rmdir(old)
-    os.rename(directory, old)
-    try:
-        os.rename(tmp, directory)
-    except BaseException:
-        os.rename(old, directory)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
