@@ -182,12 +182,16 @@ def main() -> None:
                 print(json.dumps({"width": width, **r}))
                 run["modes"].append(r)
             runs.append(run)
+    write_results("tflite_bundle", runs, to_markdown(runs))
+
+
+def write_results(name: str, runs: list, markdown: str) -> None:
+    """Prints the table and writes results/NAME.md and results/NAME.json."""
     os.makedirs(RESULTS, exist_ok=True)
-    markdown = to_markdown(runs)
     print(markdown)
-    with open(os.path.join(RESULTS, "tflite_bundle.md"), "w") as f:
+    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
         f.write(markdown)
-    with open(os.path.join(RESULTS, "tflite_bundle.json"), "w") as f:
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
         json.dump(runs, f, indent=2)
 
 

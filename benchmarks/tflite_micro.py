@@ -54,8 +54,6 @@ from keras_earlyexit.export.micro import (  # noqa: E402
 from keras_earlyexit.export.tflite import tensor_infos  # noqa: E402
 from keras_earlyexit.runtime.gated import MicroRunner  # noqa: E402
 
-RESULTS = os.path.join(_HERE, "results")
-
 
 def _load_tflite_bundle():
     """benchmarks/tflite_bundle.py, for its training and monolithic model."""
@@ -198,13 +196,7 @@ def main() -> None:
             run = bench(width, args.epochs, args.repeats, splits, root)
             print(json.dumps(run), flush=True)
             runs.append(run)
-    os.makedirs(RESULTS, exist_ok=True)
-    markdown = to_markdown(runs)
-    print(markdown)
-    with open(os.path.join(RESULTS, "tflite_micro.md"), "w") as f:
-        f.write(markdown)
-    with open(os.path.join(RESULTS, "tflite_micro.json"), "w") as f:
-        json.dump(runs, f, indent=2)
+    tflite_bundle.write_results("tflite_micro", runs, to_markdown(runs))
 
 
 if __name__ == "__main__":

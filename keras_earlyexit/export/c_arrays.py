@@ -36,6 +36,7 @@ from keras_earlyexit.export.manifest import (
     Manifest,
     SegmentInfo,
     TensorInfo,
+    check_replaceable,
     read_manifest,
     read_segment,
     replace_directory,
@@ -116,7 +117,12 @@ def to_c_arrays(
         arena_size = bundle_arena_size(manifest) or estimate_arena_size(models)
 
     out_dir = os.path.abspath(out_dir)
-    _check_target(out_dir)
+    check_replaceable(
+        out_dir,
+        CONFIG_NAME,
+        "to_c_arrays replaces only its own output (add the "
+        "directory to your firmware's sources)",
+    )
     parent, base = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
@@ -261,21 +267,6 @@ def _check_tensor(segment: SegmentInfo, t: TensorInfo) -> None:
             f"Segment {segment.index + 1} tensor {t.name!r} has shape {t.shape}; "
             f"the micro runner needs static shapes of rank <= {MAX_RANK}."
         )
-
-
-def _check_target(out_dir: str) -> None:
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise FileExistsError(
-                f"{out_dir} exists and is a file; choose a directory path."
-            )
-        entries = os.listdir(out_dir)
-        if entries and CONFIG_NAME not in entries:
-            raise FileExistsError(
-                f"{out_dir} is a non-empty directory without {CONFIG_NAME}; "
-                "to_c_arrays replaces only its own output. Choose a new or empty "
-                "directory (and add it to your firmware's sources)."
-            )
 
 
 def _write(directory: str, name: str, text: str) -> None:

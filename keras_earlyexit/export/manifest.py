@@ -251,6 +251,23 @@ def read_segment(directory: str, segment: SegmentInfo) -> bytes:
     return data
 
 
+def check_replaceable(directory: str, marker: str, rule: str) -> None:
+    """Refuses to write into `directory` unless it is new, empty or a
+    previous output (holding `marker`), so that no user file is replaced."""
+    if not os.path.exists(directory):
+        return
+    if not os.path.isdir(directory):
+        raise FileExistsError(
+            f"{directory} exists and is a file; choose a directory path."
+        )
+    entries = os.listdir(directory)
+    if entries and marker not in entries:
+        raise FileExistsError(
+            f"{directory} is a non-empty directory without {marker}; {rule}. "
+            "Choose a new or empty directory."
+        )
+
+
 def replace_directory(tmp: str, directory: str) -> None:
     """Renames the finished output `tmp` to `directory`, replacing a
     previous one (a bundle or its C arrays).

@@ -48,6 +48,7 @@ from keras_earlyexit.export.manifest import (
     Manifest,
     SegmentInfo,
     TensorInfo,
+    check_replaceable,
     quantize_threshold,
     replace_directory,
     sha256_of,
@@ -141,7 +142,11 @@ def to_tflite(
     else:
         representative_data = None
     directory = os.path.abspath(directory)
-    _check_target(directory)
+    check_replaceable(
+        directory,
+        MANIFEST_NAME,
+        "it holds no bundle, and to_tflite replaces only bundles",
+    )
     if keras.backend.backend() != "tensorflow":
         _convert_in_subprocess(
             model, directory, representative_data, quantization, verbose, micro
@@ -201,21 +206,6 @@ def input_dict(model, x) -> dict[str, np.ndarray]:
     if len({len(a) for a in out.values()}) > 1 or len(arrays[0]) == 0:
         raise ValueError("Input arrays must hold the same, non-zero number of samples.")
     return out
-
-
-def _check_target(directory: str) -> None:
-    if os.path.exists(directory):
-        if not os.path.isdir(directory):
-            raise FileExistsError(
-                f"{directory} exists and is a file; choose a directory path."
-            )
-        entries = os.listdir(directory)
-        if entries and MANIFEST_NAME not in entries:
-            raise FileExistsError(
-                f"{directory} is a non-empty directory that holds no bundle "
-                f"({MANIFEST_NAME} not found); to_tflite replaces only bundles. "
-                "Choose a new or empty directory."
-            )
 
 
 def _convert_in_subprocess(
