@@ -18,7 +18,9 @@ def load_model(path: str):
     """Loads a `.keras` file holding an `EarlyExitModel`."""
     import keras
 
-    import keras_earlyexit  # noqa: F401  (registers the custom objects)
+    import keras_earlyexit
+
+    keras_earlyexit.register_keras_objects()
 
     if not os.path.exists(path):
         raise SystemExit(f"error: model file not found: {path}")

@@ -3,40 +3,21 @@ samples that have not exited go deeper."""
 
 import contextlib
 import logging
-from dataclasses import dataclass
 
 import keras
 import numpy as np
 
-
-@dataclass
-class EarlyExitPrediction:
-    """Per-sample result of gated inference.
-
-    Attributes:
-        classes: `(n,)` int predicted class.
-        exit_indices: `(n,)` int, 0-based index of the exit taken.
-        confidences: `(n,)` float confidence at the exit taken.
-    """
-
-    classes: np.ndarray
-    exit_indices: np.ndarray
-    confidences: np.ndarray
-
-    def __iter__(self):  # allows `classes, exits, conf = result`
-        return iter((self.classes, self.exit_indices, self.confidences))
-
-    def exit_counts(self, num_exits: int) -> np.ndarray:
-        """How many samples left at each exit."""
-        return np.bincount(self.exit_indices, minlength=num_exits)
+from keras_earlyexit.runtime.manifest import gate_passes
+from keras_earlyexit.runtime.prediction import EarlyExitPrediction
 
 
 def select_exits(confidences: np.ndarray, thresholds) -> np.ndarray:
     """Exit each sample takes given all exits' confidences `(n, exits)`:
     the first whose confidence reaches its threshold, else the last."""
     n, num_exits = confidences.shape
-    passes = confidences[:, :-1] >= np.asarray(thresholds, dtype=np.float32)
-    passes = np.concatenate([passes, np.ones((n, 1), bool)], axis=1)
+    passes = np.ones((n, num_exits), bool)  # the final exit takes the rest
+    for k, threshold in enumerate(thresholds):
+        passes[:, k] = gate_passes(confidences[:, k], threshold)
     return np.argmax(passes, axis=1)
 
 
@@ -63,7 +44,7 @@ def _predict_batch(segments, x, rows, thresholds, result) -> None:
     for k, segment in enumerate(segments):
         out = _run_segment(segment, carry)
         confidence = out["confidence"].astype(np.float32)
-        leave = confidence >= thresholds[k]
+        leave = gate_passes(confidence, thresholds[k])
         if k == len(segments) - 1:
             leave[:] = True
         done = rows[leave]

@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 
 from keras_earlyexit.export.flatbuffer import OpInfo, list_ops
+from keras_earlyexit.runtime.manifest import RUNTIME_ARENA_MARGIN  # noqa: F401
 
 # `MicroMutableOpResolver::Add<Name>` methods of builtin ops (tflite-micro
 # 90b983c, micro_mutable_op_resolver.h). An op's method name is its builtin
@@ -47,9 +48,6 @@ RESOLVER_SPELLING = {
     "PADV2": "PadV2",
     "UNIDIRECTIONAL_SEQUENCE_LSTM": "UnidirectionalSequenceLSTM",
 }
-# Headroom a host runtime adds to a measured arena: the pip interpreter
-# aligns a malloc'd arena, so the usable bytes vary by up to 15 per run.
-RUNTIME_ARENA_MARGIN = 1024
 
 
 class UnsupportedOpError(ValueError):

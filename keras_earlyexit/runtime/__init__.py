@@ -1,5 +1,10 @@
 """Runtime: the gated early-exit loop over a TFLite bundle (LiteRT or
-TFLite Micro). Imports no TensorFlow."""
+TFLite Micro).
+
+Needs only NumPy and an interpreter (`ai-edge-litert` or `tflite-micro`):
+no Keras, no TensorFlow, JAX or PyTorch, so a device host installs
+`keras-earlyexit[runtime]` alone.
+"""
 
 from keras_earlyexit.runtime.gated import (
     BACKENDS,
@@ -10,13 +15,19 @@ from keras_earlyexit.runtime.gated import (
     quantize,
     requantize,
 )
+from keras_earlyexit.runtime.manifest import BundleError, Manifest, read_manifest
+from keras_earlyexit.runtime.prediction import EarlyExitPrediction
 
 __all__ = [
     "BACKENDS",
+    "BundleError",
+    "EarlyExitPrediction",
     "GatedInterpreter",
+    "Manifest",
     "RuntimeStats",
     "SampleResult",
     "dequantize",
     "quantize",
+    "read_manifest",
     "requantize",
 ]

@@ -11,14 +11,17 @@ interpreter, the runtime of Android) maps tensors by signature name;
 signatures and uses the positions the exporter resolved by name.
 """
 
+import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from keras_earlyexit.export.manifest import (
+from keras_earlyexit.runtime.manifest import (
+    RUNTIME_ARENA_MARGIN,
     Manifest,
     SegmentInfo,
     TensorInfo,
@@ -26,8 +29,7 @@ from keras_earlyexit.export.manifest import (
     read_manifest,
     read_segment,
 )
-from keras_earlyexit.export.micro import RUNTIME_ARENA_MARGIN
-from keras_earlyexit.inference import EarlyExitPrediction
+from keras_earlyexit.runtime.prediction import EarlyExitPrediction
 
 BACKENDS = ("litert", "micro")
 
@@ -280,9 +282,10 @@ class GatedInterpreter:
         self._thresholds = thresholds
         for segment, t in zip(self._segments, thresholds + [0.0]):
             c = segment.confidence
-            segment.threshold = (
-                quantize_threshold(t, c.scale, c.zero_point) if c.quantized else t
-            )
+            if c.quantized:
+                segment.threshold = quantize_threshold(t, c.scale, c.zero_point)
+            else:  # 1.0 means never: a float softmax reaches exactly 1.0
+                segment.threshold = t if t < 1.0 else math.inf
 
     def reset_stats(self) -> None:
         self.stats = RuntimeStats(list(self.manifest.exit_names))
@@ -378,17 +381,16 @@ class GatedInterpreter:
         classes = np.zeros(n, np.int64)
         exits = np.zeros(n, np.int64)
         confidences = np.zeros(n, np.float32)
-        progbar = None
-        if verbose:
-            import keras
-
-            progbar = keras.utils.Progbar(n)
         for i in range(n):
             classes[i], exits[i], confidences[i] = self._run(
                 [a[i : i + 1] for a in arrays]
             )
-            if progbar is not None and (i % 64 == 63 or i == n - 1):
-                progbar.update(i + 1)
+            if verbose and (i % 64 == 63 or i == n - 1):
+                print(
+                    f"\rGatedInterpreter.predict: {i + 1}/{n}", end="", file=sys.stderr
+                )
+        if verbose:
+            print(file=sys.stderr)
         return EarlyExitPrediction(classes, exits, confidences)
 
     def predict_one(self, x) -> SampleResult:
