@@ -2,20 +2,24 @@
 //
 // One Interpreter per segment; direct ByteBuffers allocated once and reused.
 // The loop mirrors keras_earlyexit/runtime/gated.py (GatedInterpreter._run)
-// step for step; comments name the Python step.
+// step for step; comments name the Python step. The manifest fields read here
+// are those of keras_earlyexit/runtime/manifest.py (format_version 1).
 package io.github.kerasearlyexit
 
 import android.content.Context
 import org.json.JSONObject
+import org.tensorflow.lite.DataType
 import org.tensorflow.lite.Interpreter
+import org.tensorflow.lite.Tensor
 import java.io.Closeable
 import java.io.FileInputStream
+import java.io.FileNotFoundException
 import java.nio.ByteBuffer
 import java.nio.ByteOrder
 import java.nio.MappedByteBuffer
 import java.nio.channels.FileChannel
+import java.security.MessageDigest
 import kotlin.math.abs
-import kotlin.math.ceil
 import kotlin.math.floor
 
 /** Result of one sample: class, 0-based exit index and its confidence. */
@@ -27,40 +31,50 @@ class TensorSpec(json: JSONObject) {
     val position: Int = json.getInt("position")
     val shape: IntArray = json.getJSONArray("shape").let { a -> IntArray(a.length()) { a.getInt(it) } }
     val dtype: String = json.getString("dtype")
-    val scale: Float = if (json.isNull("scale")) 0f else json.getDouble("scale").toFloat()
+
+    /** As in the manifest: quantized tensors have a scale, float ones null. */
+    val quantized: Boolean = !json.isNull("scale")
+    val scale: Float = if (quantized) json.getDouble("scale").toFloat() else 0f
     val zeroPoint: Int = if (json.isNull("zero_point")) 0 else json.getInt("zero_point")
-    val quantized: Boolean get() = scale > 0f
+
+    /** Elements of the tensor (batch of one included). */
+    val elements: Int = shape.fold(1) { n, d -> n * d }
 }
 
 /**
  * Runs a keras-earlyexit bundle (segment_k.tflite + manifest.json in assets/).
  *
+ * Loading checks the manifest's format version, each segment file's sha256,
+ * and each tensor's position, dtype, size and quantization against the model,
+ * so that a stale or partly copied bundle fails here with a message rather
+ * than gating silently wrong. A failing constructor closes what it opened.
+ *
  * Not thread safe: one classifier per thread (buffers are shared).
  *
  * @param assetDir folder under assets/ holding the bundle.
- * @param numThreads threads per Interpreter.
+ * @param numThreads threads per Interpreter, >= 1.
  */
 class EarlyExitClassifier(
     context: Context,
     assetDir: String,
     private val numThreads: Int = 1
 ) : Closeable {
-    private inner class Segment(json: JSONObject, model: MappedByteBuffer) {
+    private class Segment(json: JSONObject, val interpreter: Interpreter) {
         val file: String = json.getString("file")
         val inputs = json.getJSONArray("inputs").let { a -> List(a.length()) { TensorSpec(a.getJSONObject(it)) } }
         val outputs = json.getJSONArray("outputs").let { a -> List(a.length()) { TensorSpec(a.getJSONObject(it)) } }
         val logits = output("logits")
         val confidence = output("confidence")
-        val gateThreshold: Float = json.getJSONObject("gate").getDouble("threshold").toFloat()
-        val interpreter = Interpreter(model, Interpreter.Options().setNumThreads(numThreads))
+        private val gate: JSONObject = json.getJSONObject("gate")
+        val manifestThreshold: Float = gate.getDouble("threshold").toFloat()
+        val manifestThresholdQuantized: Int? =
+            if (gate.isNull("threshold_quantized")) null else gate.getInt("threshold_quantized")
 
         // Buffers by position, allocated once. Input buffers may be replaced by
         // the previous segment's output buffers (carry without copying).
         val inputBuffers = arrayOfNulls<ByteBuffer>(inputs.size)
-        val outputBuffers: Array<ByteBuffer> = Array(interpreter.outputTensorCount) {
-            direct(interpreter.getOutputTensor(it).numBytes())
-        }
-        val outputMap: Map<Int, Any> = outputBuffers.withIndex().associate { it.index to it.value as Any }
+        val outputBuffers: Array<ByteBuffer>
+        val outputMap: Map<Int, Any>
 
         // The inputBuffers as runForMultipleInputsOutputs takes them, built once.
         lateinit var inputArray: Array<Any>
@@ -68,7 +82,19 @@ class EarlyExitClassifier(
         // (output of this segment, input of the next, requantize?)
         var carry: List<Triple<TensorSpec, TensorSpec, Boolean>> = emptyList()
         var threshold = 0f
-        var thresholdQuantized = 0
+        var thresholdQuantized = NEVER_QUANTIZED
+
+        init {
+            interpreter.allocateTensors()
+            checkPositions("input", inputs, interpreter.inputTensorCount, exact = true)
+            checkPositions("output", outputs, interpreter.outputTensorCount, exact = false)
+            // The manifest must describe the model: read it back from the
+            // tensors, so a stale manifest fails here, not silently.
+            for (t in inputs) checkTensor(t, interpreter.getInputTensor(t.position))
+            for (t in outputs) checkTensor(t, interpreter.getOutputTensor(t.position))
+            outputBuffers = Array(interpreter.outputTensorCount) { direct(interpreter.getOutputTensor(it).numBytes()) }
+            outputMap = outputBuffers.withIndex().associate { it.index to it.value as Any }
+        }
 
         fun output(name: String): TensorSpec = outputs.firstOrNull { it.name == name }
             ?: throw IllegalArgumentException(
@@ -76,21 +102,32 @@ class EarlyExitClassifier(
                     "The bundle was not written by this version of keras-earlyexit: convert again."
             )
 
-        init {
-            interpreter.allocateTensors()
-            // The manifest's quantization must be the model's: read it back
-            // from the tensors, so a stale manifest fails here, not silently.
-            for (t in inputs) verifyQuantization(t, interpreter.getInputTensor(t.position).quantizationParams().scale,
-                interpreter.getInputTensor(t.position).quantizationParams().zeroPoint)
-            for (t in outputs) verifyQuantization(t, interpreter.getOutputTensor(t.position).quantizationParams().scale,
-                interpreter.getOutputTensor(t.position).quantizationParams().zeroPoint)
+        private fun checkPositions(role: String, specs: List<TensorSpec>, count: Int, exact: Boolean) {
+            val positions = specs.map { it.position }
+            val valid = positions.all { it in 0 until count } && positions.toSet().size == positions.size &&
+                (!exact || positions.size == count)
+            if (!valid) {
+                throw IllegalArgumentException(
+                    "manifest.json lists the ${role}s of $file at positions $positions; the model has $count " +
+                        "${role}s. Copy the whole bundle again."
+                )
+            }
         }
 
-        private fun verifyQuantization(t: TensorSpec, scale: Float, zeroPoint: Int) {
-            if (t.quantized && (abs(scale - t.scale) > 1e-6f * t.scale || zeroPoint != t.zeroPoint)) {
-                throw IllegalStateException(
-                    "manifest.json says tensor '${t.name}' of $file has scale ${t.scale}, zero point " +
-                        "${t.zeroPoint}; the model has $scale, $zeroPoint. Copy the whole bundle again."
+        private fun checkTensor(t: TensorSpec, tensor: Tensor) {
+            val dtype = DTYPES[t.dtype] ?: throw IllegalArgumentException(
+                "Tensor '${t.name}' of $file has dtype ${t.dtype}; this classifier runs float32 and int8 " +
+                    "tensors. Convert with quantization \"int8\", \"float16\", \"dynamic\" or \"float32\"."
+            )
+            val q = tensor.quantizationParams()
+            val sameQuantization = !t.quantized ||
+                (abs(q.scale - t.scale) <= 1e-6f * t.scale && q.zeroPoint == t.zeroPoint)
+            if (tensor.dataType() != dtype || tensor.numBytes() != t.elements * dtype.byteSize() || !sameQuantization) {
+                throw IllegalArgumentException(
+                    "manifest.json says tensor '${t.name}' of $file is ${t.dtype} of shape ${t.shape.toList()} " +
+                        "(scale ${t.scale}, zero point ${t.zeroPoint}); the model has ${tensor.dataType()} of " +
+                        "${tensor.numBytes()} bytes (scale ${q.scale}, zero point ${q.zeroPoint}). " +
+                        "Copy the whole bundle again."
                 )
             }
         }
@@ -101,7 +138,12 @@ class EarlyExitClassifier(
     val numClasses: Int
     val exitCounts: IntArray
 
+    /** Names of the inputs [classify] takes, in order. */
+    val inputNames: List<String>
+    private var closed = false
+
     init {
+        require(numThreads >= 1) { "numThreads must be >= 1. Received: $numThreads" }
         val manifest = JSONObject(context.assets.open("$assetDir/manifest.json").bufferedReader().use { it.readText() })
         if (manifest.optString("format") != "keras-earlyexit-tflite" || manifest.optInt("format_version") != 1) {
             throw IllegalArgumentException(
@@ -110,16 +152,49 @@ class EarlyExitClassifier(
             )
         }
         val entries = manifest.getJSONArray("segments")
-        segments = List(entries.length()) { k ->
-            val json = entries.getJSONObject(k)
-            Segment(json, mapAsset(context, "$assetDir/${json.getString("file")}"))
-        }
         exitNames = manifest.getJSONArray("exit_names").let { a -> List(a.length()) { a.getString(it) } }
         numClasses = manifest.getInt("num_classes")
+        require(entries.length() >= 1 && exitNames.size == entries.length()) {
+            "assets/$assetDir/manifest.json lists ${entries.length()} segments and ${exitNames.size} exit " +
+                "names; convert again."
+        }
+        val opened = ArrayList<Segment>(entries.length())
+        try {
+            for (k in 0 until entries.length()) {
+                val json = entries.getJSONObject(k)
+                val path = "$assetDir/${json.getString("file")}"
+                val model = mapAsset(context, path)
+                verifySha256(model, json.getString("sha256"), path)
+                val interpreter = Interpreter(model, Interpreter.Options().setNumThreads(numThreads))
+                try {
+                    opened.add(Segment(json, interpreter))
+                } catch (e: Throwable) {
+                    interpreter.close()
+                    throw e
+                }
+            }
+            connect(opened)
+        } catch (e: Throwable) {
+            for (segment in opened) segment.interpreter.close()
+            throw e
+        }
+        segments = opened
+        inputNames = segments[0].inputs.map { it.name }
         exitCounts = IntArray(segments.size)
+    }
+
+    /** Buffers, carries and the manifest's thresholds; throws before any is used. */
+    private fun connect(segments: List<Segment>) {
+        for (segment in segments) {
+            require(segment.logits.elements == numClasses) {
+                "Segment ${segment.file} has ${segment.logits.elements} logits; manifest.json says " +
+                    "num_classes is $numClasses. Copy the whole bundle again."
+            }
+        }
         // Segment 1 reads the sample from its own buffers.
-        for (t in segments[0].inputs) {
-            segments[0].inputBuffers[t.position] = direct(segments[0].interpreter.getInputTensor(t.position).numBytes())
+        val first = segments[0]
+        for (t in first.inputs) {
+            first.inputBuffers[t.position] = direct(first.interpreter.getInputTensor(t.position).numBytes())
         }
         // gated.py __init__: carry pairs, requantize where parameters differ.
         for (k in 1 until segments.size) {
@@ -127,6 +202,11 @@ class EarlyExitClassifier(
             val next = segments[k]
             previous.carry = next.inputs.map { target ->
                 val source = previous.output(target.name)
+                require(source.dtype == target.dtype && source.elements == target.elements) {
+                    "Carry '${target.name}' is ${source.dtype} of ${source.elements} elements out of " +
+                        "${previous.file} but ${target.dtype} of ${target.elements} elements into ${next.file}. " +
+                        "Copy the whole bundle again."
+                }
                 val requantize = source.scale != target.scale || source.zeroPoint != target.zeroPoint
                 // Same parameters: the next segment reads the output buffer
                 // itself (no copy). Otherwise it gets its own buffer.
@@ -141,19 +221,40 @@ class EarlyExitClassifier(
         for (segment in segments) {
             segment.inputArray = Array(segment.inputs.size) { segment.inputBuffers[it]!! }
         }
-        setThresholds(FloatArray(segments.size - 1) { segments[it].gateThreshold })
+        // int8 bundles take the quantized thresholds the manifest gives
+        // (computed once, in Python); they are never recomputed here.
+        for ((k, segment) in segments.withIndex()) {
+            if (k == segments.size - 1) break
+            segment.threshold = segment.manifestThreshold
+            require(segment.threshold in 0f..1f) {
+                "manifest.json gives exit ${k + 1} the threshold ${segment.threshold}; thresholds are in [0, 1]."
+            }
+            if (segment.confidence.quantized) {
+                segment.thresholdQuantized = segment.manifestThresholdQuantized ?: throw IllegalArgumentException(
+                    "manifest.json gives exit ${k + 1} (${segment.file}) no threshold_quantized, which int8 " +
+                        "bundles need; convert again."
+                )
+            }
+        }
     }
 
     val numExits: Int get() = segments.size
 
-    /** One threshold per non-final exit, in [0, 1]; int8 bundles compare in int8. */
+    /** The current thresholds, one per non-final exit. */
+    val thresholds: FloatArray get() = FloatArray(segments.size - 1) { segments[it].threshold }
+
+    /**
+     * Sets one threshold per non-final exit, in [0, 1]; 1 means no sample
+     * leaves there. int8 bundles compare the int8 confidence with
+     * [quantizeThreshold] of each threshold.
+     */
     fun setThresholds(thresholds: FloatArray) {
         require(thresholds.size == segments.size - 1 && thresholds.all { it in 0f..1f }) {
             "Expected ${segments.size - 1} thresholds in [0, 1] (one per non-final exit); " +
                 "received ${thresholds.toList()}."
         }
-        for ((k, segment) in segments.withIndex()) {
-            val t = if (k < thresholds.size) thresholds[k] else 0f
+        for ((k, t) in thresholds.withIndex()) {
+            val segment = segments[k]
             segment.threshold = t
             val c = segment.confidence
             if (c.quantized) segment.thresholdQuantized = quantizeThreshold(t, c.scale, c.zeroPoint)
@@ -161,22 +262,43 @@ class EarlyExitClassifier(
     }
 
     /**
-     * Gated inference on one sample: [input] holds segment 1's first input as
-     * floats on the model's training scale, flattened (e.g. 8*8*1 pixels).
+     * Gated inference on one sample: one FloatArray per input of the bundle,
+     * in the order of [inputNames], each on the model's training scale and
+     * flattened (e.g. 8*8*1 pixels).
      */
-    fun classify(input: FloatArray): EarlyExitResult {
-        // gated.py _prepare: quantize with the manifest's parameters.
-        val spec = segments[0].inputs[0]
-        val buffer = segments[0].inputBuffers[spec.position]!!
-        buffer.rewind()
-        if (spec.quantized) {
-            for (x in input) buffer.put(quantize(x, spec.scale, spec.zeroPoint))
-        } else {
-            for (x in input) buffer.putFloat(x)
+    fun classify(vararg inputs: FloatArray): EarlyExitResult {
+        check(!closed) { "The classifier is closed." }
+        // gated.py _prepare: check every input, then quantize with the
+        // manifest's parameters.
+        val specs = segments[0].inputs
+        require(inputs.size == specs.size) {
+            "The bundle takes ${specs.size} input(s) $inputNames; received ${inputs.size} array(s)."
         }
-        require(buffer.position() == buffer.capacity()) {
-            "Input '${spec.name}' takes ${buffer.capacity()} bytes; received ${input.size} floats."
+        for ((spec, input) in specs.zip(inputs)) {
+            require(input.size == spec.elements) {
+                "Input '${spec.name}' takes ${spec.elements} floats (shape ${spec.shape.toList()}); " +
+                    "received ${input.size}."
+            }
         }
+        for ((spec, input) in specs.zip(inputs)) {
+            val buffer = segments[0].inputBuffers[spec.position]!!
+            if (spec.quantized) {
+                for ((i, x) in input.withIndex()) buffer.put(i, quantize(x, spec.scale, spec.zeroPoint))
+            } else {
+                for ((i, x) in input.withIndex()) buffer.putFloat(4 * i, x)
+            }
+        }
+        return run()
+    }
+
+    /** [classify] with the inputs by name (see [inputNames]). */
+    fun classify(inputs: Map<String, FloatArray>): EarlyExitResult {
+        val missing = inputNames - inputs.keys
+        require(missing.isEmpty()) { "Inputs lack $missing; the bundle's inputs are $inputNames." }
+        return classify(*Array(inputNames.size) { inputs.getValue(inputNames[it]) })
+    }
+
+    private fun run(): EarlyExitResult {
         val last = segments.size - 1
         for ((k, segment) in segments.withIndex()) {
             // gated.py: runner.set_input(...) (buffers already hold the sample or carry).
@@ -187,12 +309,13 @@ class EarlyExitClassifier(
             // gated.py: confidence = runner.get_output(segment.confidence)
             val c = segment.confidence
             val out = segment.outputBuffers[c.position]
+            // The gate rule: float32(confidence) >= float32(threshold), never
+            // at a threshold of 1 (an int8 threshold of 128 is never reached).
             val confident = if (c.quantized) {
                 out.get(0).toInt() >= segment.thresholdQuantized
             } else {
-                out.getFloat(0) >= segment.threshold
+                segment.threshold < 1f && out.getFloat(0) >= segment.threshold
             }
-            // gated.py: `if k == last or confidence >= segment.threshold`
             if (k == last || confident) {
                 val confidence = if (c.quantized) (out.get(0) - c.zeroPoint) * c.scale else out.getFloat(0)
                 exitCounts[k]++
@@ -204,9 +327,8 @@ class EarlyExitClassifier(
                 if (!requantize) continue
                 val from = segment.outputBuffers[source.position]
                 val to = segments[k + 1].inputBuffers[target.position]!!
-                to.rewind()
-                for (i in 0 until from.capacity()) {
-                    to.put(quantize((from.get(i) - source.zeroPoint) * source.scale, target.scale, target.zeroPoint))
+                for (i in 0 until source.elements) {
+                    to.put(i, quantize((from.get(i) - source.zeroPoint) * source.scale, target.scale, target.zeroPoint))
                 }
             }
         }
@@ -214,28 +336,54 @@ class EarlyExitClassifier(
     }
 
     override fun close() {
+        if (closed) return
+        closed = true
         for (segment in segments) segment.interpreter.close()
     }
 
     private fun argmax(spec: TensorSpec, buffer: ByteBuffer): Int {
         // First maximum on ties, as numpy.argmax.
         var best = 0
-        if (spec.dtype == "int8") {
-            for (i in 1 until buffer.capacity()) if (buffer.get(i) > buffer.get(best)) best = i
+        if (spec.quantized) {
+            for (i in 1 until spec.elements) if (buffer.get(i) > buffer.get(best)) best = i
         } else {
-            for (i in 1 until buffer.capacity() / 4) if (buffer.getFloat(4 * i) > buffer.getFloat(4 * best)) best = i
+            for (i in 1 until spec.elements) if (buffer.getFloat(4 * i) > buffer.getFloat(4 * best)) best = i
         }
         return best
     }
 
     companion object {
+        /** An int8 threshold above every int8 value: no sample leaves. */
+        const val NEVER_QUANTIZED = 128
+
+        private val DTYPES = mapOf("float32" to DataType.FLOAT32, "int8" to DataType.INT8)
+
         private fun direct(bytes: Int): ByteBuffer = ByteBuffer.allocateDirect(bytes).order(ByteOrder.nativeOrder())
 
         private fun mapAsset(context: Context, path: String): MappedByteBuffer {
-            // Bundles must be stored uncompressed (aaptOptions/noCompress "tflite").
-            val fd = context.assets.openFd(path)
-            return FileInputStream(fd.fileDescriptor).channel.use {
-                it.map(FileChannel.MapMode.READ_ONLY, fd.startOffset, fd.declaredLength)
+            // The mapping stays valid once the descriptor and stream are closed.
+            val descriptor = try {
+                context.assets.openFd(path)
+            } catch (e: FileNotFoundException) {
+                throw IllegalArgumentException(
+                    "assets/$path cannot be opened as a file descriptor: it is missing, or compressed in the " +
+                        "APK (add androidResources { noCompress += \"tflite\" }). Copy the whole bundle again.",
+                    e
+                )
+            }
+            return descriptor.use { fd ->
+                FileInputStream(fd.fileDescriptor).use {
+                    it.channel.map(FileChannel.MapMode.READ_ONLY, fd.startOffset, fd.declaredLength)
+                }
+            }
+        }
+
+        private fun verifySha256(model: ByteBuffer, expected: String, path: String) {
+            val digest = MessageDigest.getInstance("SHA-256").apply { update(model.duplicate()) }.digest()
+            val actual = digest.joinToString("") { "%02x".format(it) }
+            require(actual == expected) {
+                "assets/$path is corrupted or was replaced: its sha256 is ${actual.take(16)}..., " +
+                    "manifest.json expects ${expected.take(16)}... Copy the whole bundle again."
             }
         }
 
@@ -246,10 +394,16 @@ class EarlyExitClassifier(
             return (r + zeroPoint).coerceIn(-128f, 127f).toInt().toByte()
         }
 
-        /** Smallest int8 q with (q - zeroPoint) * scale >= threshold; manifest.quantize_threshold. */
+        /**
+         * The int8 threshold for [threshold]: the smallest q in [-128, 127]
+         * with float32(q - zeroPoint) * scale >= threshold, or
+         * [NEVER_QUANTIZED] if there is none or threshold >= 1. The same
+         * integer scan in float32 as manifest.quantize_threshold in Python.
+         */
         fun quantizeThreshold(threshold: Float, scale: Float, zeroPoint: Int): Int {
-            val q = ceil(zeroPoint + threshold.toDouble() / scale.toDouble() - 1e-9)
-            return q.coerceIn(-128.0, 128.0).toInt()
+            if (!(threshold < 1f)) return NEVER_QUANTIZED
+            for (q in -128..127) if ((q - zeroPoint).toFloat() * scale >= threshold) return q
+            return NEVER_QUANTIZED
         }
     }
 }
