@@ -1,0 +1,82 @@
+// Host test driver for EarlyExitClassifier (tests/test_android_kotlin.py).
+//
+// Serves the bundles under the directory args[0] as assets, through the host
+// stand-ins in tflite/android/test/java. Reads one command per line on stdin
+// and prints one JSON object per command, with the stand-ins' counts of
+// interpreters and asset handles still open:
+//   open BUNDLE [NUM_THREADS]     classify [[x, ...], ...]
+//   classify_named {"name": [x, ...]}   thresholds [t, ...]
+//   quantize_threshold [[t, scale, zero_point], ...]   close
+package io.github.kerasearlyexit.host
+
+import android.content.Context
+import android.content.res.AssetManager
+import io.github.kerasearlyexit.EarlyExitClassifier
+import io.github.kerasearlyexit.EarlyExitResult
+import org.json.JSONArray
+import org.json.JSONObject
+import org.tensorflow.lite.Interpreter
+import java.io.File
+
+private fun floats(a: JSONArray) = FloatArray(a.length()) { a.getDouble(it).toFloat() }
+
+private fun JSONObject.putResult(r: EarlyExitResult) {
+    put("label", r.label)
+    put("exit", r.exitIndex)
+    put("confidence", r.confidence.toDouble())
+}
+
+fun main(args: Array<String>) {
+    val assets = AssetManager(File(args[0]))
+    val context = object : Context() {
+        override fun getAssets() = assets
+    }
+    var classifier: EarlyExitClassifier? = null
+    for (line in generateSequence(::readLine)) {
+        val command = line.substringBefore(' ')
+        val argument = line.substringAfter(' ', "")
+        val reply = JSONObject()
+        try {
+            when (command) {
+                "open" -> {
+                    val parts = argument.split(' ')
+                    val threads = if (parts.size > 1) parts[1].toInt() else 1
+                    val opened = EarlyExitClassifier(context, parts[0], threads)
+                    classifier = opened
+                    reply.put("exit_names", JSONArray(opened.exitNames))
+                    reply.put("input_names", JSONArray(opened.inputNames))
+                    reply.put("thresholds", JSONArray(opened.thresholds.map { it.toDouble() }))
+                }
+                "classify" -> {
+                    val a = JSONArray(argument)
+                    reply.putResult(classifier!!.classify(*Array(a.length()) { floats(a.getJSONArray(it)) }))
+                }
+                "classify_named" -> {
+                    val o = JSONObject(argument)
+                    val inputs = o.keys().asSequence().associateWith { floats(o.getJSONArray(it)) }
+                    reply.putResult(classifier!!.classify(inputs))
+                }
+                "thresholds" -> {
+                    classifier!!.setThresholds(floats(JSONArray(argument)))
+                    reply.put("thresholds", JSONArray(classifier.thresholds.map { it.toDouble() }))
+                }
+                "quantize_threshold" -> {
+                    val a = JSONArray(argument)
+                    reply.put("q", JSONArray(List(a.length()) {
+                        val (t, s, z) = a.getJSONArray(it).let { v -> Triple(v.getDouble(0), v.getDouble(1), v.getInt(2)) }
+                        EarlyExitClassifier.quantizeThreshold(t.toFloat(), s.toFloat(), z)
+                    }))
+                }
+                "counts" -> reply.put("exit_counts", JSONArray(classifier!!.exitCounts.toList()))
+                "close" -> classifier?.close()
+                else -> throw IllegalArgumentException("Unknown command '$command'")
+            }
+        } catch (e: Exception) {
+            reply.put("error", e.javaClass.name)
+            reply.put("message", e.message)
+        }
+        reply.put("live_interpreters", Interpreter.liveInstances())
+        reply.put("open_assets", assets.openHandles())
+        println(reply)
+    }
+}
