@@ -42,17 +42,20 @@ DRIVER = os.path.join(
 # Android's org.json, as Debian packages it (libandroid-json-java).
 ANDROID_JSON_JAR = "/usr/share/java/com.android.json.jar"
 
-pytestmark = pytest.mark.skipif(
-    any(shutil.which(tool) is None for tool in ("kotlinc", "javac", "java"))
-    or not os.path.isfile(ANDROID_JSON_JAR),
-    reason="kotlinc, a JDK and Android's org.json are needed to build the Kotlin "
-    "runner's host test (apt-get install -y kotlin libandroid-json-java)",
+MISSING_TOOLS = (
+    "kotlinc, a JDK and Android's org.json are needed to build the Kotlin "
+    "runner's host test (apt-get install -y kotlin libandroid-json-java)"
 )
 
 
 @pytest.fixture(scope="module")
 def classpath(tmp_path_factory) -> str:
     """Compiles the stand-ins, the classifier and the driver (once per module)."""
+    tools = ("kotlinc", "javac", "java")
+    if any(shutil.which(t) is None for t in tools) or not os.path.isfile(
+        ANDROID_JSON_JAR
+    ):
+        pytest.skip(MISSING_TOOLS)
     build = tmp_path_factory.mktemp("android_build")
     classes = str(build / "classes")
     jar = str(build / "runner.jar")
