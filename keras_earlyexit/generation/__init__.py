@@ -1,9 +1,16 @@
 """Token-level early exit for causal language models.
 
 `EarlyExitCausalLM` is a causal transformer with exits after chosen layers,
-trained with `EarlyExitLoss` on next-token prediction.
+trained with `EarlyExitLoss` on next-token prediction. `generate` decodes
+greedily with a key/value cache: `"full"`, CALM-style `"early_exit"` or
+LayerSkip-style `"self_speculative"`.
 """
 
+from keras_earlyexit.generation.decoding import (
+    STRATEGIES,
+    GenerationResult,
+    generate,
+)
 from keras_earlyexit.generation.model import (
     CausalBlock,
     EarlyExitCausalLM,
@@ -12,8 +19,11 @@ from keras_earlyexit.generation.model import (
 )
 
 __all__ = [
+    "STRATEGIES",
     "CausalBlock",
     "EarlyExitCausalLM",
+    "GenerationResult",
+    "generate",
     "TokenAndPositionEmbedding",
     "next_token_data",
 ]
