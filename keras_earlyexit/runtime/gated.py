@@ -1,9 +1,14 @@
 """`GatedInterpreter`: the gated early-exit loop over a TFLite bundle.
 
-Per sample: quantize the input with the manifest's parameters, run segment
+Per sample: quantize the input with the model's parameters, run segment
 1, compare its confidence with the exit's threshold (in int8 for int8
 bundles, as a microcontroller does), and either stop there or hand the carry
 to segment 2, and so on. Only the segments a sample needs are invoked.
+
+A bundle may come from elsewhere: loading checks the manifest field by
+field, keeps segment files inside the bundle, checks their size and sha256,
+and compares every input's and output's dtype, shape, scale and zero-point
+with the `.tflite` file itself (`runtime.tflite_file`).
 
 Backends run the segment models: `"litert"` (the `ai_edge_litert`
 interpreter, the runtime of Android) maps tensors by signature name;
@@ -11,6 +16,7 @@ interpreter, the runtime of Android) maps tensors by signature name;
 signatures and uses the positions the exporter resolved by name.
 """
 
+import importlib.util
 import math
 import os
 import sys
@@ -22,6 +28,7 @@ import numpy as np
 
 from keras_earlyexit.runtime.manifest import (
     RUNTIME_ARENA_MARGIN,
+    BundleError,
     Manifest,
     SegmentInfo,
     TensorInfo,
@@ -29,9 +36,16 @@ from keras_earlyexit.runtime.manifest import (
     read_manifest,
     read_segment,
 )
+from keras_earlyexit.runtime.micro_arena import check_arenas
 from keras_earlyexit.runtime.prediction import EarlyExitPrediction
+from keras_earlyexit.runtime.tflite_file import check_segment_tensors
 
 BACKENDS = ("litert", "micro")
+# The package each backend runs on, and the install extra that brings it.
+_PACKAGES = {
+    "litert": ("ai_edge_litert", "runtime"),
+    "micro": ("tflite_micro", "micro"),
+}
 
 
 class SegmentRunner(Protocol):
@@ -107,6 +121,51 @@ def requantize(q: np.ndarray, source: TensorInfo, target: TensorInfo) -> np.ndar
     return quantize(
         dequantize(q, source.scale, source.zero_point), target.scale, target.zero_point
     )
+
+
+def prepare_input(array: np.ndarray, spec: TensorInfo) -> np.ndarray:
+    """One input batch checked and converted to segment 1's dtype."""
+    sample_shape = tuple(spec.shape[1:])
+    if array.ndim == 0 or tuple(array.shape[1:]) != sample_shape:
+        raise ValueError(
+            f"Input {spec.name!r} expects a batch of samples of shape "
+            f"{sample_shape}, i.e. an array of shape (n, "
+            f"{', '.join(map(str, sample_shape))}); received shape {array.shape}."
+        )
+    if not spec.quantized and np.dtype(spec.dtype).kind in "iu":
+        # Token ids: integers, passed on unquantized at the model's dtype.
+        if array.dtype.kind not in "iu":
+            raise ValueError(
+                f"Input {spec.name!r} takes integer ids ({spec.dtype}); received "
+                f"dtype {array.dtype}. Pass integers, e.g. x.astype('{spec.dtype}')."
+            )
+        info = np.iinfo(spec.dtype)
+        outside = int(np.sum((array < info.min) | (array > info.max)))
+        if outside:
+            raise ValueError(
+                f"Input {spec.name!r} holds {outside} value(s) outside the range "
+                f"of its dtype {spec.dtype} [{info.min}, {info.max}]."
+            )
+        return array.astype(spec.dtype, copy=False)
+    if array.dtype.kind != "f":
+        raise ValueError(
+            f"Input {spec.name!r} takes floats on the scale the Keras model was "
+            f"trained on; received dtype {array.dtype}. Convert and scale it as "
+            "in training (for images trained on [0, 1]: x.astype('float32') / "
+            "255); the interpreter quantizes int8 bundles' inputs itself."
+        )
+    bad = ~np.isfinite(array).all(axis=tuple(range(1, array.ndim)))
+    if bad.any():
+        raise ValueError(
+            f"Input {spec.name!r} holds NaN or infinite values in "
+            f"{int(bad.sum())} of {len(array)} samples (first: sample "
+            f"{int(np.argmax(bad))}). Non-finite inputs are refused: they have "
+            "no int8 value and give a meaningless confidence. Drop or repair "
+            "those samples."
+        )
+    if spec.quantized:
+        array = quantize(array, spec.scale, spec.zero_point)
+    return array.astype(spec.dtype, copy=False)
 
 
 class SampleResult(NamedTuple):
@@ -190,21 +249,42 @@ class _Segment:
 class GatedInterpreter:
     """Runs a bundle written by `kee.export.to_tflite` with per-sample exits.
 
-    Loading checks the manifest's format version and every segment file's
-    sha256. Each sample runs segment by segment and stops at the first exit
-    whose confidence reaches its threshold; the final exit takes the rest.
+    Loading checks the manifest (every field, see `runtime.manifest`), each
+    segment file's place, size and sha256, and each input's and output's
+    dtype, shape, scale and zero-point against the `.tflite` file; a bundle
+    that fails raises `BundleError`. Each sample runs segment by segment and
+    stops at the first exit whose confidence reaches its threshold; the
+    final exit takes the rest.
+
+    Inputs follow one rule, shared with `EarlyExitModel.predict_early`:
+    - a float model input takes floats on the scale the Keras model was
+      trained on (the interpreter quantizes them for int8 bundles); integer
+      arrays (e.g. uint8 images in 0..255) are refused, since their scale
+      is unknown: convert and scale them as in training;
+    - an integer model input (token ids) takes integer arrays, passed on
+      unquantized at the model's integer dtype; floats are refused;
+    - NaN and infinite values are refused, naming the input and the number
+      of samples that hold them: they have no int8 value, and a float model
+      gives a meaningless confidence for them.
+
+    Each segment is invoked once at load on zero inputs (first invokes
+    allocate and pack weights); that warm-up is not counted in `stats`, so
+    the first `predict` is timed like every later one.
 
     Args:
         directory: the bundle directory.
-        backend: `"litert"` (LiteRT, as on Android) or `"micro"` (TFLite
-            Micro).
+        backend: `"litert"` (LiteRT, as on Android; needs `ai-edge-litert`)
+            or `"micro"` (TFLite Micro; needs `tflite-micro`).
         num_threads: threads per LiteRT interpreter (1 for single-thread
             latency, as on a microcontroller).
         thresholds: one per non-final exit; default: the manifest's.
-        arena_size: TFLite Micro tensor arena bytes per segment. Default:
-            the segment's `arena_bytes` measured at export plus
-            `RUNTIME_ARENA_MARGIN` (1 KiB), or 1 MiB for bundles without
-            measurements. Each segment gets its own arena here; the C++
+        arena_size: TFLite Micro tensor arena bytes per segment (`"micro"`
+            only), a positive int. Default: the segment's `arena_bytes`
+            measured at export plus `RUNTIME_ARENA_MARGIN` (1 KiB), or 1 MiB
+            for bundles without measurements. Each arena is tried in a child
+            process first (TFLite Micro may crash on a too-small one); an
+            arena too small raises `ValueError` saying how many bytes the
+            segment needs. Each segment gets its own arena here; the C++
             runner shares one (see `micro.shared_arena_bytes`).
 
     Example:
@@ -214,6 +294,7 @@ class GatedInterpreter:
     result = interpreter.predict(x_test)
     result.classes, result.exit_indices, result.confidences
     print(interpreter.stats)  # exit mix and latency per exit
+    interpreter.reset_stats()  # start counting afresh
     ```
     """
 
@@ -230,21 +311,48 @@ class GatedInterpreter:
                 f"Unknown backend {backend!r}. Use one of "
                 f"{', '.join(map(repr, BACKENDS))}."
             )
-        if not isinstance(num_threads, int) or num_threads < 1:
+        if type(num_threads) is not int or num_threads < 1:
             raise ValueError(
                 f"num_threads must be an int >= 1. Received: {num_threads!r}"
+            )
+        if arena_size is not None:
+            if backend != "micro":
+                raise ValueError(
+                    "arena_size is the TFLite Micro arena: it applies to "
+                    f"backend='micro' only. Received backend={backend!r}."
+                )
+            if type(arena_size) is not int or arena_size <= 0:
+                raise ValueError(
+                    "arena_size must be a positive int (bytes per segment), or "
+                    f"None for the size measured at export. Received: {arena_size!r}"
+                )
+        package, extra = _PACKAGES[backend]
+        if importlib.util.find_spec(package) is None:
+            raise ImportError(
+                f"backend={backend!r} needs the {package} package: pip install "
+                f"'keras-earlyexit[{extra}]'."
             )
         self.directory = os.path.abspath(directory)
         self.backend = backend
         self.num_threads = num_threads
         self.manifest: Manifest = read_manifest(self.directory, verify=False)
-        self._segments = []
+        models = []
         for info in self.manifest.segments:
-            data = read_segment(self.directory, info)
-            if backend == "litert":
-                runner = LiteRTRunner(data, num_threads)
-            else:
-                runner = MicroRunner(data, arena_size or _micro_arena(info))
+            models.append(read_segment(self.directory, info))
+            check_segment_tensors(info, models[-1])
+        if backend == "micro":
+            arenas = self._micro_arenas(models, arena_size)
+        self._segments = []
+        for k, (info, data) in enumerate(zip(self.manifest.segments, models)):
+            try:
+                if backend == "litert":
+                    runner = LiteRTRunner(data, num_threads)
+                else:
+                    runner = MicroRunner(data, arenas[k])
+            except (RuntimeError, ValueError) as e:
+                raise BundleError(
+                    f"Segment {k + 1} ({info.file}) does not load in {backend!r}: {e}"
+                ) from None
             self._segments.append(_Segment(info, runner))
         for previous, segment in zip(self._segments, self._segments[1:]):
             for target in segment.info.inputs:
@@ -257,7 +365,63 @@ class GatedInterpreter:
         self.set_thresholds(
             self.manifest.thresholds if thresholds is None else thresholds
         )
+        self.warmup_seconds = self._warm_up()
         self.stats = RuntimeStats(list(self.manifest.exit_names))
+
+    def _micro_arenas(self, models: list[bytes], arena_size: int | None) -> list[int]:
+        """Each segment's TFLite Micro arena, checked to be large enough."""
+        segments = self.manifest.segments
+        sizes = [arena_size or _micro_arena(s) for s in segments]
+        measured = [s.arena_bytes or 0 for s in segments]
+        if arena_size is not None and arena_size < max(measured):
+            short = next(s for s in segments if arena_size < (s.arena_bytes or 0))
+            raise ValueError(
+                f"Segment {short.index + 1} (exit {short.exit_name!r}) needs a "
+                f"TFLite Micro arena of {short.arena_bytes} bytes (measured at "
+                "export); "
+                f"arena_size={arena_size} is too small. Pass arena_size >= "
+                f"{max(measured) + RUNTIME_ARENA_MARGIN} (the largest segment's "
+                "measured arena plus a margin), or None for each segment's own."
+            )
+        for s, size, needs in zip(segments, sizes, check_arenas(models, sizes)):
+            if needs is None:
+                continue
+            where = f"Segment {s.index + 1} (exit {s.exit_name!r})"
+            if arena_size is not None:
+                raise ValueError(
+                    f"{where} needs a TFLite Micro arena of {needs} bytes; "
+                    f"arena_size={arena_size} is too small. Pass arena_size >= "
+                    f"{needs}."
+                )
+            if s.arena_bytes is not None:
+                raise BundleError(
+                    f"{where} needs a TFLite Micro arena of {needs} bytes, but "
+                    f"the manifest's arena_bytes is {s.arena_bytes} (the default "
+                    f"arena is that plus {RUNTIME_ARENA_MARGIN}): the manifest "
+                    f"is wrong. Convert again, or pass arena_size >= {needs}."
+                )
+            raise ValueError(
+                f"{where} needs a TFLite Micro arena of {needs} bytes, more than "
+                f"the default {size} for bundles without measured arenas. Pass "
+                f"arena_size >= {needs}."
+            )
+        return sizes
+
+    def _warm_up(self) -> list[float]:
+        """Invokes each segment once on zero inputs, outside `stats`.
+
+        Returns:
+            Seconds of each segment's first invoke (allocation, weight
+            packing): load cost, not per-sample latency.
+        """
+        seconds = []
+        for segment in self._segments:
+            for t in segment.info.inputs:
+                segment.runner.set_input(t, np.zeros(t.shape, t.dtype))
+            start = time.perf_counter()
+            segment.runner.invoke()
+            seconds.append(time.perf_counter() - start)
+        return seconds
 
     @property
     def num_exits(self) -> int:
@@ -269,18 +433,27 @@ class GatedInterpreter:
         return list(self._thresholds)
 
     def set_thresholds(self, thresholds) -> None:
-        """Sets the exit thresholds (floats in [0, 1], one per non-final
-        exit); int8 bundles compare in int8 with the quantized values."""
-        thresholds = [float(t) for t in thresholds]
-        if len(thresholds) != self.num_exits - 1 or not all(
-            0.0 <= t <= 1.0 for t in thresholds
+        """Sets the exit thresholds.
+
+        Args:
+            thresholds: floats in [0, 1], one per non-final exit. A sample
+                leaves exit k when its confidence >= threshold k; 1.0 means
+                no sample leaves. Int8 bundles compare in int8 with the
+                quantized threshold (`manifest.quantize_threshold`).
+        """
+        expected = (
+            f"{self.num_exits - 1} threshold(s) in [0, 1] (one per non-final exit)"
+        )
+        try:
+            values = [float(t) for t in thresholds]
+        except (TypeError, ValueError):
+            raise ValueError(f"Expected {expected}; received {thresholds!r}.") from None
+        if len(values) != self.num_exits - 1 or not all(
+            0.0 <= t <= 1.0 for t in values
         ):
-            raise ValueError(
-                f"Expected {self.num_exits - 1} thresholds in [0, 1] (one per "
-                f"non-final exit); received {thresholds}."
-            )
-        self._thresholds = thresholds
-        for segment, t in zip(self._segments, thresholds + [0.0]):
+            raise ValueError(f"Expected {expected}; received {values}.")
+        self._thresholds = values
+        for segment, t in zip(self._segments, values + [0.0]):
             c = segment.confidence
             if c.quantized:
                 segment.threshold = quantize_threshold(t, c.scale, c.zero_point)
@@ -288,10 +461,13 @@ class GatedInterpreter:
                 segment.threshold = t if t < 1.0 else math.inf
 
     def reset_stats(self) -> None:
+        """Starts `stats` afresh (counts and timings to zero), e.g. after a
+        run that should not count. The load-time warm-up is never in it."""
         self.stats = RuntimeStats(list(self.manifest.exit_names))
 
     def _prepare(self, x) -> list[np.ndarray]:
-        """Checks inputs and converts them to the dtype segment 1 takes."""
+        """Checks inputs (see the class docstring for the rules) and converts
+        them to the dtype segment 1 takes."""
         specs = self._segments[0].info.inputs
         if isinstance(x, dict):
             missing = {t.name for t in specs} - set(x)
@@ -308,27 +484,9 @@ class GatedInterpreter:
                 f"The bundle takes {len(specs)} input(s) "
                 f"{[t.name for t in specs]}; received {len(arrays)} array(s)."
             )
-        prepared = []
-        for array, spec in zip(arrays, specs):
-            array = np.asarray(array)
-            sample_shape = tuple(spec.shape[1:])
-            if array.ndim == 0 or tuple(array.shape[1:]) != sample_shape:
-                raise ValueError(
-                    f"Input {spec.name!r} expects a batch of samples of shape "
-                    f"{sample_shape}, i.e. an array of shape (n, "
-                    f"{', '.join(map(str, sample_shape))}); received shape "
-                    f"{array.shape}."
-                )
-            if not np.issubdtype(array.dtype, np.floating):
-                raise ValueError(
-                    f"Input {spec.name!r} must hold floats on the scale the "
-                    f"Keras model was trained on; received dtype {array.dtype}. "
-                    "Convert with x.astype('float32'); the interpreter "
-                    "quantizes int8 bundles' inputs itself."
-                )
-            if spec.quantized:
-                array = quantize(array, spec.scale, spec.zero_point)
-            prepared.append(array.astype(spec.dtype, copy=False))
+        prepared = [
+            prepare_input(np.asarray(a), spec) for a, spec in zip(arrays, specs)
+        ]
         if len({len(a) for a in prepared}) > 1:
             raise ValueError("All inputs must hold the same number of samples.")
         return prepared

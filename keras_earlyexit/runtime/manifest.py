@@ -46,11 +46,20 @@ allocates and invokes with on its own, measured at export (int8 bundles,
 holds activations, which segments on one shared `MicroAllocator` reuse.
 Both are optional additions to version 1: they are null, or absent in
 bundles written before them, when not measured.
+
+A bundle may come from elsewhere, so reading checks every field (type,
+range, consistency with the other fields) and raises `BundleError` naming
+the first bad one (`segments[1].inputs[0].scale`); fields it does not know
+are ignored, so that later additions to version 1 stay readable. Segment
+`file`s are plain file names inside the bundle (symlinks leading out are
+refused), read only at their listed `size_bytes` and sha256.
 """
 
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -150,16 +159,14 @@ class Manifest:
         return json.dumps(asdict(self), indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Manifest":
-        data = dict(data)
-        segments = []
-        for s in data.pop("segments"):
-            s = dict(s)
-            s["inputs"] = [TensorInfo(**t) for t in s["inputs"]]
-            s["outputs"] = [TensorInfo(**t) for t in s["outputs"]]
-            s["gate"] = GateInfo(**s["gate"])
-            segments.append(SegmentInfo(**s))
-        return cls(segments=segments, **data)
+    def from_dict(cls, data) -> "Manifest":
+        """A `Manifest` from parsed JSON, checked field by field.
+
+        Raises:
+            BundleError: naming the first field that is missing, of the
+                wrong type, out of range or inconsistent with the others.
+        """
+        return _parse_manifest(data)
 
 
 def sha256_of(data: bytes) -> str:
@@ -197,16 +204,21 @@ def gate_passes(confidence, threshold: float):
 def read_manifest(directory: str, verify: bool = True) -> Manifest:
     """Reads and checks a bundle's manifest.
 
+    A bundle may come from elsewhere: every field is checked for type,
+    range and consistency, and segment files must lie inside the bundle
+    directory (plain file names; symlinks leading out are refused).
+
     Args:
         directory: the bundle directory written by `to_tflite`.
-        verify: check each segment file's size and sha256.
+        verify: also check each segment file's size and sha256.
 
     Returns:
         The `Manifest`.
 
     Raises:
-        BundleError: no manifest, an unknown format or version, a missing or
-            corrupted segment file.
+        BundleError: no manifest, an unknown format or version, a malformed
+            manifest (naming the field), a missing, outside or corrupted
+            segment file.
     """
     path = os.path.join(directory, MANIFEST_NAME)
     if not os.path.isfile(path):
@@ -214,30 +226,34 @@ def read_manifest(directory: str, verify: bool = True) -> Manifest:
             f"{directory!r} is not a keras-earlyexit bundle: {MANIFEST_NAME} "
             "not found. Write one with kee.export.to_tflite(model, directory)."
         )
+    _inside(directory, MANIFEST_NAME, MANIFEST_NAME)
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(_MAX_MANIFEST_BYTES + 1))
+    except (ValueError, RecursionError) as e:  # JSON, UTF-8 or nesting
         raise BundleError(
-            f"{path} is not valid JSON ({e}). The bundle is damaged: convert again."
+            f"{path} is not valid JSON ({str(e)[:200]}). The bundle is "
+            "damaged: convert again."
         ) from None
+    if not isinstance(data, dict):
+        raise BundleError(
+            f"{path} must hold a JSON object; found {type(data).__name__}."
+        )
     if data.get("format") != FORMAT:
         raise BundleError(
-            f"{path} has format {data.get('format')!r}; expected {FORMAT!r}."
+            f"{path} has format {_show(data.get('format'))}; expected {FORMAT!r}."
         )
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise BundleError(
-            f"{path} has format_version {version!r}; this keras-earlyexit reads "
-            f"version {FORMAT_VERSION}. Convert the model again with this "
+            f"{path} has format_version {_show(version)}; this keras-earlyexit "
+            f"reads version {FORMAT_VERSION}. Convert the model again with this "
             "version, or install the version that wrote the bundle."
         )
     try:
         manifest = Manifest.from_dict(data)
-    except (KeyError, TypeError) as e:
-        raise BundleError(
-            f"{path} does not follow the manifest schema ({e}). Convert again."
-        ) from None
+    except BundleError as e:
+        raise BundleError(f"{path}: {e}. Convert the model again.") from None
     if verify:
         for s in manifest.segments:
             read_segment(directory, s)
@@ -245,20 +261,308 @@ def read_manifest(directory: str, verify: bool = True) -> Manifest:
 
 
 def read_segment(directory: str, segment: SegmentInfo) -> bytes:
-    """The bytes of one segment file, checked against the manifest."""
-    path = os.path.join(directory, segment.file)
+    """The bytes of one segment file, checked against the manifest: inside
+    the bundle directory, of `size_bytes` bytes, with the listed sha256."""
+    where = f"segment {segment.index + 1} ({segment.file})"
+    path = _inside(directory, segment.file, where)
     if not os.path.isfile(path):
         raise BundleError(
-            f"Segment file {path} listed in the manifest is missing. Copy the "
-            "whole bundle directory, or convert again."
+            f"Segment file {segment.file} listed in the manifest of {directory} "
+            "is missing. Copy the whole bundle directory, or convert again."
+        )
+    size = os.path.getsize(path)
+    if size != segment.size_bytes:
+        raise BundleError(
+            f"Segment file {segment.file} in {directory} holds {size} bytes; "
+            f"the manifest lists size_bytes {segment.size_bytes}. It is "
+            "truncated or was replaced: copy the bundle again or convert again."
         )
     with open(path, "rb") as f:
-        data = f.read()
-    digest = sha256_of(data)
-    if digest != segment.sha256:
+        data = f.read(segment.size_bytes + 1)
+    # The file's own digest is never shown: it may be a file from elsewhere.
+    if len(data) != segment.size_bytes or sha256_of(data) != segment.sha256:
         raise BundleError(
-            f"Segment file {path} is corrupted or was replaced: its sha256 is "
-            f"{digest[:16]}..., the manifest expects {segment.sha256[:16]}... "
-            "Copy the bundle again or convert again."
+            f"Segment file {segment.file} is corrupted or was replaced: its "
+            f"sha256 differs from the one in the manifest of {directory}. Copy "
+            "the bundle again or convert again."
         )
     return data
+
+
+def _inside(directory: str, name: str, what: str) -> str:
+    """The path of `name` in `directory`, refused if it resolves outside
+    (through a symlink, for instance)."""
+    root = os.path.realpath(directory)
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, path]) != root or path == root:
+        raise BundleError(
+            f"The {what} of bundle {directory} is a link that leads outside the "
+            "bundle directory; refusing to read it. A bundle holds its files "
+            "itself: copy them in, or convert again."
+        )
+    return path
+
+
+# Reading limits and checks for manifests from elsewhere.
+_MAX_MANIFEST_BYTES = 16 << 20
+DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool")
+# Names end up in messages and generated sources: printable, no quotes,
+# backslashes or control characters.
+_NAME = re.compile(r"[^\x00-\x1f\x7f\"'\\`]{1,256}")
+_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Fields:
+    """Typed access to one JSON object of a manifest; every error names the
+    field by its path (`segments[1].inputs[0].scale`)."""
+
+    def __init__(self, value, path: str):
+        if not isinstance(value, dict):
+            raise BundleError(
+                f"manifest field {path} must be a JSON object; found {_show(value)}"
+            )
+        self.value = value
+        self.path = path
+
+    def name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def fail(self, key: str, expected: str):
+        raise BundleError(
+            f"manifest field {self.name(key)} must be {expected}; found "
+            f"{_show(self.value[key])}"
+        )
+
+    def get(self, key: str, optional: bool = False):
+        if key not in self.value:
+            if optional:
+                return None
+            raise BundleError(f"manifest field {self.name(key)} is missing")
+        return self.value[key]
+
+    def string(self, key: str, pattern=_NAME, choices=None) -> str:
+        value = self.get(key)
+        if choices is not None:
+            if value not in choices:
+                self.fail(key, f"one of {list(choices)}")
+        elif not isinstance(value, str) or not pattern.fullmatch(value):
+            self.fail(key, "a non-empty string without quotes or control characters")
+        return value
+
+    def integer(self, key: str, low: int, high: int | None = None, optional=False):
+        value = self.get(key, optional)
+        if value is None and optional:
+            return None
+        if type(value) is not int or value < low or (high is not None and value > high):
+            limits = f">= {low}" if high is None else f"in [{low}, {high}]"
+            self.fail(key, f"an integer {limits}" + (" or null" if optional else ""))
+        return value
+
+    def number(self, key: str, low: float, high: float, low_open: bool = False):
+        value = self.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value) and value <= high
+        ok = ok and (value > low if low_open else value >= low)
+        if not ok:
+            bound = f"> {low}" if low_open else f">= {low}"
+            if math.isfinite(high):
+                bound += f" and <= {high}"
+            self.fail(key, f"a finite number {bound}")
+        return float(value)
+
+    def items(self, key: str, non_empty: bool = True) -> list:
+        value = self.get(key)
+        if not isinstance(value, list) or (non_empty and not value):
+            self.fail(key, "a non-empty list" if non_empty else "a list")
+        return value
+
+    def strings(self, key: str) -> list[str]:
+        values = self.items(key, non_empty=False)
+        for i, v in enumerate(values):
+            if not isinstance(v, str) or not _NAME.fullmatch(v):
+                raise BundleError(
+                    f"manifest field {self.name(key)}[{i}] must be a non-empty "
+                    f"string without quotes or control characters; found {_show(v)}"
+                )
+        return list(values)
+
+
+def _parse_tensor(value, path: str) -> TensorInfo:
+    f = _Fields(value, path)
+    shape = f.items("shape")
+    if not all(type(d) is int and d >= 1 for d in shape) or shape[0] != 1:
+        f.fail("shape", "a list of integers >= 1 starting with the batch size 1")
+    tensor = TensorInfo(
+        name=f.string("name"),
+        position=f.integer("position", 0),
+        shape=list(shape),
+        dtype=f.string("dtype", choices=DTYPES),
+        scale=None,
+        zero_point=None,
+    )
+    if f.get("scale", optional=True) is not None:
+        tensor.scale = f.number("scale", 0.0, math.inf, low_open=True)
+    tensor.zero_point = f.integer("zero_point", -128, 127, optional=True)
+    if (tensor.scale is None) != (tensor.zero_point is None):
+        raise BundleError(
+            f"manifest fields {path}.scale and {path}.zero_point must both be "
+            "set (an int8 tensor) or both be null"
+        )
+    if tensor.quantized and tensor.dtype != "int8":
+        f.fail("dtype", "'int8' for a tensor with a scale and zero-point")
+    return tensor
+
+
+def _parse_tensors(f: _Fields, key: str, non_empty: bool) -> list[TensorInfo]:
+    tensors = [
+        _parse_tensor(t, f"{f.name(key)}[{i}]")
+        for i, t in enumerate(f.items(key, non_empty))
+    ]
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        f.fail(key, "a list of tensors with distinct names")
+    if sorted(t.position for t in tensors) != list(range(len(tensors))):
+        f.fail(key, f"a list of tensors with positions 0 to {len(tensors) - 1}")
+    return tensors
+
+
+def _parse_gate(value, path: str, confidence: TensorInfo) -> GateInfo:
+    f = _Fields(value, path)
+    gate = GateInfo(
+        criterion=f.string("criterion"),
+        temperature=f.number("temperature", 0.0, math.inf, low_open=True),
+        threshold=f.number("threshold", 0.0, 1.0),
+        threshold_quantized=f.integer("threshold_quantized", -128, 128, True),
+    )
+    if confidence.quantized:
+        expected = quantize_threshold(
+            gate.threshold, confidence.scale, confidence.zero_point
+        )
+        if gate.threshold_quantized != expected:
+            f.fail(
+                "threshold_quantized",
+                f"{expected} (threshold {gate.threshold} at the confidence's "
+                f"scale {confidence.scale} and zero-point {confidence.zero_point})",
+            )
+    elif gate.threshold_quantized is not None:
+        f.fail("threshold_quantized", "null for a float confidence")
+    return gate
+
+
+def _parse_segment(value, k: int, num_classes: int) -> SegmentInfo:
+    path = f"segments[{k}]"
+    f = _Fields(value, path)
+    name = f.get("file")
+    if not isinstance(name, str) or not _FILE.fullmatch(name):
+        why = ""
+        if isinstance(name, str) and (os.path.isabs(name) or name[:1] in "/\\"):
+            why = " (an absolute path)"
+        elif isinstance(name, str) and ".." in name.replace("\\", "/").split("/"):
+            why = " (it leads out of the bundle with '..')"
+        f.fail("file", "the name of a file inside the bundle directory" + why)
+    sha = f.get("sha256")
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        f.fail("sha256", "64 lowercase hexadecimal digits")
+    outputs = _parse_tensors(f, "outputs", non_empty=True)
+    by_name = {t.name: t for t in outputs}
+    for required in ("logits", "confidence"):
+        if required not in by_name:
+            f.fail("outputs", f"a list of tensors that includes {required!r}")
+    if int(np.prod(by_name["confidence"].shape)) != 1:
+        raise BundleError(
+            f"manifest field {path}.outputs 'confidence' must hold one value per "
+            f"sample; its shape is {by_name['confidence'].shape}"
+        )
+    if int(np.prod(by_name["logits"].shape)) != num_classes:
+        raise BundleError(
+            f"manifest field {path}.outputs 'logits' must hold num_classes "
+            f"({num_classes}) values per sample; its shape is "
+            f"{by_name['logits'].shape}"
+        )
+    carry_out = f.strings("carry_out")
+    for c in carry_out:
+        if c not in by_name:
+            f.fail("carry_out", f"names of outputs of the segment ({c!r} is not)")
+    segment = SegmentInfo(
+        index=f.integer("index", k, k),
+        exit_name=f.string("exit_name"),
+        file=name,
+        sha256=sha,
+        size_bytes=f.integer("size_bytes", 1),
+        inputs=_parse_tensors(f, "inputs", non_empty=True),
+        outputs=outputs,
+        carry_out=carry_out,
+        macs=f.integer("macs", 0),
+        cumulative_macs=f.integer("cumulative_macs", 0),
+        gate=_parse_gate(f.get("gate"), f"{path}.gate", by_name["confidence"]),
+        arena_bytes=f.integer("arena_bytes", 1, optional=True),
+        arena_head_bytes=f.integer("arena_head_bytes", 0, optional=True),
+    )
+    if (segment.arena_head_bytes or 0) > (segment.arena_bytes or math.inf):
+        f.fail("arena_head_bytes", f"<= arena_bytes ({segment.arena_bytes})")
+    return segment
+
+
+def _check_carry(previous: SegmentInfo, segment: SegmentInfo) -> None:
+    """Segment k's `carry_out` feeds exactly segment k+1's inputs, tensor
+    by tensor of the same dtype and shape."""
+    path = f"segments[{previous.index}].carry_out"
+    names = sorted(t.name for t in segment.inputs)
+    if sorted(previous.carry_out) != names:
+        raise BundleError(
+            f"manifest field {path} must list the inputs of segment "
+            f"{segment.index + 1} ({names}); found {_show(previous.carry_out)}"
+        )
+    for target in segment.inputs:
+        source = previous.output(target.name)
+        if (source.dtype, source.shape, source.quantized) != (
+            target.dtype,
+            target.shape,
+            target.quantized,
+        ):
+            raise BundleError(
+                f"manifest carry {target.name!r} from segment {previous.index + 1} "
+                f"to segment {segment.index + 1} changes from {source.dtype} "
+                f"{source.shape} to {target.dtype} {target.shape}"
+                + (" (quantized on one side only)" if source.dtype == "int8" else "")
+            )
+
+
+def _parse_manifest(data) -> Manifest:
+    f = _Fields(data, "")
+    num_classes = f.integer("num_classes", 1)
+    segments = [
+        _parse_segment(s, k, num_classes) for k, s in enumerate(f.items("segments"))
+    ]
+    manifest = Manifest(
+        quantization=f.string("quantization", choices=QUANTIZATION_MODES),
+        model_name=f.string("model_name"),
+        num_classes=num_classes,
+        criterion=f.string("criterion"),
+        exit_names=f.strings("exit_names"),
+        boundary=f.string("boundary"),
+        segments=segments,
+        format=f.string("format", choices=(FORMAT,)),
+        format_version=f.integer("format_version", FORMAT_VERSION, FORMAT_VERSION),
+    )
+    if manifest.exit_names != [s.exit_name for s in segments]:
+        f.fail(
+            "exit_names", f"the segments' exit names {[s.exit_name for s in segments]}"
+        )
+    files = [s.file for s in segments]
+    if len(set(files)) != len(files):
+        f.fail("segments", "a list of segments with distinct files")
+    if segments[-1].carry_out:
+        raise BundleError(
+            f"manifest field segments[{len(segments) - 1}].carry_out must be "
+            "empty: the final segment hands nothing on"
+        )
+    for previous, segment in zip(segments, segments[1:]):
+        _check_carry(previous, segment)
+    return manifest
