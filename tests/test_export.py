@@ -195,7 +195,7 @@ def test_bad_arguments_are_rejected(trained_digits_model, tmp_path, digits):
         )
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="no bundle"):
+    with pytest.raises(FileExistsError, match="has no manifest.json"):
         kee.export.to_tflite(
             trained_digits_model, str(tmp_path / "notes"), quantization="float32"
         )
@@ -215,7 +215,8 @@ def test_interrupted_conversion_keeps_the_previous_bundle(
     bundles, trained_digits_model, tmp_path
 ):
     """Kills a conversion after it wrote its first segment: the bundle it
-    was replacing is untouched and still loads."""
+    was replacing is untouched and still loads, and the next export removes
+    what the killed one left."""
     bundle = tmp_path / "bundle"
     os.rename(bundles["float32"], bundle)  # this module's last use of it
     before = _snapshot(bundle)
@@ -248,6 +249,12 @@ def test_interrupted_conversion_keeps_the_previous_bundle(
     assert _snapshot(bundle) == before
     manifest = kee.export.read_manifest(str(bundle))  # checks every sha256
     assert manifest.quantization == "float32"
+    assert len(list(tmp_path.glob(".bundle.tmp-*"))) == 1
+    kee.export.to_tflite(
+        trained_digits_model, str(bundle), quantization="float32", verbose=0
+    )
+    assert sorted(os.listdir(tmp_path)) == ["bundle", "model.keras"]
+    assert _snapshot(bundle) == before  # the same model converts the same
 
 
 def test_non_finite_calibration_data_is_refused(trained_digits_model, tmp_path):

@@ -29,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     import keras
     import numpy as np
 
+    import keras_earlyexit
     from keras_earlyexit.export.tflite import to_tflite
 
+    # The package imported before Keras did: register its classes now.
+    keras_earlyexit.register_keras_objects()
     model = keras.saving.load_model(args.model)
     data = None
     if args.representative_data:

@@ -42,15 +42,18 @@ import numpy as np
 from keras_earlyexit.export import flatbuffer
 from keras_earlyexit.export import micro as micro_lib
 from keras_earlyexit.export.manifest import (
-    MANIFEST_NAME,
     QUANTIZATION_MODES,
     GateInfo,
     Manifest,
     SegmentInfo,
     TensorInfo,
     check_replaceable,
+    clean_leftovers,
+    make_temp_dir,
+    not_a_bundle,
     quantize_threshold,
     replace_directory,
+    resolve_target,
     sha256_of,
     write_manifest,
 )
@@ -82,7 +85,10 @@ def to_tflite(
         model: an `EarlyExitModel` (trained on any backend). Its gates'
             criterion, temperature and thresholds are exported.
         directory: bundle directory to create or replace. An existing
-            directory is replaced only if it is empty or holds a bundle.
+            directory is replaced only if it is empty or holds a bundle
+            written by `to_tflite` (its `manifest.json` and segment files,
+            nothing else); a symlink is kept and the bundle it points to
+            replaced. Leftovers of a killed export are removed.
         representative_data: model inputs (array, list or dict of arrays,
             float) to calibrate int8 activations; required for `"int8"`,
             unused otherwise. A few hundred samples suffice.
@@ -141,19 +147,20 @@ def to_tflite(
         }
     else:
         representative_data = None
-    directory = os.path.abspath(directory)
+    target = resolve_target(directory)
     check_replaceable(
-        directory,
-        MANIFEST_NAME,
-        "it holds no bundle, and to_tflite replaces only bundles",
+        target,
+        not_a_bundle,
+        "to_tflite replaces only a bundle it wrote (manifest.json and "
+        "segment_<k>.tflite files): choose a new or empty directory.",
     )
     if keras.backend.backend() != "tensorflow":
         _convert_in_subprocess(
-            model, directory, representative_data, quantization, verbose, micro
+            model, target, representative_data, quantization, verbose, micro
         )
     else:
-        _convert(model, directory, representative_data, quantization, verbose, micro)
-    return directory
+        _convert(model, target, representative_data, quantization, verbose, micro)
+    return os.path.abspath(directory)
 
 
 def input_dict(model, x) -> dict[str, np.ndarray]:
@@ -261,9 +268,8 @@ def _convert(
 
     segments = model.segments()
     macs = count_macs(model, warn=False)
-    parent, base = os.path.split(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    clean_leftovers(directory, not_a_bundle)
+    tmp = make_temp_dir(directory)
     progbar = keras.utils.Progbar(len(segments)) if verbose else None
     try:
         carry = representative_data
