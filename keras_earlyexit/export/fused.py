@@ -1,0 +1,543 @@
+"""The fused gated model: one `.tflite` file whose own graph gates itself.
+
+`to_tflite(model, "model.tflite", fused=True)` converts the segments as for
+a bundle (int8 boundaries matched byte for byte, ops checked for TFLite
+Micro) and assembles their flatbuffers into one model with TFLite IF ops:
+
+```
+subgraph S1: segment 1 -> gate -> IF(cond, logits1, confidence1, carry1)
+                                     then T1: exit 1's outputs
+                                     else S2: segment 2 -> gate -> IF(...)
+                                                ...
+                                                else SN: segment N, outputs
+```
+
+An IF hands the same inputs to both branches, so each then-branch (`Tk`)
+receives the carry too and ignores it. Every branch yields the same outputs,
+fixed in the graph: `class` (int32, ARG_MAX of the logits), `exit_index`
+(an int32 constant per branch), `confidence` (float32: DEQUANTIZE of the
+int8 confidence) and, with `logits=True`, `logits` (float32). Inside, int8
+models stay integer: the gate casts the int8 confidence to int32 and
+compares it with an int32 constant, the quantized threshold (128: never),
+which `set_thresholds` rewrites without reconverting. Float models compare
+the float32 confidence with float32(threshold), or with 2.0 for 1.0.
+
+The converter cannot make this graph itself: its int8 quantization leaves
+the branches of a `tf.cond` in float. Every op used (IF, CAST,
+GREATER_EQUAL, ARG_MAX, DEQUANTIZE) has a TFLite Micro kernel.
+
+The manifest is embedded as TFLite metadata (`runtime.fused`), with the
+arena measured in TFLite Micro for the whole file (int8, or `micro=True`).
+"""
+
+import hashlib
+import os
+import tempfile
+import warnings
+
+import numpy as np
+
+from keras_earlyexit.export import flatbuffer
+from keras_earlyexit.export import micro as micro_lib
+from keras_earlyexit.runtime.fused import (
+    METADATA_NAME,
+    OUTPUT_NAMES,
+    FusedExit,
+    FusedManifest,
+    FusedModelError,
+    buffer_span,
+    content_sha256,
+    gate_constant,
+    is_fused_model,
+)
+from keras_earlyexit.runtime.manifest import (
+    GateInfo,
+    Manifest,
+    TensorInfo,
+    read_manifest,
+    read_segment,
+)
+
+# Op versions as the TFLite converter writes them for these types.
+_INT8_VERSIONS = {"CAST": 3, "ARG_MAX": 2, "DEQUANTIZE": 2}
+
+
+def to_fused_tflite(
+    model,
+    path: str,
+    representative_data=None,
+    quantization: str = "int8",
+    calibration_samples: int = 500,
+    verbose: int = 1,
+    micro: bool | None = None,
+    logits: bool = False,
+) -> str:
+    """Converts an `EarlyExitModel` into one fused gated `.tflite` file.
+
+    Called by `kee.export.to_tflite(model, path, ..., fused=True)`; the
+    arguments are those of `to_tflite`, plus `logits`. The file is written
+    next to `path` and renamed into place: a failed export leaves no partial
+    file and keeps a previous one.
+
+    Args:
+        model: an `EarlyExitModel` (trained on any backend).
+        path: the `.tflite` file to create, or to replace if it is a fused
+            model written before (any other existing file is kept).
+        representative_data: model inputs to calibrate int8 activations.
+        quantization: `"int8"`, `"float16"`, `"dynamic"` or `"float32"`.
+        calibration_samples: use at most this many representative samples.
+        verbose: 1 shows a progress bar, 0 is silent.
+        micro: check the ops for TFLite Micro and measure the file's arena
+            into its manifest. Default: True for `"int8"`.
+        logits: also output the taken exit's `logits` (float32).
+
+    Returns:
+        The file's absolute path.
+
+    Example:
+
+    ```python
+    path = kee.export.to_tflite(
+        model, "digits.tflite", representative_data=x_val, fused=True
+    )
+    result = kee.runtime.GatedInterpreter(path, backend="micro").predict(x_test)
+    ```
+    """
+    from keras_earlyexit.export.tflite import to_tflite
+
+    path = os.path.abspath(os.fspath(path))
+    check_target(path)
+    if not isinstance(logits, bool):
+        raise ValueError(f"logits must be True or False. Received: {logits!r}")
+    if micro is None:
+        micro = quantization == "int8"
+    with tempfile.TemporaryDirectory(prefix="kee-fused-") as tmp:
+        bundle = to_tflite(
+            model,
+            os.path.join(tmp, "bundle"),
+            representative_data=representative_data,
+            quantization=quantization,
+            calibration_samples=calibration_samples,
+            verbose=verbose,
+            micro=micro,
+        )
+        manifest = read_manifest(bundle)
+        segments = [read_segment(bundle, s) for s in manifest.segments]
+    data = fuse(manifest, segments, model_sha256(model), logits=logits, micro=micro)
+    write_atomic(path, data)
+    return path
+
+
+def check_target(path: str) -> None:
+    """Refuses a path that does not end in `.tflite`, is a directory, or is
+    an existing file other than a fused model (so no user file is lost)."""
+    if not path.endswith(".tflite"):
+        raise ValueError(
+            f"A fused model is one file: give a path ending in '.tflite'; "
+            f"received {path!r}. Without fused=True, to_tflite writes a bundle "
+            "directory."
+        )
+    if os.path.isdir(path):
+        raise FileExistsError(f"{path} is a directory; choose a file path.")
+    if os.path.exists(path) and not is_fused_model(path):
+        raise FileExistsError(
+            f"{path} exists and is not a fused model written by keras-earlyexit; "
+            "to_tflite replaces only those. Choose a new path or remove the file."
+        )
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Writes `data` to a temporary file next to `path` and renames it into
+    place: readers see the old file or the new one, never a partial one."""
+    parent, base = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def model_sha256(model) -> str:
+    """sha256 of a Keras model's weights (paths, dtypes, shapes, values):
+    which trained model a fused file was made from."""
+    from keras import ops
+
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        value = np.ascontiguousarray(ops.convert_to_numpy(weight))
+        digest.update(f"{weight.path}:{value.dtype}:{value.shape};".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def fuse(
+    manifest: Manifest,
+    segments: list[bytes],
+    source_sha256: str,
+    logits: bool = False,
+    micro: bool = False,
+) -> bytes:
+    """Assembles a bundle's segment models into one fused model.
+
+    Args:
+        manifest: the bundle's manifest.
+        segments: the segment files' bytes, in order.
+        source_sha256: hash of the source model, stored in the manifest.
+        logits: also output the taken exit's logits.
+        micro: measure the TFLite Micro arena into the manifest.
+
+    Returns:
+        The fused `.tflite` bytes, manifest embedded.
+    """
+    if manifest.boundary.startswith("requantize"):
+        raise ValueError(
+            "The segments' int8 carries have different scales on the two sides "
+            f"of a boundary ({manifest.boundary}); a fused model hands them on "
+            "unchanged. Export a bundle (fused=False) for this model."
+        )
+    graph = _Graph(with_logits=logits)
+    exits = graph.build(manifest, segments)
+    fused = FusedManifest(
+        quantization=manifest.quantization,
+        model_name=manifest.model_name,
+        num_classes=manifest.num_classes,
+        criterion=manifest.criterion,
+        exit_names=list(manifest.exit_names),
+        boundary=manifest.boundary.split(":")[0],
+        inputs=[TensorInfo(**vars(t)) for t in manifest.segments[0].inputs],
+        outputs=list(OUTPUT_NAMES if logits else OUTPUT_NAMES[:3]),
+        exits=exits,
+        source_sha256=source_sha256,
+    )
+    data = finish(graph.model, fused)
+    if micro:
+        try:
+            (usage,) = micro_lib.measure_arena([data])
+        except ImportError as e:
+            warnings.warn(f"{e} The manifest gets no arena size.", stacklevel=3)
+        else:
+            fused.arena_bytes = usage.arena_bytes
+            fused.arena_head_bytes = usage.head_bytes
+            data = finish(graph.model, fused)
+    return data
+
+
+def finish(model, manifest: FusedManifest) -> bytes:
+    """Packs `model` (object API) with `manifest` embedded as its metadata,
+    hash included (`runtime.fused.content_sha256`)."""
+    schema = flatbuffer._schema()
+    entry = next(
+        (m for m in model.metadata or [] if _text(m.name) == METADATA_NAME), None
+    )
+    if entry is None:
+        model.buffers.append(schema.BufferT())
+        entry = schema.MetadataT()
+        entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
+        model.metadata = [*(model.metadata or []), entry]
+    manifest.content_sha256 = "0" * 64
+    placeholder = manifest.to_json().encode()
+    model.buffers[entry.buffer].data = np.frombuffer(placeholder, np.uint8)
+    data = bytearray(flatbuffer.pack_model(model))
+    span = buffer_span(data, entry.buffer)
+    manifest.content_sha256 = content_sha256(data, span)
+    text = manifest.to_json().encode()
+    if len(text) != span[1]:
+        raise AssertionError("the hash changed the manifest's length")
+    data[span[0] : span[0] + span[1]] = text
+    model.buffers[entry.buffer].data = np.frombuffer(text, np.uint8)
+    return bytes(data)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")
+
+
+def _short_name(name) -> str:
+    """A converter tensor name without the fused ops' names after the first
+    (`"a/Relu;a/BiasAdd;..."` -> `"a/Relu"`): the names cost flash."""
+    return _text(name).split(";")[0]
+
+
+class _Graph:
+    """The fused model under construction (flatbuffer object API).
+
+    Subgraph 2k holds segment k+1 (its ops, then its gate and IF), 2k+1
+    exit k+1's then-branch; the last segment's subgraph has no IF.
+    """
+
+    def __init__(self, with_logits: bool):
+        schema = flatbuffer._schema()
+        self.schema = schema
+        self.types = schema.TensorType
+        self.with_logits = with_logits
+        self.model = schema.ModelT()
+        self.model.version = 3
+        self.model.description = "keras-earlyexit fused gated model"
+        self.model.operatorCodes = []
+        self.model.buffers = [schema.BufferT()]  # buffer 0: empty, by convention
+        self.model.subgraphs = []
+        self._opcodes: dict[tuple, int] = {}
+
+    # Model-level tables.
+
+    def opcode(self, builtin: int, version: int = 1, custom=None) -> int:
+        key = (builtin, version, _text(custom))
+        if key not in self._opcodes:
+            code = self.schema.OperatorCodeT()
+            code.builtinCode = builtin
+            # Codes above 127 keep 127 (PLACEHOLDER_FOR_GREATER_OP_CODES) here.
+            code.deprecatedBuiltinCode = min(builtin, 127)
+            code.version = version
+            code.customCode = custom
+            self.model.operatorCodes.append(code)
+            self._opcodes[key] = len(self.model.operatorCodes) - 1
+        return self._opcodes[key]
+
+    def buffer(self, data: bytes) -> int:
+        buffer = self.schema.BufferT()
+        buffer.data = np.frombuffer(data, np.uint8)
+        self.model.buffers.append(buffer)
+        return len(self.model.buffers) - 1
+
+    # Tensors and ops of one subgraph.
+
+    def tensor(self, subgraph, name, shape, dtype, buffer=0, quantization=None) -> int:
+        tensor = self.schema.TensorT()
+        tensor.name = name
+        tensor.shape = np.array(shape, np.int32)
+        tensor.type = dtype
+        tensor.buffer = buffer
+        tensor.quantization = quantization
+        subgraph.tensors.append(tensor)
+        return len(subgraph.tensors) - 1
+
+    def like(self, subgraph, source, name: str, quantized: bool = True) -> int:
+        """A new tensor with `source`'s shape and type (and quantization,
+        unless the tensor is only handed through)."""
+        quantization = source.quantization if quantized else None
+        return self.tensor(subgraph, name, source.shape, source.type, 0, quantization)
+
+    def constant(self, subgraph, name: str, value: np.ndarray, buffer=None) -> int:
+        if buffer is None:
+            buffer = self.buffer(value.tobytes())
+        dtype = {
+            np.dtype(np.int32): self.types.INT32,
+            np.dtype(np.float32): self.types.FLOAT32,
+        }
+        return self.tensor(subgraph, name, value.shape, dtype[value.dtype], buffer)
+
+    def op(self, subgraph, name: str, inputs, outputs, options=None, version=1):
+        op = self.schema.OperatorT()
+        op.opcodeIndex = self.opcode(
+            getattr(self.schema.BuiltinOperator, name), version
+        )
+        op.inputs = np.array(inputs, np.int32)
+        op.outputs = np.array(outputs, np.int32)
+        if options is not None:
+            # CastOptionsT -> BuiltinOptions.CastOptions
+            op.builtinOptionsType = getattr(
+                self.schema.BuiltinOptions, type(options).__name__[:-1]
+            )
+            op.builtinOptions = options
+        subgraph.operators.append(op)
+
+    def is_int8(self, subgraph, tensor: int) -> bool:
+        return subgraph.tensors[tensor].type == self.types.INT8
+
+    # Assembly.
+
+    def import_segment(self, data: bytes, file: str):
+        """Segment `data`'s subgraph with buffers and op codes moved into
+        the fused model; returns it and its signature's tensor indices."""
+        segment = self.schema.ModelT.InitFromPackedBuf(data, 0)
+        if len(segment.subgraphs) != 1 or not segment.signatureDefs:
+            raise FusedModelError(
+                f"{file} is not a single-subgraph segment model with a "
+                "signature; convert the bundle again."
+            )
+        subgraph = segment.subgraphs[0]
+        moved: dict[int, int] = {}
+        for tensor in subgraph.tensors:
+            tensor.name = _short_name(tensor.name)
+            source = segment.buffers[tensor.buffer]
+            if source.offset or source.size:
+                raise FusedModelError(f"{file} stores weights outside the model.")
+            if source.data is None or len(source.data) == 0:
+                tensor.buffer = 0  # computed tensors share the empty buffer
+                continue
+            if tensor.buffer not in moved:
+                moved[tensor.buffer] = self.buffer(bytes(source.data))
+            tensor.buffer = moved[tensor.buffer]
+        for op in subgraph.operators:
+            code = segment.operatorCodes[op.opcodeIndex]
+            op.opcodeIndex = self.opcode(
+                max(code.builtinCode, code.deprecatedBuiltinCode),
+                code.version,
+                code.customCode,
+            )
+        signature = segment.signatureDefs[0]
+        inputs = {_text(t.name): t.tensorIndex for t in signature.inputs}
+        outputs = {_text(t.name): t.tensorIndex for t in signature.outputs}
+        return subgraph, inputs, outputs
+
+    def exit_results(self, subgraph, logits: int, confidence: int, k: int):
+        """Exit k's results as every branch returns them: its logits (int8
+        as computed, or float32 if the model outputs them), its index and
+        its float32 confidence. Returns the tensor indices."""
+        prefix = f"kee/exit_{k + 1}"
+        exit_index = self.constant(
+            subgraph, f"{prefix}/exit_index", np.array([k], np.int32)
+        )
+        results = [logits, exit_index, confidence]
+        dequantize = [(2, "confidence")] + ([(0, "logits")] if self.with_logits else [])
+        for j, name in dequantize:
+            if self.is_int8(subgraph, results[j]):
+                shape = subgraph.tensors[results[j]].shape
+                out = self.tensor(
+                    subgraph, f"{prefix}/{name}", shape, self.types.FLOAT32
+                )
+                version = _INT8_VERSIONS["DEQUANTIZE"]
+                self.op(subgraph, "DEQUANTIZE", [results[j]], [out], version=version)
+                results[j] = out
+        return results
+
+    def gate(self, subgraph, confidence: int, exit: FusedExit, k: int) -> int:
+        """The gate's compare: a bool tensor, true when the sample leaves.
+        Sets `exit.threshold_buffer` to the threshold constant's buffer."""
+        prefix = f"kee/exit_{k + 1}"
+        value = gate_constant(exit, exit.gate.threshold)
+        if self.is_int8(subgraph, confidence):
+            # int8 cannot hold 128 ("never"): compare in int32.
+            wide = self.tensor(
+                subgraph, f"{prefix}/confidence_q", [1], self.types.INT32
+            )
+            options = self.schema.CastOptionsT()
+            options.inDataType, options.outDataType = self.types.INT8, self.types.INT32
+            version = _INT8_VERSIONS["CAST"]
+            self.op(subgraph, "CAST", [confidence], [wide], options, version)
+            confidence, constant = wide, np.array([value], np.int32)
+        else:
+            constant = np.array([value], np.float32)
+        exit.threshold_buffer = self.buffer(constant.tobytes())
+        threshold = self.constant(
+            subgraph, f"{prefix}/threshold", constant, exit.threshold_buffer
+        )
+        leaves = self.tensor(subgraph, f"{prefix}/leaves", [1], self.types.BOOL)
+        self.op(subgraph, "GREATER_EQUAL", [confidence, threshold], [leaves])
+        return leaves
+
+    def build(self, manifest: Manifest, segments: list[bytes]) -> list[FusedExit]:
+        """Fills the model; returns the manifest's exits."""
+        n = len(segments)
+        self.model.subgraphs = [None] * (2 * n - 1)
+        exits = []
+        handed: list[int] = []  # the previous IF's inputs, in its subgraph
+        parent = None
+        for k, (info, data) in enumerate(zip(manifest.segments, segments)):
+            subgraph, inputs, outputs = self.import_segment(data, info.file)
+            subgraph.name = f"segment_{k + 1}"
+            if k == 0:
+                entry = [inputs[t.name] for t in info.inputs]
+            else:
+                # Both branches take the IF's inputs: the previous exit's
+                # logits and confidence, which this branch ignores, then
+                # the carry.
+                ignored = [
+                    self.like(subgraph, parent.tensors[i], f"kee/unused_{j}", False)
+                    for j, i in enumerate(handed[:2])
+                ]
+                carry = manifest.segments[k - 1].carry_out
+                entry = ignored + [inputs[name] for name in carry]
+            subgraph.inputs = np.array(entry, np.int32)
+            confidence_info = info.output("confidence")
+            exit = FusedExit(
+                index=k,
+                exit_name=info.exit_name,
+                macs=info.macs,
+                cumulative_macs=info.cumulative_macs,
+                gate=GateInfo(**vars(info.gate)),
+                confidence_scale=confidence_info.scale,
+                confidence_zero_point=confidence_info.zero_point,
+            )
+            if exit.quantized:
+                exit.gate.threshold_quantized = gate_constant(exit, exit.gate.threshold)
+            logits, confidence = outputs["logits"], outputs["confidence"]
+            if k == n - 1:
+                results = self.exit_results(subgraph, logits, confidence, k)
+            else:
+                leaves = self.gate(subgraph, confidence, exit, k)
+                handed = [logits, confidence] + [outputs[c] for c in info.carry_out]
+                then = self._then_branch(subgraph, handed, k)
+                self.model.subgraphs[2 * k + 1] = then
+                results = [
+                    self.like(subgraph, then.tensors[i], f"kee/exit_{k + 1}/result_{j}")
+                    for j, i in enumerate(then.outputs)
+                ]
+                options = self.schema.IfOptionsT()
+                options.thenSubgraphIndex = 2 * k + 1
+                options.elseSubgraphIndex = 2 * k + 2
+                self.op(subgraph, "IF", [leaves] + handed, results, options)
+            if k == 0:
+                results = self._model_outputs(subgraph, results)
+            subgraph.outputs = np.array(results, np.int32)
+            self.model.subgraphs[2 * k] = subgraph
+            parent = subgraph
+            exits.append(exit)
+        self._signature(manifest)
+        return exits
+
+    def _then_branch(self, parent, handed: list[int], k: int):
+        """Exit k's then-branch: takes the IF's inputs (the carry too,
+        unused) and returns exit k's results."""
+        subgraph = self.schema.SubGraphT()
+        subgraph.name = f"exit_{k + 1}"
+        subgraph.tensors, subgraph.operators = [], []
+        inputs = [
+            self.like(subgraph, parent.tensors[i], f"kee/exit_{k + 1}/in_{j}", j < 2)
+            for j, i in enumerate(handed)
+        ]
+        subgraph.inputs = np.array(inputs, np.int32)
+        subgraph.outputs = np.array(
+            self.exit_results(subgraph, inputs[0], inputs[1], k), np.int32
+        )
+        return subgraph
+
+    def _model_outputs(self, subgraph, results: list[int]) -> list[int]:
+        """The model's outputs from the taken exit's results: `class` is
+        the ARG_MAX of its logits, once here rather than in every branch
+        (argmax needs no quantization parameters)."""
+        logits, exit_index, confidence = results
+        axis = self.constant(subgraph, "kee/axis", np.array([1], np.int32))
+        label = self.tensor(subgraph, "kee/class", [1], self.types.INT32)
+        options = self.schema.ArgMaxOptionsT()
+        options.outputType = self.types.INT32
+        version = _INT8_VERSIONS["ARG_MAX"] if self.is_int8(subgraph, logits) else 1
+        self.op(subgraph, "ARG_MAX", [logits, axis], [label], options, version)
+        return [label, exit_index, confidence] + ([logits] if self.with_logits else [])
+
+    def _signature(self, manifest: Manifest) -> None:
+        main = self.model.subgraphs[0]
+        signature = self.schema.SignatureDefT()
+        signature.signatureKey = "serving_default"
+        signature.subgraphIndex = 0
+        signature.inputs, signature.outputs = [], []
+        names = OUTPUT_NAMES if self.with_logits else OUTPUT_NAMES[:3]
+        for entries, pairs in (
+            (
+                signature.inputs,
+                zip([t.name for t in manifest.segments[0].inputs], main.inputs),
+            ),
+            (signature.outputs, zip(names, main.outputs)),
+        ):
+            for name, index in pairs:
+                entry = self.schema.TensorMapT()
+                entry.name, entry.tensorIndex = name, int(index)
+                entries.append(entry)
+        self.model.signatureDefs = [signature]
