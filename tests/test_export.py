@@ -6,6 +6,7 @@ trained on that backend and converted through the TensorFlow-backend
 subprocess, so these tests are the "trained anywhere, converts" tests.
 """
 
+import ctypes
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 import keras_earlyexit as kee
+from keras_earlyexit import demo
 from keras_earlyexit.export import manifest as manifest_lib
 
 # Under JAX and PyTorch every conversion is a TensorFlow subprocess; the
@@ -271,3 +273,35 @@ def test_quantize_threshold_edges():
     assert manifest_lib.quantize_threshold(0.0, 1 / 256, -128) == -128
     assert manifest_lib.quantize_threshold(1.0, 1 / 256, -128) == 128  # never
     assert manifest_lib.quantize_threshold(0.5, 1 / 256, -128) == 0
+
+
+def test_conversion_is_quiet_and_labelled_when_verbose(digits, tmp_path, capfd):
+    """The converter's MLIR/absl logs and `fully_quantize` lines never reach
+    the terminal; verbose=1 prints a label and a progress bar only."""
+    keras.utils.set_random_seed(0)
+    model = demo.digits_cnn(width=4)
+    capfd.readouterr()
+    kee.export.to_tflite(model, str(tmp_path / "f"), quantization="float32", verbose=0)
+    assert capfd.readouterr() == ("", "")
+    kee.export.to_tflite(
+        model, str(tmp_path / "q"), representative_data=digits.x_val[:16], verbose=1
+    )
+    out, err = capfd.readouterr()
+    assert out.startswith("Converting 'digits_cnn' to 3 int8 TFLite segments in "), out
+    assert "3/3" in out and "/segment" in out, out
+    assert err == "", err
+
+
+def test_native_output_shows_only_when_the_block_fails(capfd):
+    from keras_earlyexit.export.tflite import native_output_captured
+
+    libc = ctypes.CDLL(None)
+    with native_output_captured():
+        os.write(2, b"I0000 reader.cc:83] Reading SavedModel\n")
+        libc.printf(b"fully_quantize: 0, inference_type: 6\n")  # C stdio, buffered
+    assert capfd.readouterr() == ("", "")
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        with native_output_captured():
+            libc.printf(b"error: 'tfl.custom' op is neither a custom op nor flex\n")
+            raise RuntimeError("conversion failed")
+    assert "neither a custom op nor flex" in capfd.readouterr().err

@@ -29,6 +29,8 @@ backend. Under JAX or PyTorch, `to_tflite` saves the model to a temporary
 `.keras` file and converts it in a `KERAS_BACKEND=tensorflow` subprocess.
 """
 
+import contextlib
+import ctypes
 import os
 import shutil
 import subprocess
@@ -96,7 +98,9 @@ def to_tflite(
             kernels, for microcontrollers), `"float16"` (float16 weights),
             `"dynamic"` (int8 weights, float activations) or `"float32"`.
         calibration_samples: use at most this many representative samples.
-        verbose: 1 shows a progress bar, 0 is silent.
+        verbose: 1 prints what is converted and a progress bar over the
+            segments; 0 prints nothing. The converter's own logs (MLIR,
+            absl) are never shown, unless the conversion fails.
         micro: prepare the bundle for TFLite Micro: fail on an op it lacks
             (`micro.UnsupportedOpError`, naming the op, segment and Keras
             layer) and measure each segment's arena into the manifest
@@ -270,7 +274,13 @@ def _convert(
     macs = count_macs(model, warn=False)
     clean_leftovers(directory, not_a_bundle)
     tmp = make_temp_dir(directory)
-    progbar = keras.utils.Progbar(len(segments)) if verbose else None
+    progbar = None
+    if verbose:
+        print(
+            f"Converting '{model.name}' to {len(segments)} {quantization} "
+            f"TFLite segments in {directory}"
+        )
+        progbar = keras.utils.Progbar(len(segments), unit_name="segment")
     try:
         carry = representative_data
         infos: list[SegmentInfo] = []
@@ -379,7 +389,8 @@ def convert_model(
             lambda inputs: keras_model(inputs, training=False),
             input_signature=[specs],
         )
-        archive.write_out(saved_model, verbose=False)
+        with native_output_captured():
+            archive.write_out(saved_model, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
         if quantization != "float32":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -391,7 +402,7 @@ def convert_model(
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), native_output_captured():
                 # The calibrator uses the deprecated tf.lite.Interpreter.
                 warnings.filterwarnings("ignore", message=".*is deprecated")
                 return converter.convert()
@@ -402,6 +413,55 @@ def convert_model(
                 "every layer must map to an int8 TFLite builtin; try "
                 "'dynamic' or 'float16', or replace the layer named above."
             ) from e
+
+
+@contextlib.contextmanager
+def native_output_captured():
+    """Keeps what native code writes to file descriptors 1 and 2 (the
+    converter's MLIR and absl logs, `fully_quantize: ...`, LiteRT notices)
+    off the terminal while the block runs; if the block raises, writes it
+    to stderr so that the cause of the failure stays visible.
+
+    Python's own `sys.stdout`/`sys.stderr` are redirected with the file
+    descriptors, so nothing is printed from inside the block.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no stdout/stderr to protect (closed descriptors)
+        yield
+        return
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            _flush_c_stdio()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            if failed:
+                log.seek(0)
+                sys.stderr.write(log.read().decode(errors="replace"))
+                sys.stderr.flush()
+
+
+def _flush_c_stdio() -> None:
+    """Flushes C stdio buffers (C++ `printf`/`std::cout` output) into the
+    current file descriptors."""
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):
+        pass  # no C library handle on this platform: nothing to flush
 
 
 def _samples(data: dict):
@@ -419,7 +479,8 @@ def tensor_infos(data: bytes) -> tuple[list[TensorInfo], list[TensorInfo]]:
     position of each in the subgraph's input/output list."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_content=data)
+    with native_output_captured():
+        interpreter = Interpreter(model_content=data)
     runner = interpreter.get_signature_runner()
     input_order = [d["index"] for d in interpreter.get_input_details()]
     output_order = [d["index"] for d in interpreter.get_output_details()]
