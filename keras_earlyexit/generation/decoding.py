@@ -125,6 +125,38 @@ class _Decoder:
             caches[j] = cache
         return x, ops.convert_to_numpy(tokens), ops.convert_to_numpy(conf)
 
+    def draft(self, draft_exit: int, token: int, start: int, count: int, caches):
+        """Drafts `count` tokens greedily with segments `0..draft_exit` in one
+        compiled call, feeding `token` at `start` first; returns the drafts
+        `(count,)` and the hidden states of all `count + 1` fed tokens."""
+        blocks = self._blocks(0, draft_exit)
+        model = self.model
+
+        def fn(token, start, block_caches):
+            block_caches = list(block_caches)
+            drafts, hidden = [], []
+            for i in range(count + 1):
+                x = model.embedding.call(token, start + i)  # (1, 1, d_model)
+                for n, j in enumerate(blocks):
+                    k, v = block_caches[n]
+                    x, k, v = model.blocks[j].call_cached(x, k, v, start + i)
+                    block_caches[n] = (k, v)
+                hidden.append(x)
+                if i < count:
+                    logits = model.exit_logits(draft_exit, x, fast=True)
+                    token = ops.cast(ops.argmax(logits, axis=-1), "int32")  # (1, 1)
+                    drafts.append(token[0])
+            return ops.concatenate(drafts), ops.concatenate(hidden, 1), block_caches
+
+        fn = self._compile(("draft", draft_exit, count), fn)
+        start = ops.convert_to_tensor(np.int32(start))
+        drafts, hidden, new_caches = fn(
+            _token_array([token]), start, [caches[j] for j in blocks]
+        )
+        for j, cache in zip(blocks, new_caches):
+            caches[j] = cache
+        return ops.convert_to_numpy(drafts).tolist(), hidden
+
     def propagate(self, segment: int, hidden, start: int, caches: list) -> None:
         """CALM state propagation: the blocks after `segment` take `hidden`
         as their input at `start` and cache its keys and values."""
@@ -304,19 +336,9 @@ def _self_speculative(
         # Drafts past max_new_tokens would be cut; drafting fewer also keeps
         # every cache write inside the context.
         count = min(num_draft, max_new_tokens - len(tokens))
-        drafts, hidden = [], []
-        for i in range(count + 1):
-            token = tokens[-1] if i == 0 else drafts[-1]
-            h, step_tokens, _ = decoder.run(
-                0, draft_exit, _token_array([token]), position + i, caches
-            )
-            hidden.append(h)
-            drafts.append(int(step_tokens[0]))
-        drafts.pop()  # the last pass only gives the final draft's hidden state
-        _, verified, _ = decoder.run(
-            draft_exit + 1, last, ops.concatenate(hidden, axis=1), position, caches
-        )
-        passes += count + 2
+        drafts, hidden = decoder.draft(draft_exit, tokens[-1], position, count, caches)
+        _, verified, _ = decoder.run(draft_exit + 1, last, hidden, position, caches)
+        passes += 2
         layer_evaluations += (count + 1) * depths[-1]
         agree = 0
         while agree < count and drafts[agree] == int(verified[agree]):
