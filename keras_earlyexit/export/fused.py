@@ -40,6 +40,7 @@ import numpy as np
 from keras_earlyexit.export import flatbuffer
 from keras_earlyexit.export import micro as micro_lib
 from keras_earlyexit.runtime.fused import (
+    HASH_PLACEHOLDER,
     METADATA_NAME,
     OUTPUT_NAMES,
     FusedExit,
@@ -48,6 +49,7 @@ from keras_earlyexit.runtime.fused import (
     buffer_span,
     content_sha256,
     gate_constant,
+    hash_span,
     is_fused_model,
 )
 from keras_earlyexit.runtime.manifest import (
@@ -241,17 +243,13 @@ def finish(model, manifest: FusedManifest) -> bytes:
         entry = schema.MetadataT()
         entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
         model.metadata = [*(model.metadata or []), entry]
-    manifest.content_sha256 = "0" * 64
-    placeholder = manifest.to_json().encode()
-    model.buffers[entry.buffer].data = np.frombuffer(placeholder, np.uint8)
-    data = bytearray(flatbuffer.pack_model(model))
-    span = buffer_span(data, entry.buffer)
-    manifest.content_sha256 = content_sha256(data, span)
+    manifest.content_sha256 = HASH_PLACEHOLDER
     text = manifest.to_json().encode()
-    if len(text) != span[1]:
-        raise AssertionError("the hash changed the manifest's length")
-    data[span[0] : span[0] + span[1]] = text
     model.buffers[entry.buffer].data = np.frombuffer(text, np.uint8)
+    data = bytearray(flatbuffer.pack_model(model))
+    start, length = hash_span(data, buffer_span(data, entry.buffer))
+    manifest.content_sha256 = content_sha256(data, (start, length))
+    data[start : start + length] = manifest.content_sha256.encode()
     return bytes(data)
 
 

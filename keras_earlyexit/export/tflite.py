@@ -73,6 +73,7 @@ def to_tflite(
     calibration_samples: int = 500,
     verbose: int = 1,
     micro: bool | None = None,
+    fused: bool = False,
 ) -> str:
     """Converts an `EarlyExitModel` into a bundle of per-exit TFLite segments.
 
@@ -107,9 +108,12 @@ def to_tflite(
             (`arena_bytes`; skipped with a warning if `tflite_micro` is not
             installed). Default: True for `"int8"`, False otherwise; pass
             False for int8 bundles meant for LiteRT (Android) only.
+        fused: write one `.tflite` file (`directory` is then its path,
+            ending in `.tflite`) whose graph gates itself, instead of a
+            bundle; see `keras_earlyexit.export.fused`.
 
     Returns:
-        The bundle directory.
+        The bundle directory (the file, with `fused=True`).
 
     Example:
 
@@ -120,6 +124,24 @@ def to_tflite(
     result = kee.runtime.GatedInterpreter(bundle).predict(x_test)
     ```
     """
+    if fused:
+        from keras_earlyexit.export.fused import to_fused_tflite
+
+        return to_fused_tflite(
+            model,
+            directory,
+            representative_data=representative_data,
+            quantization=quantization,
+            calibration_samples=calibration_samples,
+            verbose=verbose,
+            micro=micro,
+        )
+    if str(directory).endswith(".tflite"):
+        raise ValueError(
+            f"{directory!r} names a .tflite file, but to_tflite writes a bundle "
+            "directory. Pass fused=True for one fused file, or choose a "
+            "directory name."
+        )
     if not hasattr(model, "segments"):
         raise ValueError(
             f"to_tflite converts an EarlyExitModel; received a "

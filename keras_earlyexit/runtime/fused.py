@@ -11,10 +11,11 @@ outputs, by signature name, are `"class"` (int32), `"exit_index"` (int32,
 The manifest is embedded in the file as TFLite metadata (`METADATA_NAME`):
 format version, exits, MACs, thresholds in float and in the form the graph
 compares with, the confidence's quantization, input and output tensors, the
-source model's hash and the file's own hash (`content_sha256`, over the file
-with the metadata bytes zeroed). Loading checks all of it, so a file whose
-metadata is missing, or that was changed without `kee.export.set_thresholds`,
-gives a `FusedModelError`.
+source model's hash and the file's own hash (`content_sha256`: of the whole
+file, with the 64 characters of that hash written as zeros). Loading checks
+all of it, so a file whose metadata is missing, or that was changed in any
+byte (graph, weights or manifest) without `kee.export.set_thresholds`, gives
+a `FusedModelError`.
 
 Thresholds are constants of the graph: int8 files compare the int8
 confidence, cast to int32, with the quantized threshold (128: never);
@@ -54,8 +55,9 @@ OUTPUT_NAMES = ("class", "exit_index", "confidence", "logits")
 # What a float graph compares with for a threshold of 1.0: above every
 # confidence (they are clipped to [0, 1]).
 FLOAT_NEVER = 2.0
-# Placeholder the hash is computed over (same length as a sha256 hex digest).
-_HASH_PLACEHOLDER = "0" * 64
+# What the file's hash is computed with in place of itself.
+HASH_PLACEHOLDER = "0" * 64
+_HASH_KEY = b'"content_sha256":"'
 
 
 class FusedModelError(BundleError):
@@ -109,7 +111,7 @@ class FusedManifest:
     source_sha256: str
     arena_bytes: int | None = None
     arena_head_bytes: int | None = None
-    content_sha256: str = _HASH_PLACEHOLDER
+    content_sha256: str = HASH_PLACEHOLDER
     format: str = FUSED_FORMAT
     format_version: int = FUSED_FORMAT_VERSION
 
@@ -235,13 +237,27 @@ def _metadata_buffer(data) -> int | None:
     return None
 
 
-def content_sha256(data, metadata_span: tuple[int, int]) -> str:
-    """sha256 of the file with the metadata bytes zeroed: covers the graph,
-    the weights and the threshold constants, not the hash itself."""
+def hash_span(data, metadata_span: tuple[int, int]) -> tuple[int, int]:
+    """`(start, 64)`: where the manifest's `content_sha256` value lies in
+    the file bytes."""
     start, length = metadata_span
+    text = bytes(data[start : start + length])
+    at = text.find(_HASH_KEY)
+    if at < 0 or text.find(_HASH_KEY, at + 1) >= 0:
+        raise FusedModelError(
+            "The fused model's manifest has no single content_sha256 entry: "
+            "its metadata was altered. Export the model again."
+        )
+    return start + at + len(_HASH_KEY), len(HASH_PLACEHOLDER)
+
+
+def content_sha256(data, hash_at: tuple[int, int]) -> str:
+    """sha256 of the file with its own hash value (at `hash_at`) written as
+    zeros: covers the graph, the weights, the thresholds and the manifest."""
+    start, length = hash_at
     digest = hashlib.sha256()
     digest.update(memoryview(data)[:start])
-    digest.update(bytes(length))
+    digest.update(HASH_PLACEHOLDER.encode())
     digest.update(memoryview(data)[start + length :])
     return digest.hexdigest()
 
@@ -313,10 +329,10 @@ def read_fused_manifest(data, source: str = "the model") -> FusedManifest:
             f"The manifest in {source} does not follow the fused schema ({e}). "
             "Export the model again."
         ) from None
-    digest = content_sha256(data, span)
+    digest = content_sha256(data, hash_span(data, span))
     if digest != manifest.content_sha256:
         raise FusedModelError(
-            f"{source} was modified after export: its sha256 (metadata "
+            f"{source} was modified after export: its sha256 (own hash "
             f"excluded) is {digest[:16]}..., its manifest expects "
             f"{manifest.content_sha256[:16]}... Change thresholds only with "
             "kee.export.set_thresholds; otherwise copy or export it again."

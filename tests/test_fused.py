@@ -1,0 +1,351 @@
+"""The fused gated `.tflite`: `to_tflite(..., fused=True)`, its runtime
+(`FusedInterpreter`, LiteRT and TFLite Micro) sample by sample against the
+segment bundle of the same model, `set_thresholds` on fused files and
+bundles, and the errors for bad thresholds and damaged files."""
+
+import json
+import os
+import shutil
+
+import keras
+import numpy as np
+import pytest
+from ai_edge_litert.interpreter import Interpreter
+
+import keras_earlyexit as kee
+from keras_earlyexit import demo
+from keras_earlyexit.export import flatbuffer
+from keras_earlyexit.export.fused import fuse, model_sha256
+from keras_earlyexit.export.micro import TFLM_BUILTINS, resolver_method
+from keras_earlyexit.export.thresholds import set_thresholds
+from keras_earlyexit.runtime import GatedInterpreter
+from keras_earlyexit.runtime.fused import (
+    FLOAT_NEVER,
+    METADATA_NAME,
+    FusedInterpreter,
+    FusedModelError,
+    _read_constant,
+    buffer_span,
+    read_fused_manifest,
+    with_thresholds,
+)
+from keras_earlyexit.runtime.manifest import (
+    MANIFEST_NAME,
+    BundleError,
+    quantize_threshold,
+    read_manifest,
+    read_segment,
+)
+
+MODES = ("int8", "float32")
+
+
+@pytest.fixture(scope="module")
+def model(digits) -> kee.EarlyExitModel:
+    """A tiny 3-exit digits CNN, trained briefly (its exits need only
+    differ; equality with the bundle is what is tested)."""
+    keras.utils.set_random_seed(0)
+    model = demo.digits_cnn(width=4)
+    model.compile(keras.optimizers.Adam(3e-3), kee.EarlyExitLoss())
+    model.fit(digits.x_train, digits.y_train, epochs=4, batch_size=64, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(model, digits, tmp_path_factory) -> dict:
+    """Per mode: the bundle and the fused file of the same model."""
+    root = tmp_path_factory.mktemp("fused")
+    out = {}
+    for mode in MODES:
+        common = dict(representative_data=digits.x_val, quantization=mode, verbose=0)
+        bundle = kee.export.to_tflite(model, str(root / mode), **common)
+        path = kee.export.to_tflite(
+            model, str(root / f"{mode}.tflite"), fused=True, **common
+        )
+        out[mode] = (bundle, path)
+    return out
+
+
+def _spread_thresholds(bundle, x) -> list[float]:
+    """Thresholds that send samples to every exit: each is the median of
+    the confidences that reach its exit (so some samples tie with it)."""
+    thresholds = [1.0, 1.0]
+    for k in range(2):
+        reach = [1.0] * k + [0.0] * (2 - k)
+        result = GatedInterpreter(bundle, thresholds=reach).predict(x)
+        thresholds[k] = float(np.sort(result.confidences)[len(x) // 2])
+    return thresholds
+
+
+def _assert_same(fused, bundle):
+    np.testing.assert_array_equal(fused.classes, bundle.classes)
+    np.testing.assert_array_equal(fused.exit_indices, bundle.exit_indices)
+    np.testing.assert_array_equal(fused.confidences, bundle.confidences)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", ["litert", "micro"])
+def test_fused_equals_bundle_sample_by_sample(exported, digits, mode, backend):
+    bundle, path = exported[mode]
+    x = digits.x_test
+    spread = _spread_thresholds(bundle, x)
+    for thresholds in ([0.0, 0.0], [1.0, 1.0], [1.0, 0.0], spread):
+        expected = GatedInterpreter(bundle, backend, thresholds=thresholds).predict(x)
+        fused = FusedInterpreter(path, backend, thresholds=thresholds)
+        _assert_same(fused.predict(x), expected)
+        assert (
+            fused.stats.exit_counts
+            == np.bincount(expected.exit_indices, minlength=3).tolist()
+        )
+    # The spread thresholds reach every exit, so every branch was compared.
+    assert np.all(np.bincount(expected.exit_indices, minlength=3) > 0)
+    assert (
+        FusedInterpreter(path, backend).thresholds == read_manifest(bundle).thresholds
+    )
+
+
+def test_one_file_int8_inside_with_named_outputs(exported, model):
+    _, path = exported["int8"]
+    with open(path, "rb") as f:
+        data = f.read()
+    manifest = read_fused_manifest(data)
+    assert manifest.quantization == "int8"
+    assert manifest.exit_names == list(model.exit_names)
+    assert manifest.outputs == ["class", "exit_index", "confidence"]
+    assert manifest.source_sha256 == model_sha256(model)
+    macs = kee.count_macs(model, warn=False)
+    assert [e.cumulative_macs for e in manifest.exits] == macs.cumulative_macs
+    assert manifest.arena_bytes > manifest.arena_head_bytes > 0
+    ops = flatbuffer.list_ops(data)
+    names = {op.name for op in ops}
+    assert {"IF", "CAST", "GREATER_EQUAL", "ARG_MAX", "DEQUANTIZE"} <= names
+    assert all(resolver_method(n) in TFLM_BUILTINS for n in names)
+    # Integer inside: floats appear only as DEQUANTIZE outputs and IF
+    # results (the float32 confidence).
+    for op in ops:
+        if op.name not in ("DEQUANTIZE", "IF"):
+            assert "FLOAT32" not in op.input_types + op.output_types, op
+    runner = Interpreter(model_content=data).get_signature_runner()
+    details = runner.get_output_details()
+    assert {n: np.dtype(d["dtype"]).name for n, d in details.items()} == {
+        "class": "int32",
+        "exit_index": "int32",
+        "confidence": "float32",
+    }
+
+
+def test_float_threshold_one_never_lets_samples_leave(exported):
+    _, path = exported["float32"]
+    with open(path, "rb") as f:
+        data = f.read()
+    manifest = read_fused_manifest(data)
+    patched = with_thresholds(data, manifest, [1.0, 0.25])
+    values = [_read_constant(patched, e) for e in manifest.exits[:-1]]
+    assert values == [FLOAT_NEVER, 0.25]
+
+
+def test_logits_output_is_the_taken_exits_logits(exported, digits, tmp_path):
+    bundle, _ = exported["int8"]
+    manifest = read_manifest(bundle)
+    segments = [read_segment(bundle, s) for s in manifest.segments]
+    path = str(tmp_path / "logits.tflite")
+    with open(path, "wb") as f:
+        f.write(fuse(manifest, segments, "0" * 64, logits=True))
+    fused = FusedInterpreter(path, thresholds=[0.0, 0.0])
+    runner = Interpreter(model_content=segments[0]).get_signature_runner()
+    head = fused._model.interpreter.get_signature_runner()
+    image = manifest.segments[0].inputs[0]
+    logits_info = manifest.segments[0].output("logits")
+    for sample in digits.x_test[:5]:
+        q = kee.runtime.quantize(sample[None], image.scale, image.zero_point)
+        got = head(image=q)
+        expected = kee.runtime.dequantize(
+            runner(image=q)["logits"], logits_info.scale, logits_info.zero_point
+        )
+        np.testing.assert_array_equal(got["logits"], expected)
+        assert got["class"][0] == np.argmax(expected)
+
+
+def test_float16_fused_equals_bundle(model, digits, tmp_path):
+    bundle = kee.export.to_tflite(
+        model, str(tmp_path / "f16"), quantization="float16", verbose=0
+    )
+    manifest = read_manifest(bundle)
+    path = str(tmp_path / "f16.tflite")
+    with open(path, "wb") as f:
+        f.write(
+            fuse(manifest, [read_segment(bundle, s) for s in manifest.segments], "")
+        )
+    thresholds = _spread_thresholds(bundle, digits.x_test)
+    _assert_same(
+        FusedInterpreter(path, thresholds=thresholds).predict(digits.x_test),
+        GatedInterpreter(bundle, thresholds=thresholds).predict(digits.x_test),
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_set_thresholds_round_trip_on_fused_file(exported, digits, tmp_path, mode):
+    bundle, path = exported[mode]
+    copy = str(tmp_path / "copy.tflite")
+    shutil.copy(path, copy)
+    thresholds = _spread_thresholds(bundle, digits.x_test)
+    assert set_thresholds(copy, thresholds) == thresholds
+    with open(copy, "rb") as f:
+        manifest = read_fused_manifest(f.read())  # hash updated
+    assert manifest.thresholds == thresholds
+    for exit, t in zip(manifest.exits, thresholds):
+        if mode == "int8":
+            expected = quantize_threshold(
+                t, exit.confidence_scale, exit.confidence_zero_point
+            )
+            assert exit.gate.threshold_quantized == expected
+    reloaded = FusedInterpreter(copy)
+    assert reloaded.thresholds == thresholds
+    _assert_same(
+        reloaded.predict(digits.x_test),
+        GatedInterpreter(bundle, thresholds=thresholds).predict(digits.x_test),
+    )
+
+
+def test_set_thresholds_round_trip_on_bundle(exported, digits, tmp_path):
+    bundle, _ = exported["int8"]
+    copy = str(tmp_path / "bundle")
+    shutil.copytree(bundle, copy)
+    set_thresholds(copy, [0.25, 1.0])
+    manifest = read_manifest(copy)
+    assert manifest.thresholds == [0.25, 1.0]
+    assert manifest.segments[1].gate.threshold_quantized == 128
+    confidence = manifest.segments[0].output("confidence")
+    assert manifest.segments[0].gate.threshold_quantized == quantize_threshold(
+        0.25, confidence.scale, confidence.zero_point
+    )
+    assert GatedInterpreter(copy).thresholds == [0.25, 1.0]
+    assert os.listdir(copy) == os.listdir(bundle)  # no temporary file left
+
+
+BAD_THRESHOLDS = [
+    ([0.5], "Expected 2 thresholds"),
+    ([0.5, 0.5, 0.5], "Expected 2 thresholds"),
+    ([float("nan"), 0.5], "NaN"),
+    ([0.5, -0.1], "outside \\[0, 1\\]"),
+    ([1.5, 0.5], "outside \\[0, 1\\]"),
+    (["high", 0.5], "numbers in \\[0, 1\\]"),
+]
+
+
+@pytest.mark.parametrize("thresholds, message", BAD_THRESHOLDS)
+def test_bad_thresholds_change_nothing(exported, tmp_path, thresholds, message):
+    bundle, path = exported["int8"]
+    copy = str(tmp_path / "bundle")
+    shutil.copytree(bundle, copy)
+    for target, watched in ((path, path), (copy, os.path.join(copy, MANIFEST_NAME))):
+        with open(watched, "rb") as f:
+            before = f.read()
+        with pytest.raises(ValueError, match=message):
+            set_thresholds(target, thresholds)
+        with open(watched, "rb") as f:
+            assert f.read() == before
+    with pytest.raises(ValueError, match=message):
+        FusedInterpreter(path, thresholds=thresholds)
+
+
+def _damaged_copies(path, tmp_path) -> dict:
+    """Fused files damaged in different ways, with the error expected."""
+    with open(path, "rb") as f:
+        data = f.read()
+    start = data.index(b'{"quantization"')
+    model = flatbuffer._schema().ModelT.InitFromPackedBuf(data, 0)
+    sizes = [0 if b.data is None else len(b.data) for b in model.buffers]
+    largest = buffer_span(data, int(np.argmax(sizes)))  # the biggest weights
+    weight = largest[0] + largest[1] // 2
+    cases = {
+        "weight": (
+            data[:weight] + bytes([data[weight] ^ 1]) + data[weight + 1 :],
+            "modified after export",
+        ),
+        "manifest": (
+            data.replace(b'"exit_1"', b'"exit_X"', 1),
+            "modified after export",
+        ),
+        "json": (data[:start] + b"}" + data[start + 1 :], "not valid JSON"),
+        "name": (
+            data.replace(METADATA_NAME.encode(), b"keras_earlyexiX", 1),
+            f"no '{METADATA_NAME}' metadata",
+        ),
+        "version": (
+            data.replace(b'"format_version":1', b'"format_version":9', 1),
+            "format_version 9",
+        ),
+    }
+    out = {}
+    for name, (damaged, message) in cases.items():
+        assert damaged != data and len(damaged) == len(data), name
+        out[name] = (str(tmp_path / f"{name}.tflite"), message)
+        with open(out[name][0], "wb") as f:
+            f.write(damaged)
+    return out
+
+
+def test_missing_or_tampered_metadata_is_refused(exported, tmp_path):
+    _, path = exported["int8"]
+    for name, (damaged, message) in _damaged_copies(path, tmp_path).items():
+        with open(damaged, "rb") as f:
+            before = f.read()
+        for call in (FusedInterpreter, lambda p: set_thresholds(p, [0.5, 0.5])):
+            with pytest.raises(FusedModelError, match=message):
+                call(damaged)
+        with open(damaged, "rb") as f:
+            assert f.read() == before, name
+    bundle, _ = exported["int8"]
+    plain = os.path.join(bundle, "segment_1.tflite")  # a model without manifest
+    with pytest.raises(FusedModelError, match="not a fused model"):
+        FusedInterpreter(plain)
+    with pytest.raises(BundleError, match="does not exist"):
+        set_thresholds(str(tmp_path / "missing.tflite"), [0.5, 0.5])
+
+
+def test_export_path_rules(model, digits, tmp_path):
+    with pytest.raises(ValueError, match="fused=True"):
+        kee.export.to_tflite(model, str(tmp_path / "m.tflite"), verbose=0)
+    with pytest.raises(ValueError, match="ending in '.tflite'"):
+        kee.export.to_tflite(model, str(tmp_path / "m"), fused=True, verbose=0)
+    user_file = tmp_path / "user.tflite"
+    user_file.write_bytes(b"not ours")
+    with pytest.raises(FileExistsError, match="not a fused model"):
+        kee.export.to_tflite(
+            model, str(user_file), representative_data=digits.x_val, fused=True
+        )
+    assert user_file.read_bytes() == b"not ours"
+    assert sorted(os.listdir(tmp_path)) == ["user.tflite"]
+
+
+def test_runtime_argument_and_input_errors(exported, digits):
+    bundle, path = exported["int8"]
+    with pytest.raises(ValueError, match="Unknown backend"):
+        FusedInterpreter(path, backend="gpu")
+    with pytest.raises(FusedModelError, match="is not a file"):
+        FusedInterpreter(bundle)
+    interpreter = FusedInterpreter(path)
+    with pytest.raises(ValueError, match="expects a batch of samples of shape"):
+        interpreter.predict(digits.x_test[:, :4])
+    with pytest.raises(ValueError, match="must hold floats"):
+        interpreter.predict(digits.x_test.astype(np.int32))
+    label, exit_index, confidence = interpreter.predict_one(digits.x_test[0])
+    batch = interpreter.predict(digits.x_test[:1])
+    assert (label, exit_index, confidence) == (
+        batch.classes[0],
+        batch.exit_indices[0],
+        batch.confidences[0],
+    )
+    assert "mean latency" in str(interpreter.stats)
+
+
+def test_manifest_is_json_in_the_file(exported):
+    _, path = exported["float32"]
+    with open(path, "rb") as f:
+        data = f.read()
+    start = data.index(b'{"quantization"')
+    text = data[start : data.index(b"}", data.index(b'"format_version"')) + 1]
+    content = json.loads(text)
+    assert content["format"] == "keras-earlyexit-fused"
+    assert [e["gate"]["threshold_quantized"] for e in content["exits"]] == [None] * 3
