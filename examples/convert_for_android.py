@@ -19,24 +19,25 @@ import keras_earlyexit as kee
 from keras_earlyexit import demo
 
 EPOCHS = 30
-MODEL_PATH = "digits_cnn.keras"  # reused if it exists
-OUTPUT_DIR = "bundles"
+SEED = 0
 MAX_ACCURACY_DROP = 0.01
+# Everything this script writes (ignored by git); each run replaces it.
+OUTPUT_DIR = os.path.join("example_outputs", "convert_for_android")
+MODEL_PATH = os.path.join(OUTPUT_DIR, "digits_cnn.keras")
 
 """
-## Train (or load) the multi-exit model
+## Train the multi-exit model
 
-Every exit is trained jointly with one early-exit loss.
+Every exit is trained jointly with one early-exit loss. The model is
+trained on every run (seeded, a few seconds on a CPU), so the bundles always
+match this script's settings.
 """
 
-splits = demo.load_digits(seed=0)
-if os.path.exists(MODEL_PATH):
-    model = keras.saving.load_model(MODEL_PATH)
-else:
-    keras.utils.set_random_seed(0)
-    model = demo.digits_cnn()
-    model.compile(keras.optimizers.Adam(3e-3), kee.EarlyExitLoss("linear"))
-    model.fit(splits.x_train, splits.y_train, epochs=EPOCHS, batch_size=32, verbose=0)
+keras.utils.set_random_seed(SEED)
+splits = demo.load_digits(seed=SEED)
+model = demo.digits_cnn()
+model.compile(keras.optimizers.Adam(3e-3), kee.EarlyExitLoss("linear"))
+model.fit(splits.x_train, splits.y_train, epochs=EPOCHS, batch_size=32, verbose=0)
 
 """
 ## Calibrate the thresholds
@@ -50,7 +51,9 @@ calibration = kee.calibrate(
     model, splits.x_val, splits.y_val, max_accuracy_drop=MAX_ACCURACY_DROP
 )
 model.set_thresholds(calibration.thresholds)
-model.save(MODEL_PATH)
+os.makedirs(OUTPUT_DIR, exist_ok=True)
+model.save(MODEL_PATH)  # the calibrated model, e.g. for `keras-earlyexit convert`
+print(f"saved: {MODEL_PATH}")
 keras_result = model.predict_early(splits.x_test)
 print(f"thresholds: {[round(t, 3) for t in model.thresholds]}")
 print(f"Keras gated accuracy: {np.mean(keras_result.classes == splits.y_test):.2%}")

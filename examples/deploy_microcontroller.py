@@ -24,7 +24,8 @@ Conversion needs the TensorFlow backend; under JAX or PyTorch,
 EPOCHS = 30
 SEED = 0
 MAX_ACCURACY_DROP = 0.01  # calibrated thresholds lose at most 1 point
-OUTPUT_DIR = "deploy_microcontroller"  # bundle and C sources go here
+# Bundle and C sources go here (ignored by git); each run replaces them.
+OUTPUT_DIR = "example_outputs/deploy_microcontroller"
 
 import os  # noqa: E402
 

@@ -244,3 +244,44 @@ def test_c_arrays_through_a_symlink_with_mkdir_permissions(bundle, tmp_path):
     assert "kArenaSize = 4096;" in (real / CONFIG_NAME).read_text()
     assert stat.S_IMODE(os.stat(real).st_mode) == 0o777 & ~UMASK
     assert sorted(os.listdir(tmp_path)) == ["model", "real"]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="file handling does not depend on the backend; one run suffices",
+)
+@pytest.mark.parametrize("script", ["convert_for_android", "deploy_microcontroller"])
+def test_example_writes_only_into_its_ignored_output_folder(script, tmp_path):
+    """Run (1 epoch) in an empty folder: everything lands in
+    example_outputs/<script>/, which git ignores, and a stale model file
+    there is replaced, not reused."""
+    with open(os.path.join(REPO, "examples", f"{script}.py")) as f:
+        source = f.read()
+    assert "EPOCHS = 30\n" in source
+    (tmp_path / "run.py").write_text(source.replace("EPOCHS = 30\n", "EPOCHS = 1\n"))
+    stale = tmp_path / "example_outputs" / script / "digits_cnn.keras"
+    if script == "convert_for_android":
+        stale.parent.mkdir(parents=True)
+        stale.write_bytes(b"stale")
+    proc = subprocess.run(
+        [sys.executable, "run.py"],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["example_outputs", "run.py"]
+    assert sorted(os.listdir(tmp_path / "example_outputs")) == [script]
+    if script == "convert_for_android":
+        assert stale.read_bytes() != b"stale"
+        keras.saving.load_model(str(stale))  # a model trained by this run
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", f"example_outputs/{script}/x"], cwd=REPO
+    )
+    assert ignored.returncode == 0, "example_outputs/ is not in .gitignore"
