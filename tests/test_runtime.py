@@ -350,7 +350,11 @@ MUTATIONS = {
     ),
     "arena_negative": (
         _set([SEG, 0, "arena_bytes"], -5),
-        r"arena_bytes must be an integer >= 1 or null",
+        r"segments\[0\].arena_bytes must be an integer in \[1, \d+\] or null",
+    ),
+    "arena_huge": (
+        _set([SEG, 1, "arena_bytes"], 2**40),
+        r"segments\[1\].arena_bytes must be an integer in \[1, 1073741824\] or null",
     ),
     "arena_head_too_big": (_bump([SEG, 0, "arena_head_bytes"], 10**6), "head_bytes"),
     # Well-formed manifests that do not describe the .tflite files.

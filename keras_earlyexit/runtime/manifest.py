@@ -305,6 +305,7 @@ def _inside(directory: str, name: str, what: str) -> str:
 
 # Reading limits and checks for manifests from elsewhere.
 _MAX_MANIFEST_BYTES = 16 << 20
+_MAX_ARENA_BYTES = 1 << 30  # the runtime allocates what the manifest says
 DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool")
 # Names end up in messages and generated sources: printable, no quotes,
 # backslashes or control characters.
@@ -501,8 +502,10 @@ def _parse_segment(value, k: int, num_classes: int) -> SegmentInfo:
         macs=f.integer("macs", 0),
         cumulative_macs=f.integer("cumulative_macs", 0),
         gate=_parse_gate(f.get("gate"), f"{path}.gate", by_name["confidence"]),
-        arena_bytes=f.integer("arena_bytes", 1, optional=True),
-        arena_head_bytes=f.integer("arena_head_bytes", 0, optional=True),
+        arena_bytes=f.integer("arena_bytes", 1, _MAX_ARENA_BYTES, optional=True),
+        arena_head_bytes=f.integer(
+            "arena_head_bytes", 0, _MAX_ARENA_BYTES, optional=True
+        ),
     )
     if (segment.arena_head_bytes or 0) > (segment.arena_bytes or math.inf):
         f.fail("arena_head_bytes", f"<= arena_bytes ({segment.arena_bytes})")
