@@ -6,6 +6,7 @@ greedily with a key/value cache: `"full"`, CALM-style `"early_exit"` or
 LayerSkip-style `"self_speculative"`.
 """
 
+from keras_earlyexit.generation.calibration import GenerationCalibration, calibrate
 from keras_earlyexit.generation.decoding import (
     STRATEGIES,
     GenerationResult,
@@ -22,7 +23,9 @@ __all__ = [
     "STRATEGIES",
     "CausalBlock",
     "EarlyExitCausalLM",
+    "GenerationCalibration",
     "GenerationResult",
+    "calibrate",
     "generate",
     "TokenAndPositionEmbedding",
     "next_token_data",

@@ -333,9 +333,10 @@ def _self_speculative(
     layer_evaluations, passes = depths[-1], 0
     position = prompt_length  # position of tokens[-1], not yet fed
     while len(tokens) < max_new_tokens:
-        # Drafts past max_new_tokens would be cut; drafting fewer also keeps
-        # every cache write inside the context.
-        count = min(num_draft, max_new_tokens - len(tokens))
+        # Drafts past max_new_tokens are cut at the end; a fixed count keeps
+        # one compiled shape; fewer near the end of the context (at least one:
+        # the loop stops before the last position).
+        count = min(num_draft, model.max_length - 1 - position)
         drafts, hidden = decoder.draft(draft_exit, tokens[-1], position, count, caches)
         _, verified, _ = decoder.run(draft_exit + 1, last, hidden, position, caches)
         passes += 2
