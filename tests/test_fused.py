@@ -132,6 +132,38 @@ def test_one_file_int8_inside_with_named_outputs(exported, model):
         "exit_index": "int32",
         "confidence": "float32",
     }
+    # Internal tensors are unnamed (flash); inputs and outputs carry their
+    # signature names.
+    assert {d["name"] for d in details.values()} == set(details)
+
+
+def test_arena_plan_shares_carries_with_branches(exported):
+    """The offline plan puts each IF input where its branches read it, so
+    TFLite Micro needs no more activation memory than the largest segment
+    alone (plus the exits' few result bytes)."""
+    bundle, path = exported["int8"]
+    with open(path, "rb") as f:
+        data = f.read()
+    model = flatbuffer._schema().ModelT.InitFromPackedBuf(data, 0)
+    entry = next(m for m in model.metadata if m.name == b"OfflineMemoryAllocation")
+    plan = np.frombuffer(model.buffers[entry.buffer].data.tobytes(), "<i4")
+    starts = np.cumsum([0] + [len(g.tensors) for g in model.subgraphs])
+    assert plan[2] == starts[-1] == len(plan) - 3
+    offset = {
+        (s, t): plan[3 + starts[s] + t]
+        for s in range(len(starts) - 1)
+        for t in range(starts[s + 1] - starts[s])
+    }
+    for s, graph in enumerate(model.subgraphs):
+        for op in graph.operators:
+            if op.builtinOptionsType == flatbuffer._schema().BuiltinOptions.IfOptions:
+                options = op.builtinOptions
+                for branch in (options.thenSubgraphIndex, options.elseSubgraphIndex):
+                    for i, j in zip(op.inputs[1:], model.subgraphs[branch].inputs):
+                        assert offset[s, i] == offset[branch, j] >= 0
+    manifest = read_fused_manifest(data)
+    heads = [s.arena_head_bytes for s in read_manifest(bundle).segments]
+    assert max(heads) <= manifest.arena_head_bytes <= max(heads) + 256
 
 
 def test_float_threshold_one_never_lets_samples_leave(exported):

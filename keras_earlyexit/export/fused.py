@@ -206,6 +206,7 @@ def fuse(
         )
     graph = _Graph(with_logits=logits)
     exits = graph.build(manifest, segments)
+    add_arena_plan(graph.model)
     fused = FusedManifest(
         quantization=manifest.quantization,
         model_name=manifest.model_name,
@@ -234,18 +235,9 @@ def fuse(
 def finish(model, manifest: FusedManifest) -> bytes:
     """Packs `model` (object API) with `manifest` embedded as its metadata,
     hash included (`runtime.fused.content_sha256`)."""
-    schema = flatbuffer._schema()
-    entry = next(
-        (m for m in model.metadata or [] if _text(m.name) == METADATA_NAME), None
-    )
-    if entry is None:
-        model.buffers.append(schema.BufferT())
-        entry = schema.MetadataT()
-        entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
-        model.metadata = [*(model.metadata or []), entry]
     manifest.content_sha256 = HASH_PLACEHOLDER
-    text = manifest.to_json().encode()
-    model.buffers[entry.buffer].data = np.frombuffer(text, np.uint8)
+    _set_metadata(model, METADATA_NAME, manifest.to_json().encode())
+    entry = next(m for m in model.metadata if _text(m.name) == METADATA_NAME)
     data = bytearray(flatbuffer.pack_model(model))
     start, length = hash_span(data, buffer_span(data, entry.buffer))
     manifest.content_sha256 = content_sha256(data, (start, length))
@@ -253,14 +245,136 @@ def finish(model, manifest: FusedManifest) -> bytes:
     return bytes(data)
 
 
+# TFLite Micro's offline memory plan (micro/docs/memory_management.md):
+# int32 [version, subgraphs, n, offset of tensor 0, ..., offset of n-1],
+# tensors of all subgraphs in order, -1 for those it plans itself.
+OFFLINE_PLAN_NAME = "OfflineMemoryAllocation"
+# TFLite Micro's arena buffer alignment (MicroArenaBufferAlignment).
+_ARENA_ALIGNMENT = 16
+_ITEM_BYTES = {
+    "FLOAT32": 4, "FLOAT16": 2, "BFLOAT16": 2, "INT32": 4, "UINT32": 4,
+    "INT16": 2, "UINT16": 2, "INT8": 1, "UINT8": 1, "BOOL": 1, "INT64": 8,
+    "UINT64": 8, "FLOAT64": 8, "COMPLEX64": 8,
+}  # fmt: skip
+
+
+def add_arena_plan(model) -> int:
+    """Adds a TFLite Micro offline memory plan to `model` (object API).
+
+    TFLite Micro's own planner gives every subgraph's tensors their own
+    place and keeps an IF's inputs alive until the IF returns. A fused model
+    would then hold each carry twice (the IF's input and the branch's copy)
+    and keep every earlier segment's carry while the later segments run:
+    more than the monolithic model. This plan puts an IF's inputs and the
+    branches' inputs at the same offset (TFLite Micro then skips the copy:
+    `CopyOpInputsToSubgraphInputs` compares the pointers) and frees them
+    after their last use inside the branch, so that activation memory is
+    that of the segments run one after another. LiteRT ignores the plan.
+
+    Lifetimes follow TFLite Micro's `AllocationInfoBuilder`: one step per
+    op, depth-first into an IF's then- and else-branch, whose steps thus
+    never overlap. Buffers are placed largest first at the lowest offset
+    free over their lifetime, as `GreedyMemoryPlanner` places them.
+
+    Returns:
+        The planned activation bytes (the arena's head).
+    """
+    schema = flatbuffer._schema()
+    type_names = {v: k for k, v in vars(schema.TensorType).items() if k.isupper()}
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+    subgraphs = model.subgraphs
+    first: dict[tuple, int] = {}
+    last: dict[tuple, int] = {}
+    alias: dict[tuple, tuple] = {}
+    time = 0
+
+    def root(key: tuple) -> tuple:
+        while alias.get(key, key) != key:
+            key = alias[key]
+        return key
+
+    def visit(s: int) -> None:
+        nonlocal time
+        graph = subgraphs[s]
+        for i in graph.inputs:
+            first.setdefault((s, int(i)), time)
+            last[(s, int(i))] = time
+        for op in graph.operators:
+            time += 1
+            start = time
+            for o in op.outputs:
+                first.setdefault((s, int(o)), time)
+            is_if = codes[op.opcodeIndex] == schema.BuiltinOperator.IF
+            if is_if:
+                options = op.builtinOptions
+                for branch in (options.thenSubgraphIndex, options.elseSubgraphIndex):
+                    for i, j in zip(op.inputs[1:], subgraphs[branch].inputs):
+                        alias[root((branch, int(j)))] = root((s, int(i)))
+                    time += 1
+                    visit(branch)
+            for n, i in enumerate(op.inputs):
+                if i >= 0:
+                    # An IF reads the inputs it shares with its branches on
+                    # entry; the branches' uses extend the shared buffer.
+                    last[(s, int(i))] = start if is_if and n > 0 else time
+            for o in op.outputs:
+                last[(s, int(o))] = time
+        for o in graph.outputs:
+            first.setdefault((s, int(o)), time)
+            last[(s, int(o))] = time
+
+    visit(0)
+    groups: dict[tuple, list] = {}  # root -> [size, first, last, members]
+    for s, graph in enumerate(subgraphs):
+        for t, tensor in enumerate(graph.tensors):
+            data = model.buffers[tensor.buffer].data
+            constant = data is not None and len(data) > 0
+            if constant or tensor.isVariable or (s, t) not in first:
+                continue
+            shape = [] if tensor.shape is None else tensor.shape
+            size = int(np.prod(shape)) * _ITEM_BYTES[type_names[tensor.type]]
+            size = -(-size // _ARENA_ALIGNMENT) * _ARENA_ALIGNMENT
+            if size == 0:
+                continue
+            group = groups.setdefault(root((s, t)), [0, first[s, t], last[s, t], []])
+            group[0] = max(group[0], size)
+            group[1] = min(group[1], first[s, t])
+            group[2] = max(group[2], last[s, t])
+            group[3].append((s, t))
+    placed: list[tuple[int, int, int, int]] = []  # offset, size, first, last
+    offsets = {}
+    for size, begin, end, members in sorted(groups.values(), key=lambda g: -g[0]):
+        offset = 0
+        for other in sorted(p for p in placed if p[2] <= end and begin <= p[3]):
+            if offset + size <= other[0]:
+                break
+            offset = max(offset, other[0] + other[1])
+        placed.append((offset, size, begin, end))
+        offsets.update(dict.fromkeys(members, offset))
+    plan = [
+        offsets.get((s, t), -1)
+        for s, graph in enumerate(subgraphs)
+        for t in range(len(graph.tensors))
+    ]
+    header = [1, len(subgraphs), len(plan)]
+    _set_metadata(model, OFFLINE_PLAN_NAME, np.array(header + plan, "<i4").tobytes())
+    return max((p[0] + p[1] for p in placed), default=0)
+
+
+def _set_metadata(model, name: str, data: bytes) -> None:
+    """Sets (adds or replaces) the metadata entry `name` of `model`."""
+    schema = flatbuffer._schema()
+    entry = next((m for m in model.metadata or [] if _text(m.name) == name), None)
+    if entry is None:
+        model.buffers.append(schema.BufferT())
+        entry = schema.MetadataT()
+        entry.name, entry.buffer = name, len(model.buffers) - 1
+        model.metadata = [*(model.metadata or []), entry]
+    model.buffers[entry.buffer].data = np.frombuffer(data, np.uint8)
+
+
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
-
-
-def _short_name(name) -> str:
-    """A converter tensor name without the fused ops' names after the first
-    (`"a/Relu;a/BiasAdd;..."` -> `"a/Relu"`): the names cost flash."""
-    return _text(name).split(";")[0]
 
 
 class _Graph:
@@ -306,9 +420,8 @@ class _Graph:
 
     # Tensors and ops of one subgraph.
 
-    def tensor(self, subgraph, name, shape, dtype, buffer=0, quantization=None) -> int:
+    def tensor(self, subgraph, shape, dtype, buffer=0, quantization=None) -> int:
         tensor = self.schema.TensorT()
-        tensor.name = name
         tensor.shape = np.array(shape, np.int32)
         tensor.type = dtype
         tensor.buffer = buffer
@@ -316,20 +429,20 @@ class _Graph:
         subgraph.tensors.append(tensor)
         return len(subgraph.tensors) - 1
 
-    def like(self, subgraph, source, name: str, quantized: bool = True) -> int:
+    def like(self, subgraph, source, quantized: bool = True) -> int:
         """A new tensor with `source`'s shape and type (and quantization,
         unless the tensor is only handed through)."""
         quantization = source.quantization if quantized else None
-        return self.tensor(subgraph, name, source.shape, source.type, 0, quantization)
+        return self.tensor(subgraph, source.shape, source.type, 0, quantization)
 
-    def constant(self, subgraph, name: str, value: np.ndarray, buffer=None) -> int:
+    def constant(self, subgraph, value: np.ndarray, buffer=None) -> int:
         if buffer is None:
             buffer = self.buffer(value.tobytes())
         dtype = {
             np.dtype(np.int32): self.types.INT32,
             np.dtype(np.float32): self.types.FLOAT32,
         }
-        return self.tensor(subgraph, name, value.shape, dtype[value.dtype], buffer)
+        return self.tensor(subgraph, value.shape, dtype[value.dtype], buffer)
 
     def op(self, subgraph, name: str, inputs, outputs, options=None, version=1):
         op = self.schema.OperatorT()
@@ -363,7 +476,9 @@ class _Graph:
         subgraph = segment.subgraphs[0]
         moved: dict[int, int] = {}
         for tensor in subgraph.tensors:
-            tensor.name = _short_name(tensor.name)
+            # Names cost flash and no runtime reads them; the model's inputs
+            # and outputs get their signature names (`_signature`).
+            tensor.name = None
             source = segment.buffers[tensor.buffer]
             if source.offset or source.size:
                 raise FusedModelError(f"{file} stores weights outside the model.")
@@ -389,18 +504,13 @@ class _Graph:
         """Exit k's results as every branch returns them: its logits (int8
         as computed, or float32 if the model outputs them), its index and
         its float32 confidence. Returns the tensor indices."""
-        prefix = f"kee/exit_{k + 1}"
-        exit_index = self.constant(
-            subgraph, f"{prefix}/exit_index", np.array([k], np.int32)
-        )
+        exit_index = self.constant(subgraph, np.array([k], np.int32))
         results = [logits, exit_index, confidence]
-        dequantize = [(2, "confidence")] + ([(0, "logits")] if self.with_logits else [])
-        for j, name in dequantize:
+        # The confidence, and the logits if they are an output, in float32.
+        for j in [2, 0] if self.with_logits else [2]:
             if self.is_int8(subgraph, results[j]):
                 shape = subgraph.tensors[results[j]].shape
-                out = self.tensor(
-                    subgraph, f"{prefix}/{name}", shape, self.types.FLOAT32
-                )
+                out = self.tensor(subgraph, shape, self.types.FLOAT32)
                 version = _INT8_VERSIONS["DEQUANTIZE"]
                 self.op(subgraph, "DEQUANTIZE", [results[j]], [out], version=version)
                 results[j] = out
@@ -409,13 +519,10 @@ class _Graph:
     def gate(self, subgraph, confidence: int, exit: FusedExit, k: int) -> int:
         """The gate's compare: a bool tensor, true when the sample leaves.
         Sets `exit.threshold_buffer` to the threshold constant's buffer."""
-        prefix = f"kee/exit_{k + 1}"
         value = gate_constant(exit, exit.gate.threshold)
         if self.is_int8(subgraph, confidence):
             # int8 cannot hold 128 ("never"): compare in int32.
-            wide = self.tensor(
-                subgraph, f"{prefix}/confidence_q", [1], self.types.INT32
-            )
+            wide = self.tensor(subgraph, [1], self.types.INT32)
             options = self.schema.CastOptionsT()
             options.inDataType, options.outDataType = self.types.INT8, self.types.INT32
             version = _INT8_VERSIONS["CAST"]
@@ -424,10 +531,8 @@ class _Graph:
         else:
             constant = np.array([value], np.float32)
         exit.threshold_buffer = self.buffer(constant.tobytes())
-        threshold = self.constant(
-            subgraph, f"{prefix}/threshold", constant, exit.threshold_buffer
-        )
-        leaves = self.tensor(subgraph, f"{prefix}/leaves", [1], self.types.BOOL)
+        threshold = self.constant(subgraph, constant, exit.threshold_buffer)
+        leaves = self.tensor(subgraph, [1], self.types.BOOL)
         self.op(subgraph, "GREATER_EQUAL", [confidence, threshold], [leaves])
         return leaves
 
@@ -448,8 +553,8 @@ class _Graph:
                 # logits and confidence, which this branch ignores, then
                 # the carry.
                 ignored = [
-                    self.like(subgraph, parent.tensors[i], f"kee/unused_{j}", False)
-                    for j, i in enumerate(handed[:2])
+                    self.like(subgraph, parent.tensors[i], quantized=False)
+                    for i in handed[:2]
                 ]
                 carry = manifest.segments[k - 1].carry_out
                 entry = ignored + [inputs[name] for name in carry]
@@ -474,10 +579,7 @@ class _Graph:
                 handed = [logits, confidence] + [outputs[c] for c in info.carry_out]
                 then = self._then_branch(subgraph, handed, k)
                 self.model.subgraphs[2 * k + 1] = then
-                results = [
-                    self.like(subgraph, then.tensors[i], f"kee/exit_{k + 1}/result_{j}")
-                    for j, i in enumerate(then.outputs)
-                ]
+                results = [self.like(subgraph, then.tensors[i]) for i in then.outputs]
                 options = self.schema.IfOptionsT()
                 options.thenSubgraphIndex = 2 * k + 1
                 options.elseSubgraphIndex = 2 * k + 2
@@ -498,7 +600,7 @@ class _Graph:
         subgraph.name = f"exit_{k + 1}"
         subgraph.tensors, subgraph.operators = [], []
         inputs = [
-            self.like(subgraph, parent.tensors[i], f"kee/exit_{k + 1}/in_{j}", j < 2)
+            self.like(subgraph, parent.tensors[i], quantized=j < 2)
             for j, i in enumerate(handed)
         ]
         subgraph.inputs = np.array(inputs, np.int32)
@@ -512,8 +614,8 @@ class _Graph:
         the ARG_MAX of its logits, once here rather than in every branch
         (argmax needs no quantization parameters)."""
         logits, exit_index, confidence = results
-        axis = self.constant(subgraph, "kee/axis", np.array([1], np.int32))
-        label = self.tensor(subgraph, "kee/class", [1], self.types.INT32)
+        axis = self.constant(subgraph, np.array([1], np.int32))
+        label = self.tensor(subgraph, [1], self.types.INT32)
         options = self.schema.ArgMaxOptionsT()
         options.outputType = self.types.INT32
         version = _INT8_VERSIONS["ARG_MAX"] if self.is_int8(subgraph, logits) else 1
@@ -538,4 +640,5 @@ class _Graph:
                 entry = self.schema.TensorMapT()
                 entry.name, entry.tensorIndex = name, int(index)
                 entries.append(entry)
+                main.tensors[index].name = name
         self.model.signatureDefs = [signature]

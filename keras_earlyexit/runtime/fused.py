@@ -615,15 +615,14 @@ class FusedInterpreter:
             raise ValueError("All inputs must hold the same number of samples.")
         return prepared
 
-    def _run(self, sample: list[np.ndarray]) -> tuple[int, int, float]:
-        start = time.perf_counter()
-        label, exit_index, confidence = self._model.run(sample)
+    def _record(self, exits: np.ndarray, seconds: np.ndarray) -> None:
+        """Adds samples' exits and times to `stats` (after the loop, so that
+        the loop itself stays short)."""
         stats = self.stats
-        stats.exit_counts[exit_index] += 1
-        stats.exit_seconds[exit_index] += time.perf_counter() - start
-        for k in range(exit_index + 1):
-            stats.segment_invocations[k] += 1
-        return label, exit_index, confidence
+        for k in range(self.num_exits):
+            stats.exit_counts[k] += int(np.sum(exits == k))
+            stats.exit_seconds[k] += float(np.sum(seconds[exits == k]))
+            stats.segment_invocations[k] += int(np.sum(exits >= k))
 
     def predict(self, x, verbose: int = 0) -> EarlyExitPrediction:
         """Gated inference on a batch, one invoke per sample.
@@ -644,10 +643,13 @@ class FusedInterpreter:
         classes = np.zeros(n, np.int64)
         exits = np.zeros(n, np.int64)
         confidences = np.zeros(n, np.float32)
+        seconds = np.zeros(n)
+        run, clock = self._model.run, time.perf_counter
         for i in range(n):
-            classes[i], exits[i], confidences[i] = self._run(
-                [a[i : i + 1] for a in arrays]
-            )
+            start = clock()
+            classes[i], exits[i], confidences[i] = run([a[i : i + 1] for a in arrays])
+            seconds[i] = clock() - start
+        self._record(exits, seconds)
         return EarlyExitPrediction(classes, exits, confidences)
 
     def predict_one(self, x) -> SampleResult:
@@ -660,13 +662,17 @@ class FusedInterpreter:
             np.asarray(a)[None] if np.ndim(a) == len(t.shape) - 1 else a
             for a, t in zip(arrays, self.manifest.inputs)
         ]
-        prepared = self._prepare(arrays)
-        if len(prepared[0]) != 1:
+        if len(self._prepare(arrays)[0]) != 1:
             raise ValueError(
-                f"predict_one takes one sample; received {len(prepared[0])}. "
+                f"predict_one takes one sample; received {len(arrays[0])}. "
                 "Use predict for batches."
             )
-        return SampleResult(*self._run(prepared))
+        result = self.predict(arrays)
+        return SampleResult(
+            int(result.classes[0]),
+            int(result.exit_indices[0]),
+            float(result.confidences[0]),
+        )
 
     def __repr__(self) -> str:
         return (
