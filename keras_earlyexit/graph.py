@@ -27,7 +27,8 @@ class SegmentPlan:
     names: dict = field(default_factory=dict)  # id(KerasTensor) -> name
 
 
-def _node_of(tensor):
+def node_of(tensor):
+    """The layer call that produced `tensor`."""
     operation, node_index, _ = tensor._keras_history
     return operation._inbound_nodes[node_index]
 
@@ -39,7 +40,7 @@ def _ancestors(tensor, stop_ids: set, seen: set, order: list):
         t, expanded = stack.pop()
         if id(t) in stop_ids:
             continue
-        node = _node_of(t)
+        node = node_of(t)
         if expanded:
             if id(node) not in seen:
                 seen.add(id(node))
@@ -111,7 +112,7 @@ def _unique_names(tensors: list) -> dict:
             continue
         operation, _, tensor_index = t._keras_history
         base = re.sub(r"[^0-9A-Za-z_]", "_", operation.name)
-        if len(_node_of(t).outputs) > 1:
+        if len(node_of(t).outputs) > 1:
             base += f"_{tensor_index}"
         name, i = base, 1
         while name in used:

@@ -93,7 +93,8 @@ def _run_segment(segment, carry: dict) -> dict:
 
 def check_inputs(model, x) -> list[np.ndarray]:
     """The model's input arrays from `x`, checked: count, sample shape,
-    non-empty, equal lengths; cast to the inputs' dtypes."""
+    non-empty, equal lengths, dtype and finite values (see `_cast_input`);
+    cast to the inputs' dtypes."""
     arrays = [np.asarray(v) for v in keras.tree.flatten(x)]
     expected = keras.tree.flatten(model.inputs)
     if len(arrays) != len(expected):
@@ -116,6 +117,57 @@ def check_inputs(model, x) -> list[np.ndarray]:
     sizes = {len(a) for a in arrays}
     if len(sizes) > 1:
         raise ValueError(f"All inputs must have the same number of samples: {sizes}.")
-    return [
-        a.astype(t.dtype) if a.dtype != t.dtype else a for a, t in zip(arrays, expected)
-    ]
+    return [_cast_input(a, t) for a, t in zip(arrays, expected)]
+
+
+def _cast_input(array: np.ndarray, tensor) -> np.ndarray:
+    """`array` in the dtype of model input `tensor`, or a ValueError.
+
+    One rule for every entry point: float inputs take float arrays only (an
+    integer image on the 0..255 scale, fed to a model trained on [0, 1],
+    would run and be silently wrong); integer inputs (token ids) take
+    integer arrays whose values fit the input's dtype; no value may be NaN
+    or infinite (a NaN logit gives confidence 1.0 and an early exit with a
+    meaningless class).
+    """
+    name = tensor.name
+    dtype = keras.backend.standardize_dtype(tensor.dtype)
+    kind = array.dtype.kind
+    if "float" in dtype:
+        if kind != "f":
+            raise ValueError(
+                f"Input '{name}' is {dtype} but received an array of dtype "
+                f"{array.dtype}. Scale and convert it as in training, e.g. "
+                "x.astype('float32') / 255 for 8-bit images; integer arrays "
+                "are accepted only for integer inputs (token ids)."
+            )
+        bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+        if bad.any():
+            raise ValueError(
+                f"Input '{name}' has {int(bad.sum())} of {len(array)} samples "
+                "with NaN or infinite values (first at index "
+                f"{int(np.argmax(bad))}). Remove or repair them; no exit can "
+                "classify them."
+            )
+        # bfloat16 has no NumPy dtype; the backend casts float32 itself.
+        return array.astype("float32" if dtype == "bfloat16" else dtype, copy=False)
+    if "int" in dtype:
+        if kind not in "iu":
+            raise ValueError(
+                f"Input '{name}' is {dtype} (e.g. token ids) but received an "
+                f"array of dtype {array.dtype}. Pass integer ids, e.g. "
+                f"x.astype('{dtype}')."
+            )
+        info = np.iinfo(dtype)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise ValueError(
+                f"Input '{name}' is {dtype}; received values in "
+                f"[{array.min()}, {array.max()}], outside [{info.min}, "
+                f"{info.max}]."
+            )
+        return array.astype(dtype, copy=False)
+    if dtype == "bool" and kind != "b":
+        raise ValueError(
+            f"Input '{name}' is bool; received an array of dtype {array.dtype}."
+        )
+    return array.astype(dtype, copy=False)

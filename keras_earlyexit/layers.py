@@ -229,12 +229,16 @@ class ExitGate(keras.layers.Layer):
 
     Holds its threshold and a softmax temperature as non-trainable weights,
     so that both are saved with the model and frozen into exported segments.
-    A sample leaves at this exit when `confidence >= threshold`.
+    A sample leaves at this exit when `threshold < 1.0` and
+    `float32(confidence) >= float32(threshold)`: a threshold of 1.0 lets no
+    sample leave, even one whose float softmax saturates to exactly 1.0
+    (`keras_earlyexit.runtime.manifest.gate_passes`, shared by
+    `predict_early`, `profile`, `calibrate` and every runtime).
 
     Args:
         criterion: `"max_prob"`, `"margin"` or `"entropy"` (see
             `keras_earlyexit.criteria.confidence`).
-        threshold: float in [0, 1].
+        threshold: float in [0, 1]; 1.0 means no sample leaves here.
         temperature: float > 0 dividing the logits before the softmax (set
             by calibration).
 
@@ -247,9 +251,11 @@ class ExitGate(keras.layers.Layer):
     Example:
 
     ```python
+    from keras_earlyexit.runtime.manifest import gate_passes
+
     gate = ExitGate("margin", threshold=0.6)
     confidence = gate(logits)
-    exits_here = confidence >= gate.threshold
+    exits_here = gate_passes(confidence, gate.threshold)
     ```
     """
 

@@ -1,12 +1,13 @@
 """`EarlyExitModel`: a functional model whose outputs are exit logits."""
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 
 import keras
 from keras import ops
 
 from keras_earlyexit import graph, inference
-from keras_earlyexit.layers import ExitGate, check_threshold
+from keras_earlyexit.layers import ExitBranch, ExitGate, check_threshold
 from keras_earlyexit.losses import EarlyExitLoss, one_hot_targets
 
 _PACKAGE = "keras_earlyexit"
@@ -17,7 +18,7 @@ def _producer(tensor):
     return tensor._keras_history[0]
 
 
-def _check_exit_outputs(outputs) -> list:
+def _check_exit_outputs(inputs, outputs) -> list:
     outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
     if len(outputs) < 2:
         raise ValueError(
@@ -54,7 +55,45 @@ def _check_exit_outputs(outputs) -> list:
             "All exits must predict the same classes; received num_classes "
             f"{[t.shape[-1] for t in outputs]}."
         )
+    _check_depth_order(inputs, outputs)
     return outputs
+
+
+def _check_depth_order(inputs, outputs: list) -> None:
+    """Raises if an exit branches off the backbone before an exit listed
+    ahead of it: segments would then compute the deeper exit first.
+
+    An exit's trunk is what it computes minus its head: the `ExitBranch`
+    that outputs it, or else the layer calls no other exit uses. Exits
+    whose trunks are not nested (parallel branches) are left as given.
+    """
+    inputs = keras.tree.flatten(inputs)
+    reached = [{id(node) for node in graph.nodes_between(inputs, [t])} for t in outputs]
+    trunks = []
+    for k, t in enumerate(outputs):
+        if isinstance(_producer(t), ExitBranch):
+            head = {id(graph.node_of(t))}
+        else:
+            others = set().union(*(r for j, r in enumerate(reached) if j != k))
+            head = reached[k] - others
+        trunks.append(reached[k] - head)
+    names = [_producer(t).name for t in outputs]
+    last = len(outputs) - 1
+    # A final exit of plain layers owns its deepest blocks: its trunk says
+    # nothing about its depth.
+    depth = [len(trunk) for trunk in trunks]
+    if not isinstance(_producer(outputs[last]), ExitBranch):
+        depth[last] = len(reached[last]) + max(map(len, reached))
+    for j in range(1, len(outputs)):
+        for i in range(j):
+            if trunks[j] < trunks[i] and depth[j] < depth[i]:
+                order = sorted(range(len(outputs)), key=depth.__getitem__)
+                raise ValueError(
+                    f"Exit '{names[j]}' (output {j}) branches off the backbone "
+                    f"before exit '{names[i]}' (output {i}). Pass the exits "
+                    "shallow to deep, the final classifier last, e.g. "
+                    f"{[names[k] for k in order]}."
+                )
 
 
 class _Hidden:
@@ -99,7 +138,7 @@ class EarlyExitModel(keras.Model):
     def __init__(self, inputs, outputs, name=None, **kwargs):
         criterion = kwargs.pop("criterion", "max_prob")
         thresholds = kwargs.pop("thresholds", None)
-        outputs = _check_exit_outputs(outputs)
+        outputs = _check_exit_outputs(inputs, outputs)
         super().__init__(inputs, outputs, name=name, **kwargs)
         self._hidden = _Hidden()
         self.exit_names = [_producer(t).name for t in outputs]
@@ -129,11 +168,22 @@ class EarlyExitModel(keras.Model):
         return [gate.threshold for gate in self.gates[:-1]]
 
     def set_thresholds(self, thresholds: Sequence[float]) -> None:
-        """Sets the gates' thresholds, one per non-final exit, in [0, 1]."""
+        """Sets the gates' thresholds, one per non-final exit, in [0, 1].
+
+        A sample leaves exit k when `threshold_k < 1.0` and its confidence
+        reaches `threshold_k` (compared in float32); 1.0 keeps every sample
+        (even a saturated confidence of exactly 1.0) and 0.0 lets every
+        sample leave. The final exit takes every sample left.
+        """
         for gate, value in zip(self.gates, self._check_thresholds(thresholds)):
             gate.threshold = value
 
     def _check_thresholds(self, thresholds) -> list[float]:
+        if isinstance(thresholds, (str, bytes)) or not isinstance(thresholds, Iterable):
+            raise ValueError(
+                f"thresholds must be a list of {self.num_exits - 1} floats (one "
+                f"per non-final exit). Received: {thresholds!r}"
+            )
         thresholds = list(thresholds)
         if len(thresholds) != self.num_exits - 1:
             raise ValueError(
@@ -193,11 +243,15 @@ class EarlyExitModel(keras.Model):
             thresholds = self.thresholds
         else:
             thresholds = self._check_thresholds(thresholds)
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, numbers.Integral)
+            or batch_size < 1
+        ):
             raise ValueError(
                 f"batch_size must be an int >= 1. Received: {batch_size!r}"
             )
-        return inference.predict_early(self, x, thresholds, batch_size)
+        return inference.predict_early(self, x, thresholds, int(batch_size))
 
     # Training: one loss over all exits, per-exit metrics.
 
@@ -270,6 +324,7 @@ class EarlyExitModel(keras.Model):
         return config
 
     def compile_from_config(self, config):
+        config = _portable_optimizer_config(config)
         config = keras.saving.deserialize_keras_object(config)
         self.compile(**config)
         if self.optimizer is not None and self.built:
@@ -279,6 +334,31 @@ class EarlyExitModel(keras.Model):
         config = super().get_config()
         config["criterion"] = self.criterion
         return config
+
+
+def _portable_optimizer_config(config):
+    """`config` with backend-specific optimizer classes replaced by their
+    public `keras.optimizers` names.
+
+    On PyTorch, Keras saves e.g. `keras.src.backend.torch.optimizers.
+    torch_adam.Adam`; loaded as such on TensorFlow or JAX, its update step
+    calls `torch._foreach_*` on that backend's variables and `fit` fails
+    ("expected Tensor ... but got ResourceVariable"). The public class
+    resolves to the current backend's implementation, whose variables
+    (iterations, moments) are the same, so the optimizer state still loads.
+    """
+    if isinstance(config, dict):
+        module = config.get("module")
+        if (
+            isinstance(module, str)
+            and module.startswith("keras.src.backend.")
+            and hasattr(keras.optimizers, str(config.get("class_name")))
+        ):
+            config = {**config, "module": "keras.optimizers", "registered_name": None}
+        return {key: _portable_optimizer_config(v) for key, v in config.items()}
+    if isinstance(config, list):
+        return [_portable_optimizer_config(v) for v in config]
+    return config
 
 
 def _exit_loss_metric(exit_name: str):

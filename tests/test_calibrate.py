@@ -172,3 +172,35 @@ def test_bad_input(trained_digits_model, digits):
         kee.calibrate(model, x, y - 1, max_accuracy_drop=0.01)
     with pytest.raises(ValueError, match="Expected 2 thresholds"):
         model.set_thresholds([0.5, 0.5, 0.5])
+
+
+def test_threshold_one_keeps_saturated_samples(trained_digits_model, digits, tmp_path):
+    """At temperature 1e-6 every float softmax is exactly 1.0: only a
+    threshold of 1.0 keeps samples, and the search must know it does."""
+    path = str(tmp_path / "copy.keras")
+    trained_digits_model.save(path)
+    model = keras.saving.load_model(path)
+    model.set_temperatures([1e-6] * 3)
+    result = kee.calibrate(
+        model, digits.x_val, digits.y_val, max_accuracy_drop=0.0, guard=False
+    )
+    # exit_1 (0.83 on val) can send no sample; exit_2 may match the final.
+    assert result.thresholds[0] == 1.0 and result.exit_shares[0] == 0.0
+    assert result.expected_accuracy >= result.final_accuracy
+    assert result.bound == pytest.approx(
+        result.final_accuracy - result.expected_accuracy
+    )
+
+
+def test_non_finite_and_integer_inputs_are_refused(trained_digits_model, digits):
+    model, x, y = trained_digits_model, digits.x_val.copy(), digits.y_val
+    x[[5, 9]] = np.nan
+    with pytest.raises(ValueError, match=r"'image' has 2 of 360 samples with NaN"):
+        kee.calibrate(model, x, y, max_accuracy_drop=0.01)
+    images = (digits.x_val * 255).astype("uint8")
+    with pytest.raises(ValueError, match=r"dtype uint8. Scale and convert"):
+        kee.calibrate(model, images, y, max_accuracy_drop=0.01)
+    with pytest.raises(ValueError, match=r"looks one-hot, but 1 row"):
+        one_hot = np.eye(10)[y]
+        one_hot[3] = 0.0
+        kee.calibrate(model, digits.x_val, one_hot, max_accuracy_drop=0.01)

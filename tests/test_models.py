@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -221,3 +225,140 @@ def test_fit_with_labels_that_fit_no_exit(digits):
     model.compile("adam", kee.EarlyExitLoss())
     with pytest.raises(ValueError, match="fit no exit with 10 classes"):
         model.fit(digits.x_train[:8], np.zeros((8, 3)), verbose=0)
+
+
+def _saturated_model():
+    """Untrained digits CNN whose gates see logits scaled by 1e6: every float
+    softmax saturates to exactly 1.0 on every backend."""
+    model = demo.digits_cnn(width=4)
+    model.set_temperatures([1e-6] * 3)
+    return model
+
+
+def test_threshold_one_lets_no_sample_leave(digits):
+    model = _saturated_model()
+    x = digits.x_test[:64]
+    confidences = ops.convert_to_numpy(model.gates[0](model.predict(x, verbose=0)[0]))
+    assert (confidences == 1.0).mean() > 0.9  # saturated: 1.0 >= 1.0 would pass
+    result = model.predict_early(x, thresholds=[1.0, 1.0])
+    assert (result.exit_indices == 2).all()
+    result = model.predict_early(x, thresholds=[1.0, 0.5])
+    assert (result.exit_indices == 1).all()
+    model.set_thresholds([1.0, 1.0])
+    assert (model.predict_early(x).exit_indices == 2).all()
+
+
+def test_predict_early_refuses_non_finite_and_integer_images(digits):
+    model = demo.digits_cnn(width=4)
+    x = digits.x_test[:16].copy()
+    x[3, 0, 0, 0] = np.nan
+    x[7, 2, 2, 0] = np.inf
+    with pytest.raises(ValueError, match=r"'image' has 2 of 16 samples with NaN"):
+        model.predict_early(x)
+    images = (digits.x_test[:16] * 255).astype("uint8")
+    with pytest.raises(ValueError, match=r"'image' is float32 .* dtype uint8.*/ 255"):
+        model.predict_early(images)
+    with pytest.raises(ValueError, match="dtype <U"):
+        model.predict_early(np.full((2, 8, 8, 1), "a"))
+    float64 = digits.x_test[:16].astype("float64")  # safe to cast
+    np.testing.assert_array_equal(
+        model.predict_early(float64).classes,
+        model.predict_early(digits.x_test[:16]).classes,
+    )
+
+
+def test_integer_inputs_take_integer_token_ids(rng):
+    inputs = keras.Input((6,), dtype="int32", name="tokens")
+    x = keras.layers.Embedding(20, 8)(inputs)
+    exit_1 = kee.ExitBranch(3, name="exit_1")(x)
+    x = keras.layers.Conv1D(8, 3, padding="same")(x)
+    final = kee.ExitBranch(3, name="final")(x)
+    model = kee.EarlyExitModel(inputs, [exit_1, final])
+    tokens = rng.integers(0, 20, size=(10, 6))  # int64, values fit int32
+    result = model.predict_early(tokens, thresholds=[0.0])
+    assert (result.exit_indices == 0).all()
+    with pytest.raises(ValueError, match=r"'tokens' is int32 .* dtype float"):
+        model.predict_early(tokens.astype("float32"))
+    with pytest.raises(ValueError, match=r"outside \[-2147483648"):
+        model.predict_early(tokens + 2**40)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True, "8"])
+def test_predict_early_bad_batch_size(batch_size, digits):
+    model = demo.digits_cnn(width=4)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        model.predict_early(digits.x_test[:4], batch_size=batch_size)
+
+
+def test_predict_early_thresholds_must_be_a_list(digits):
+    model = demo.digits_cnn(width=4)
+    with pytest.raises(ValueError, match="must be a list of 2 floats"):
+        model.predict_early(digits.x_test[:4], thresholds=0.5)
+    result = model.predict_early(digits.x_test[:4], np.array([0.0, 0.0]), np.int64(2))
+    assert (result.exit_indices == 0).all()
+
+
+def _three_exit_parts():
+    inputs = keras.Input((8, 8, 1))
+    a = keras.layers.Conv2D(4, 3, padding="same", name="a")(inputs)
+    b = keras.layers.Conv2D(4, 3, padding="same", name="b")(a)
+    c = keras.layers.Conv2D(4, 3, padding="same", name="c")(b)
+    exits = [
+        kee.ExitBranch(10, name=n)(t) for n, t in zip(["e1", "e2", "e3"], [a, b, c])
+    ]
+    return inputs, exits, c
+
+
+def test_exits_out_of_depth_order_are_named():
+    inputs, (e1, e2, e3), c = _three_exit_parts()
+    with pytest.raises(
+        ValueError,
+        match=r"Exit 'e1' \(output 1\) branches off .* "
+        r"before exit 'e2' \(output 0\).*\['e1', 'e2', 'e3'\]",
+    ):
+        kee.EarlyExitModel(inputs, [e2, e1, e3])
+    with pytest.raises(ValueError, match=r"Exit 'e2' \(output 2\) .* before exit 'e3'"):
+        kee.EarlyExitModel(inputs, [e1, e3, e2])
+    dense_final = keras.layers.Dense(10, name="logits")(keras.layers.Flatten()(c))
+    with pytest.raises(ValueError, match="Exit 'e1'"):
+        kee.EarlyExitModel(inputs, [e2, e1, dense_final])
+    assert kee.EarlyExitModel(inputs, [e1, e2, dense_final]).num_exits == 3
+    # Two heads at the same depth, and parallel branches, are left as given.
+    same_depth = kee.ExitBranch(10, hidden_units=8, name="e2b")(
+        e2._keras_history[0].input
+    )
+    assert kee.EarlyExitModel(inputs, [e1, e2, same_depth, e3]).num_exits == 4
+
+
+_SAVE_ON_TORCH = """
+import sys, keras, numpy as np
+import keras_earlyexit as kee
+from keras_earlyexit import demo
+keras.utils.set_random_seed(0)
+model = demo.digits_cnn(width=4)
+model.compile("adam", kee.EarlyExitLoss())
+x = np.random.default_rng(0).random((16, 8, 8, 1)).astype("float32")
+model.fit(x, np.arange(16) % 10, epochs=2, batch_size=8, verbose=0)
+model.save(sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_model_saved_on_torch_trains_here(tmp_path, digits):
+    """Keras saves PyTorch's own optimizer class; other backends would call
+    torch on their variables in `fit`."""
+    if keras.backend.backend() == "torch":
+        pytest.skip("same backend: covered by test_save_load_round_trip")
+    path = str(tmp_path / "torch.keras")
+    env = dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3")
+    subprocess.run(
+        [sys.executable, "-c", _SAVE_ON_TORCH, path],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    model = keras.saving.load_model(path)
+    assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 4  # state kept
+    history = model.fit(digits.x_train[:32], digits.y_train[:32], verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 5

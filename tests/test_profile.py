@@ -6,6 +6,7 @@ import pytest
 from keras import ops
 
 import keras_earlyexit as kee
+from keras_earlyexit import demo
 from keras_earlyexit.inference import select_exits
 
 pytestmark = pytest.mark.slow
@@ -124,3 +125,28 @@ def test_bad_input(trained_digits_model, digits):
         model.predict_early(x, [0.5])
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         model.predict_early(x, [0.5, 1.5])
+
+
+def test_threshold_one_keeps_saturated_samples(digits):
+    """At temperature 1e-6 every float softmax is exactly 1.0 on every
+    backend; thresholds of 1.0 still keep every sample to the final exit."""
+    model = demo.digits_cnn(width=4)
+    model.set_temperatures([1e-6] * 3)
+    report = kee.profile(model, digits.x_val, digits.y_val)
+    (never,) = [p for p in report.sweep if p.thresholds == (1.0, 1.0)]
+    assert never.exit_shares == (0.0, 0.0, 1.0)
+    assert never.accuracy == report.accuracy[-1]
+
+
+def test_non_finite_and_integer_inputs_are_refused(trained_digits_model, digits):
+    model, x, y = trained_digits_model, digits.x_val.copy(), digits.y_val
+    x[7, 3, 3, 0] = -np.inf
+    with pytest.raises(ValueError, match=r"'image' has 1 of 360 .* index 7"):
+        kee.profile(model, x, y)
+    with pytest.raises(ValueError, match=r"dtype int64. Scale and convert"):
+        kee.profile(model, (digits.x_val * 16).astype("int64"), y)
+    y_column = y[:, None]  # (n, 1) labels are flattened
+    assert (
+        kee.profile(model, digits.x_val, y_column).accuracy
+        == kee.profile(model, digits.x_val, y).accuracy
+    )

@@ -8,6 +8,7 @@ from keras import ops
 
 from keras_earlyexit import criteria, inference
 from keras_earlyexit.inference import select_exits
+from keras_earlyexit.labels import check_labels
 
 
 @dataclass
@@ -78,39 +79,6 @@ def check_model(model) -> None:
         )
 
 
-def check_labels(y, n: int, num_classes: int, what: str = "y") -> np.ndarray:
-    """Sparse int labels `(n,)` from sparse or one-hot labels, or an error."""
-    y = np.asarray(y)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim == 2:
-        if y.shape[1] != num_classes:
-            raise ValueError(
-                f"{what} looks one-hot with {y.shape[1]} columns, but the model "
-                f"has {num_classes} classes. Pass int labels of shape (n,) or "
-                f"one-hot labels of shape (n, {num_classes})."
-            )
-        y = np.argmax(y, axis=1)
-    if y.ndim != 1:
-        raise ValueError(
-            f"{what} must hold one label per sample, shape (n,) or one-hot "
-            f"(n, {num_classes}); received shape {y.shape}."
-        )
-    if len(y) != n:
-        raise ValueError(
-            f"{what} has {len(y)} labels but x has {n} samples; they must match."
-        )
-    if not np.issubdtype(y.dtype, np.number) or np.any(np.asarray(y) != np.round(y)):
-        raise ValueError(f"{what} must hold integer class labels; received {y.dtype}.")
-    y = y.astype(np.int64)
-    if y.min() < 0 or y.max() >= num_classes:
-        raise ValueError(
-            f"{what} holds labels in [{y.min()}, {y.max()}], but the model has "
-            f"{num_classes} classes (labels 0..{num_classes - 1})."
-        )
-    return y
-
-
 def num_samples(model, x) -> int:
     return len(inference.check_inputs(model, x)[0])
 
@@ -135,12 +103,13 @@ def exit_outputs(
 ) -> ExitOutputs:
     """Runs the model once (all exits) and gathers what simulation needs."""
     check_model(model)
-    n = num_samples(model, x)
-    labels = check_labels(y, n, model.num_classes)
+    inputs = inference.check_inputs(model, x)
+    labels = check_labels(y, len(inputs[0]), model.num_classes)
     if cumulative_macs is None:
         from keras_earlyexit.evaluation.macs import count_macs
 
         cumulative_macs = count_macs(model).cumulative_macs
+    x = inputs[0] if len(inputs) == 1 else inputs
     outputs = model.predict(x, batch_size=batch_size, verbose=verbose)
     logits = np.stack([np.asarray(o, np.float32) for o in outputs])  # (E, n, C)
     predictions = np.argmax(logits, axis=-1).T  # (n, E)

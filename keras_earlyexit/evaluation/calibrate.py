@@ -338,7 +338,11 @@ class _Stats:
         early = list(thresholds[:k]) + [2.0] + list(thresholds[k + 1 :])
         without_k = select_exits(conf, early)  # (n,) exit if k never takes it
         before = without_k < k
-        open_at_k = ~before & (conf[:, k][None, :] >= values[:, None])  # (c, n)
+        # The gate rule (`gate_passes`), for every candidate at once.
+        passes = (conf[:, k][None, :] >= values[:, None].astype(np.float32)) & (
+            values[:, None] < 1.0
+        )  # (c, n)
+        open_at_k = ~before & passes  # (c, n)
         exits = np.where(open_at_k, k, without_k[None, :])  # (c, n)
         correct = self.data.correct[self.rows[None, :], exits]  # (c, n)
         share = self.share_of_exit[exits]  # (c, n)
