@@ -312,7 +312,7 @@ MUTATIONS = {
     ),
     "threshold_nan": (_set([SEG, 0, "gate", "threshold"], float("nan")), "threshold"),
     "threshold_quantized_off": (
-        _bump([SEG, 0, "gate", "threshold_quantized"], 1),
+        _bump([SEG, 0, "gate", "threshold_quantized"], -1),
         r"gate.threshold_quantized must be -?\d+ \(threshold",
     ),
     "temperature_zero": (

@@ -3,7 +3,8 @@ TFLite Micro).
 
 Needs only NumPy and an interpreter (`ai-edge-litert` or `tflite-micro`):
 no Keras, no TensorFlow, JAX or PyTorch, so a device host installs
-`keras-earlyexit[runtime]` alone.
+`keras-earlyexit[runtime]` (LiteRT) or `keras-earlyexit[micro]` alone.
+Bundles may come from elsewhere: loading checks them (`BundleError`).
 """
 
 from keras_earlyexit.runtime.gated import (

@@ -124,7 +124,24 @@ def requantize(q: np.ndarray, source: TensorInfo, target: TensorInfo) -> np.ndar
 
 
 def prepare_input(array: np.ndarray, spec: TensorInfo) -> np.ndarray:
-    """One input batch checked and converted to segment 1's dtype."""
+    """Checks one batch of a model input and converts it to the tensor's dtype.
+
+    The rule shared by the runtimes and `EarlyExitModel.predict_early`:
+    float model inputs take finite floats (quantized here for int8
+    tensors); integer model inputs (token ids) take integers in range.
+
+    Args:
+        array: the batch, `(n, *sample_shape)`.
+        spec: the model input's tensor (`TensorInfo`, batch size 1).
+
+    Returns:
+        The batch at `spec.dtype`, quantized where `spec` is.
+
+    Raises:
+        ValueError: a wrong sample shape, integers for a float input (their
+            scale is unknown), floats for an integer input, NaN or infinite
+            values (naming the count of samples), ids out of range.
+    """
     sample_shape = tuple(spec.shape[1:])
     if array.ndim == 0 or tuple(array.shape[1:]) != sample_shape:
         raise ValueError(
