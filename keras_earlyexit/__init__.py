@@ -26,7 +26,7 @@ _EXPORTS = {
     "exit_weights": "keras_earlyexit.losses",
     "EarlyExitModel": "keras_earlyexit.models",
 }
-_SUBPACKAGES = ("export", "runtime")
+_SUBPACKAGES = ("export", "generation", "runtime")
 
 __all__ = sorted(_EXPORTS)
 
