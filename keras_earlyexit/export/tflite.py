@@ -320,7 +320,9 @@ def _convert(
             if quantization == "int8":
                 _warn_float_ops(data, k)
             if quantization == "int8" and k > 0:
-                data, inputs, names = _match_boundary(data, inputs, infos[-1].outputs)
+                data, inputs, outputs, names = _match_boundary(
+                    data, inputs, infos[-1].outputs
+                )
                 unmatched += names
             file = f"segment_{k + 1}.tflite"
             with open(os.path.join(tmp, file), "wb") as f:
@@ -529,17 +531,28 @@ def tensor_infos(data: bytes) -> tuple[list[TensorInfo], list[TensorInfo]]:
 
 def _match_boundary(data: bytes, inputs: list, previous_outputs: list):
     """Gives segment k+1's int8 inputs the exact parameters of segment k's
-    carry outputs when calibration found the same range. Returns the patched
-    bytes, the updated input infos and the names left to requantize."""
+    carry outputs when calibration found the same range.
+
+    An input is patched together with every tensor tied to it: ops such as
+    CONCATENATION, MAX_POOL_2D, RESHAPE or PAD need (and get from the
+    converter) the same scale and zero-point on their int8 inputs and
+    outputs, and their kernels refuse or misread a tensor patched alone.
+    An input whose tied group holds a constant, another segment input or
+    the fixed-range output of an op (e.g. softmax) keeps its calibrated
+    parameters, to be requantized.
+
+    Returns:
+        The patched bytes, the segment's input and output infos read from
+        them, and the names of the inputs left to requantize.
+    """
     from ai_edge_litert.interpreter import Interpreter
 
     produced = {t.name: t for t in previous_outputs}
+    with native_output_captured():
+        interpreter = Interpreter(model_content=data)
     tensor_index = {
         name: d["index"]
-        for name, d in Interpreter(model_content=data)
-        .get_signature_runner()
-        .get_input_details()
-        .items()
+        for name, d in interpreter.get_signature_runner().get_input_details().items()
     }
     unmatched = []
     for t in inputs:
@@ -550,14 +563,65 @@ def _match_boundary(data: bytes, inputs: list, previous_outputs: list):
             source.zero_point == t.zero_point
             and abs(source.scale - t.scale) <= _SAME_SCALE_RTOL * source.scale
         )
-        if not same:
+        others = {tensor_index[n] for n in tensor_index if n != t.name}
+        group = _tied_tensors(data, tensor_index[t.name]) if same else None
+        if group is None or group & others:
             unmatched.append(t.name)
             continue
-        data = flatbuffer.set_input_quantization(
-            data, tensor_index[t.name], source.scale, source.zero_point
-        )
-        t.scale, t.zero_point = source.scale, source.zero_point
-    return data, inputs, unmatched
+        for index in sorted(group):
+            data = flatbuffer.set_input_quantization(
+                data, index, source.scale, source.zero_point
+            )
+    inputs, outputs = tensor_infos(data)
+    return data, inputs, outputs, unmatched
+
+
+# Int8 ops whose output parameters the kernels fix, whatever the input.
+_FIXED_OUTPUT_OPS = frozenset({"SOFTMAX", "LOG_SOFTMAX", "LOGISTIC", "TANH"})
+
+
+def _tied_tensors(data: bytes, index: int) -> set[int] | None:
+    """The tensors of subgraph 0 that share tensor `index`'s int8 scale and
+    zero-point through the ops that connect them (tensor `index` included),
+    or None if one of them cannot take new parameters."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(data, 0)
+    graph = model.Subgraphs(0)
+    ops = flatbuffer.list_ops(data)[: graph.OperatorsLength()]
+
+    def params(i: int):
+        q = graph.Tensors(i).Quantization()
+        if q is None or q.ScaleLength() != 1 or q.ZeroPointLength() != 1:
+            return None
+        return float(q.Scale(0)), int(q.ZeroPoint(0))
+
+    key = params(index)
+    if key is None:
+        return None
+    nodes = []
+    for o in range(graph.OperatorsLength()):
+        op = graph.Operators(o)
+        ins = [int(i) for i in op.InputsAsNumpy() if i >= 0 and params(int(i)) == key]
+        outs = [int(i) for i in op.OutputsAsNumpy() if i >= 0 and params(int(i)) == key]
+        nodes.append((ops[o].name, ins, outs))
+    group, frontier = {index}, [index]
+    while frontier:
+        tensor = frontier.pop()
+        for name, ins, outs in nodes:
+            if tensor not in ins + outs:
+                continue
+            if name in _FIXED_OUTPUT_OPS and outs:
+                return None
+            for other in ins + outs:
+                if other not in group:
+                    group.add(other)
+                    frontier.append(other)
+    for i in group:
+        tensor = graph.Tensors(i)
+        if tensor.IsVariable() or model.Buffers(tensor.Buffer()).DataLength():
+            return None
+    return group
 
 
 def _warn_float_ops(data: bytes, k: int) -> None:
