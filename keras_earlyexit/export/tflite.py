@@ -10,7 +10,9 @@ computes on the representative data, so both sides observe the same range;
 the converter then derives the same scale and zero-point up to float
 rounding (the carry is computed by Keras on one side and by the calibrator
 on the other). The exporter writes segment k's output parameters into
-segment k+1's input tensor, so the int8 carry is handed on byte for byte: no
+segment k+1's input tensor, and into the tensors tied to it (ops such as
+CONCATENATION or MAX_POOL_2D keep one scale on their int8 inputs and
+output), so the int8 carry is handed on byte for byte: no
 requantization, no extra rounding, nothing to compute between segments on a
 microcontroller. Where the two sides differ by more than rounding (an op in
 segment k that fixes its output scale, such as a softmax or sigmoid carry),
