@@ -6,6 +6,8 @@ bundles, and the errors for bad thresholds and damaged files."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -358,6 +360,26 @@ def test_export_path_rules(model, digits, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["user.tflite"]
 
 
+def test_op_without_tflite_micro_kernel_fails_the_fused_export(tmp_path, rng):
+    """The segments' op check runs for fused files too: GELU (no TFLite
+    Micro kernel) fails the int8 export naming op and layer, and no file is
+    written."""
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    e1 = kee.ExitBranch(10, name="exit_1")(x)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="gelu", name="gelu_conv")(
+        x
+    )
+    model = kee.EarlyExitModel(inputs, [e1, kee.ExitBranch(10, name="final")(x)])
+    x = rng.random((16, 8, 8, 1), dtype=np.float32)
+    path = tmp_path / "gelu.tflite"
+    with pytest.raises(kee.export.UnsupportedOpError, match="GELU.*'gelu_conv'"):
+        kee.export.to_tflite(
+            model, str(path), representative_data=x, fused=True, verbose=0
+        )
+    assert os.listdir(tmp_path) == []
+
+
 def test_runtime_argument_and_input_errors(exported, digits):
     bundle, path = exported["int8"]
     with pytest.raises(ValueError, match="Unknown backend"):
@@ -377,6 +399,31 @@ def test_runtime_argument_and_input_errors(exported, digits):
         batch.confidences[0],
     )
     assert "mean latency" in str(interpreter.stats)
+
+
+def test_runtime_runs_without_keras(exported, digits, tmp_path):
+    """A device host runs the fused file with NumPy and an interpreter only:
+    a child process where importing Keras or a backend fails."""
+    _, path = exported["int8"]
+    np.save(tmp_path / "x.npy", digits.x_test[:20])
+    child = f"""
+import sys
+class NoKeras:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("keras", "tensorflow", "jax", "torch"):
+            raise ImportError(name)
+sys.meta_path.insert(0, NoKeras())
+import numpy as np
+from keras_earlyexit.runtime.fused import FusedInterpreter
+x = np.load({str(tmp_path / "x.npy")!r})
+for backend in ("litert", "micro"):
+    print(FusedInterpreter({path!r}, backend).predict(x).exit_indices.tolist())
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    expected = FusedInterpreter(path).predict(digits.x_test[:20]).exit_indices
+    assert out == [str(expected.tolist())] * 2
 
 
 def test_manifest_is_json_in_the_file(exported):
