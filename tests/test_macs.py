@@ -1,6 +1,7 @@
 """count_macs against MACs counted by hand from layer shapes."""
 
 import keras
+import numpy as np
 import pytest
 
 import keras_earlyexit as kee
@@ -134,3 +135,66 @@ def test_matches_tensorflow_profiler():
     options["output"] = "none"
     flops = tf.compat.v1.profiler.profile(fn.graph, options=options).total_float_ops
     assert flops == 2 * kee.count_macs(model).cumulative_macs[-1]
+
+
+def _batchnorm_cases() -> kee.EarlyExitModel:
+    """BatchNormalization after each kind of producer; the names say whether
+    the TFLite converter folds it (checked in the test on TensorFlow)."""
+    layers = keras.layers
+    x = inputs = keras.Input((8, 8, 3))
+    x = layers.BatchNormalization(name="fold_conv")(
+        layers.Conv2D(4, 3, padding="same")(x)
+    )
+    x = layers.ReLU()(x)
+    x = layers.Dropout(0.2)(layers.DepthwiseConv2D(3, padding="same")(x))
+    x = layers.BatchNormalization(name="fold_depthwise_dropout")(x)
+    x = layers.Conv2D(4, 3, padding="same", activation="relu")(x)
+    x = layers.BatchNormalization(name="keep_after_activation")(x)
+    x = layers.Conv2D(4, 1, name="read_by_exit")(x)
+    exit_1 = kee.ExitBranch(10, name="exit_1")(x)
+    x = layers.BatchNormalization(name="keep_segment_input")(x)
+    conv = layers.Conv2D(4, 3, padding="same")(x)
+    x = layers.Add()([layers.BatchNormalization(name="keep_skip")(conv), conv])
+    x = layers.Conv2D(4, 3, padding="same")(x)
+    x = layers.BatchNormalization(axis=1, name="keep_height_axis")(x)
+    x = layers.Dense(8, name="dense")(layers.Flatten()(x))
+    x = layers.BatchNormalization(name="fold_dense")(x)
+    final = kee.ExitBranch(10, name="final")(x)
+    return kee.EarlyExitModel(inputs, [exit_1, final])
+
+
+def test_batchnorm_counts_zero_only_where_the_converter_folds_it():
+    keras.utils.set_random_seed(0)
+    model = _batchnorm_cases()
+    rows = [r for r in kee.count_macs(model).layers if r.type == "BatchNormalization"]
+    assert len(rows) == 7
+    for r in rows:
+        folded = r.name.startswith("fold_")
+        assert (r.macs == 0) == folded, (r.name, r.macs, r.note)
+        assert ("folded into" in r.note) == folded
+    by_name = {r.name: r for r in rows}
+    assert by_name["keep_skip"].macs == 8 * 8 * 4
+    assert by_name["fold_dense"].note == "folded into 'dense'"
+    if keras.backend.backend() != "tensorflow":
+        return
+    from keras_earlyexit.export.flatbuffer import list_ops
+    from keras_earlyexit.export.tflite import convert_model
+
+    for layer in model.layers:  # statistics that no rewrite can drop
+        if isinstance(layer, keras.layers.BatchNormalization):
+            weights = layer.get_weights()
+            layer.set_weights([np.random.rand(*w.shape) + 0.5 for w in weights])
+    for k, segment in enumerate(model.segments()):
+        ops = [op.name for op in list_ops(convert_model(segment, "float32"))]
+        kept = [r for r in rows if r.segment == k and r.macs > 0]
+        # Each batch norm the converter keeps is one MUL (scale) + ADD (shift).
+        assert ops.count("MUL") == len(kept), (k, ops, [r.name for r in kept])
+
+
+def test_conv3d_batchnorm_is_not_folded():
+    inputs = keras.Input((4, 4, 4, 2))
+    x = keras.layers.Conv3D(3, 3, padding="same")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    model = keras.Model(inputs, x)
+    (bn,) = [r for r in kee.count_macs(model).layers if r.name == "bn"]
+    assert bn.macs == 4 * 4 * 4 * 3

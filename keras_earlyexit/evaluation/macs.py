@@ -13,9 +13,17 @@ Counting rules (per sample, batch axis excluded):
 - `MultiHeadAttention`: the query, key, value and output projections plus
   `heads * Tq * Tk * (key_dim + value_dim)` for the scores and the weighted
   sum (default attention over all non-batch, non-feature axes).
-- `BatchNormalization`: 0 when it directly follows a convolution or a
-  `Dense` layer (the TFLite converter folds it into their weights); otherwise
-  1 MAC per element (the scale and shift that remain at inference).
+- `BatchNormalization`: 0 where the TFLite converter folds it into the
+  weights of the layer before it, otherwise 1 MAC per element (the scale
+  and shift that remain at inference). It folds, as checked by converting
+  each case (TF 2.21, float32 and int8), when it normalizes the channel
+  (last) axis of the output of a `Dense`, `EinsumDense`, `Conv1D/2D`,
+  `Conv1D/2DTranspose`, `DepthwiseConv1D/2D` or `SeparableConv1D/2D` with
+  no activation, where nothing else reads that output (only `Dropout` or
+  another folded `BatchNormalization` in between). It stays when the layer
+  has an activation or an activation layer comes between, when the output
+  has another reader (a skip connection, an exit, a segment boundary), for
+  `Conv3D`/`Conv3DTranspose`, and for any other axis.
   `LayerNormalization` / `GroupNormalization`: 1 MAC per element (scale and
   shift; mean and variance are not counted).
 - Pooling (max, average, global) and the `ExitBranch` pooling: 0 MACs. They
@@ -53,12 +61,15 @@ _CONV_TRANSPOSE = (
 _DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
 _SEPARABLE = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
 _POOLING_NAMES = ("Pooling", "pooling")
-# Layers whose weights a following BatchNormalization folds into.
+# Layers whose weights the TFLite converter folds a following
+# BatchNormalization into (not Conv3D / Conv3DTranspose: MUL and ADD stay).
 _FOLDS_BATCHNORM = (
     keras.layers.Dense,
     keras.layers.EinsumDense,
-    *_CONV,
-    *_CONV_TRANSPOSE,
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv1DTranspose,
+    keras.layers.Conv2DTranspose,
     *_DEPTHWISE,
     *_SEPARABLE,
 )
@@ -135,8 +146,9 @@ class MacsReport:
 def count_macs(model: keras.Model, warn: bool = True) -> MacsReport:
     """Counts multiply-accumulates per exit segment from layer shapes.
 
-    See the module docstring for the rule of each layer type (BatchNorm is
-    folded into a preceding convolution or `Dense` layer; pooling counts 0).
+    See the module docstring for the rule of each layer type (BatchNorm
+    counts 0 where the TFLite converter folds it into the layer before it;
+    pooling counts 0).
 
     Args:
         model: an `EarlyExitModel` (counted per exit segment) or any built
@@ -197,11 +209,25 @@ def _graph_nodes(graph) -> list:
 
 
 def _count_graph(graph, segment: int, prefix: str, rows: list, uncounted: set):
-    for node in _graph_nodes(graph):
+    nodes = _graph_nodes(graph)
+    folds = _BatchNormFolding(graph, nodes)
+    for node in nodes:
         op = node.operation
         inner = getattr(op, "_functional", None) or op
         if isinstance(op, keras.Model) and getattr(inner, "outputs", None):
             _count_graph(inner, segment, f"{prefix}{op.name}/", rows, uncounted)
+            continue
+        target = folds.target(node)
+        if target is not None:
+            rows.append(
+                LayerMacs(
+                    segment,
+                    prefix + op.name,
+                    type(op).__name__,
+                    0,
+                    f"folded into '{target.name}'",
+                )
+            )
             continue
         macs, note = _node_macs(node)
         if macs is None:
@@ -256,10 +282,7 @@ def _node_macs(node) -> tuple[int | None, str]:
     if isinstance(op, keras.layers.MultiHeadAttention):
         return _attention_macs(op, node), "projections + scores + weighted sum"
     if isinstance(op, keras.layers.BatchNormalization):
-        producer = node.input_tensors[0]._keras_history[0]
-        if isinstance(producer, _FOLDS_BATCHNORM):
-            return 0, f"folded into '{producer.name}'"
-        return _size(out_shape), "scale and shift (not foldable)"
+        return _size(out_shape), "scale and shift (not folded by the converter)"
     if isinstance(
         op, (keras.layers.LayerNormalization, keras.layers.GroupNormalization)
     ):
@@ -272,6 +295,58 @@ def _node_macs(node) -> tuple[int | None, str]:
     if isinstance(op, _ZERO_MAC_WEIGHTED) or not getattr(op, "weights", None):
         return 0, ""
     return None, ""
+
+
+class _BatchNormFolding:
+    """Which `BatchNormalization` calls of one graph the TFLite converter
+    folds into the weights of the layer before them (module docstring)."""
+
+    def __init__(self, graph, nodes: list):
+        self.nodes = {id(node) for node in nodes}
+        self.reads: dict[int, int] = {}  # id(tensor) -> readers in this graph
+        for node in nodes:
+            for t in node.input_tensors:
+                self.reads[id(t)] = self.reads.get(id(t), 0) + 1
+        for t in keras.tree.flatten(graph.outputs):
+            self.reads[id(t)] = self.reads.get(id(t), 0) + 1
+        self.targets: dict[int, keras.layers.Layer] = {}  # id(node) -> layer
+
+    def target(self, node):
+        """The layer `node` folds into, or None (also for non-BN nodes)."""
+        op = node.operation
+        if not isinstance(op, keras.layers.BatchNormalization):
+            return None
+        rank = len(node.input_tensors[0].shape)
+        if op.axis % rank != rank - 1:
+            return None
+        tensor = node.input_tensors[0]
+        while True:
+            if self.reads.get(id(tensor)) != 1:
+                return None  # the unnormalized output is needed elsewhere
+            producer = graph_lib.node_of(tensor)
+            if id(producer) not in self.nodes:
+                return None  # an input of this graph (or segment)
+            if id(producer) in self.targets:
+                target = self.targets[id(producer)]  # BN after a folded BN
+                break
+            if isinstance(producer.operation, keras.layers.Dropout):
+                tensor = producer.input_tensors[0]
+                continue
+            target = producer.operation
+            if not (
+                isinstance(target, _FOLDS_BATCHNORM)
+                and _is_linear(target)
+                and _channel_axis(target) == -1
+            ):
+                return None
+            break
+        self.targets[id(node)] = target
+        return target
+
+
+def _is_linear(layer) -> bool:
+    activation = getattr(layer, "activation", None)
+    return activation is None or getattr(activation, "__name__", "") == "linear"
 
 
 def _channel_axis(layer) -> int:
