@@ -14,6 +14,7 @@ shows everything).
 
 import argparse
 import contextlib
+import ctypes
 import os
 import sys
 import tempfile
@@ -136,7 +137,11 @@ def quiet_native_output(enabled: bool = True):
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # closed descriptors: nothing to protect
+        yield
+        return
     log = tempfile.TemporaryFile()
     failed = False
     with warnings.catch_warnings(record=True) as caught:
@@ -152,6 +157,7 @@ def quiet_native_output(enabled: bool = True):
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
+            _flush_c_stdio()  # C++ output buffered in stdio goes to the log
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             for fd in saved:
@@ -162,6 +168,13 @@ def quiet_native_output(enabled: bool = True):
             log.close()
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
+
+
+def _flush_c_stdio() -> None:
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):
+        pass  # no C library handle on this platform
 
 
 def _quiet(args: argparse.Namespace):
