@@ -216,8 +216,16 @@ def bench_mode(model, splits, mode: str, root: str, args) -> dict:
     result = fused.predict(x)
     fractions = np.bincount(result.exit_indices, minlength=len(cumulative)) / len(x)
     macs_ratio = float(fractions @ cumulative / cumulative[-1])
+    # Also each exit's path alone (thresholds that send every sample there).
+    num_exits = len(cumulative)
+    paths = {
+        f"exit_{k + 1}": FusedInterpreter(
+            path, thresholds=[1.0] * k + [0.0] * (num_exits - 1 - k)
+        ).predict
+        for k in range(num_exits)
+    }
     seconds = _alternate(
-        {"fused": fused.predict, "mono": mono.predict}, x, args.repeats
+        {"fused": fused.predict, "mono": mono.predict, **paths}, x, args.repeats
     )
     fused_us, mono_us = (seconds[k] * 1e6 for k in ("fused", "mono"))
     target_us = 1.1 * macs_ratio * mono_us + 2.0
@@ -231,6 +239,8 @@ def bench_mode(model, splits, mode: str, root: str, args) -> dict:
         "litert_monolithic_us": mono_us,
         "litert_target_us": target_us,
         "litert_target_met": bool(fused_us <= target_us),
+        "litert_path_us": [seconds[name] * 1e6 for name in paths],
+        "path_macs_ratio": (cumulative / cumulative[-1]).tolist(),
         "agreement_litert": _agreement(
             result, kee.runtime.GatedInterpreter(bundle).predict(x)
         ),
@@ -328,6 +338,27 @@ def to_markdown(runs: list[dict]) -> str:
             )
     lines += [
         "",
+        "LiteRT time of each exit's path alone (every sample sent there), "
+        "against the monolithic model: the path to exit k costs its "
+        "segments' ops plus a fixed part (the Python call, the gates' "
+        "softmax and compare, the IF and its branch), which the MACs ratio "
+        "does not count.",
+        "",
+        "| model | mode | path us (MACs share) | monolithic us |",
+        "|---|---|---|---:|",
+    ]
+    for run in runs:
+        for r in run["modes"]:
+            paths = " / ".join(
+                f"{us:.1f} ({share:.1%})"
+                for us, share in zip(r["litert_path_us"], r["path_macs_ratio"])
+            )
+            lines.append(
+                f"| {run['model']} | {r['mode']} | {paths} "
+                f"| {r['litert_monolithic_us']:.1f} |"
+            )
+    lines += [
+        "",
         "### TFLite Micro (pip `tflite_micro`, reference kernels, host CPU), int8",
         "",
         "Ideal ratio: what a gated loop without any overhead would reach with "
@@ -356,6 +387,12 @@ def to_markdown(runs: list[dict]) -> str:
                 f"| {r['arena_bundle_shared']:,} | {r['arena_ratio']:.3f} "
                 f"{_yes(r['arena_target_met'])} | {r['agreement_micro']:.0%} |"
             )
+    load = runs[0]["load_average"] if runs else None
+    if load:
+        lines.append(
+            f"\nLoad average of the 2-core machine during the run: {load[0]:.1f} "
+            f"at the start, {runs[-1]['load_average'][1]:.1f} at the end."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -388,6 +425,7 @@ def main() -> None:
             model = train()
             run = {
                 "model": name,
+                "load_average": [os.getloadavg()[0]],
                 "total_macs": kee.count_macs(model, warn=False).total_macs,
                 "thresholds": model.thresholds,
                 "modes": [],
@@ -398,6 +436,7 @@ def main() -> None:
                 r = bench_mode(model, splits, mode, directory, args)
                 print(json.dumps({"model": name, **r}), flush=True)
                 run["modes"].append(r)
+            run["load_average"].append(os.getloadavg()[0])
             runs.append(run)
     tflite_bundle.write_results("fused", runs, to_markdown(runs))
 

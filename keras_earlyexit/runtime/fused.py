@@ -392,14 +392,14 @@ class _Model:
     inputs: list[int]
     outputs: list[int]
 
-    def run(self, sample: list[np.ndarray]) -> tuple[int, int, float]:
+    def run(self, sample: list[np.ndarray]) -> tuple:
+        """One invoke: `(class, exit_index, confidence)` as NumPy scalars
+        (cheaper to read than Python numbers, on the per-sample path)."""
         for key, value in zip(self.inputs, sample):
             self.set_input(key, value)
         self.invoke()
-        label, exit_index, confidence = (
-            self.get_output(key).item(0) for key in self.outputs
-        )
-        return label, exit_index, confidence
+        get, (label, exit_index, confidence) = self.get_output, self.outputs
+        return get(label)[0], get(exit_index)[0], get(confidence)[0]
 
 
 class _LiteRTModel(_Model):
