@@ -1,0 +1,27 @@
+"""Quantization-aware training: `quantize_aware(model)` rebuilds an
+`EarlyExitModel` with TFLite's int8 scheme simulated in `keras.ops`, to
+fine-tune on any backend and export with `to_tflite(...,
+quantization="int8")`."""
+
+from keras_earlyexit.quantization.layers import (
+    ActivationQuantizer,
+    QuantizedConv1D,
+    QuantizedConv2D,
+    QuantizedDense,
+    QuantizedDepthwiseConv2D,
+    QuantizedExitBranch,
+    QuantizedExitGate,
+)
+from keras_earlyexit.quantization.qat import QuantizedEarlyExitModel, quantize_aware
+
+__all__ = [
+    "ActivationQuantizer",
+    "QuantizedConv1D",
+    "QuantizedConv2D",
+    "QuantizedDense",
+    "QuantizedDepthwiseConv2D",
+    "QuantizedEarlyExitModel",
+    "QuantizedExitBranch",
+    "QuantizedExitGate",
+    "quantize_aware",
+]

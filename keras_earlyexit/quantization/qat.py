@@ -1,0 +1,397 @@
+"""`quantize_aware`: an `EarlyExitModel` rebuilt with int8 fake quantization,
+for quantization-aware fine-tuning on any backend and int8 export with the
+ranges it learned."""
+
+import warnings
+
+import keras
+import numpy as np
+
+from keras_earlyexit import graph
+from keras_earlyexit.layers import ExitBranch
+from keras_earlyexit.models import EarlyExitModel
+from keras_earlyexit.quantization.layers import (
+    FUSED_ACTIVATIONS,
+    ActivationQuantizer,
+    QuantizedConv1D,
+    QuantizedConv2D,
+    QuantizedDense,
+    QuantizedDepthwiseConv2D,
+    QuantizedExitBranch,
+    QuantizedExitGate,
+    activation_name,
+)
+
+_PACKAGE = "keras_earlyexit"
+
+# Layers with a kernel: rebuilt as their fake-quantized subclass.
+_WEIGHTED = {
+    keras.layers.Conv1D: QuantizedConv1D,
+    keras.layers.Conv2D: QuantizedConv2D,
+    keras.layers.DepthwiseConv2D: QuantizedDepthwiseConv2D,
+    keras.layers.Dense: QuantizedDense,
+    ExitBranch: QuantizedExitBranch,
+}
+# Layers whose int8 output keeps its input's scale and zero point (the
+# TFLite kernels require it): no range of their own.
+_SAME_RANGE = (
+    keras.layers.MaxPooling1D,
+    keras.layers.MaxPooling2D,
+    keras.layers.AveragePooling1D,
+    keras.layers.AveragePooling2D,
+    keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D,
+    keras.layers.Reshape,
+    keras.layers.Flatten,
+    keras.layers.Dropout,
+    keras.layers.ZeroPadding1D,
+    keras.layers.ZeroPadding2D,
+    keras.layers.Identity,
+)
+# Layers kept as they are, followed by a tracked output range.
+_OWN_RANGE = (
+    keras.layers.Add,
+    keras.layers.Concatenate,
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.Activation,
+    keras.layers.ReLU,
+)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantizedEarlyExitModel(EarlyExitModel):
+    """An `EarlyExitModel` built by `quantize_aware`: fake-quantized layers,
+    tracked activation ranges and gates on the int8 confidence grid.
+
+    Fine-tune it like any `EarlyExitModel` (`compile` with an
+    `EarlyExitLoss`, `fit`); `to_tflite(..., quantization="int8")` exports
+    it with the ranges it tracked.
+    """
+
+    def __init__(self, inputs, outputs, name=None, **kwargs):
+        super().__init__(inputs, outputs, name=name, **kwargs)
+        gates = [
+            QuantizedExitGate(
+                gate.criterion,
+                threshold=gate.threshold,
+                temperature=gate.temperature,
+                name=gate.name,
+            )
+            for gate in self.gates
+        ]
+        self.gates.clear()  # untracks the float gates
+        self.gates = gates
+
+    def segments(self) -> list[keras.Model]:
+        """Per-exit segment models, as `EarlyExitModel.segments`.
+
+        A carry leaves its segment through a range and enters the next one
+        through the same range (a shared `ActivationQuantizer`), so the carry
+        is named after the layer before its range (`conv_1`, not
+        `conv_1_quant`, which names a layer of the next segment).
+        """
+        if self._hidden.segments is None:
+            plans = graph.plan_segments(keras.tree.flatten(self.inputs), self.outputs)
+            _rename_carries(plans)
+            self._hidden.segments = [
+                graph.build_segment(plan, gate, name=f"segment_{k + 1}")
+                for k, (plan, gate) in enumerate(zip(plans, self.gates))
+            ]
+        return self._hidden.segments
+
+    def quantizers(self) -> list[ActivationQuantizer]:
+        """Every tracked activation range of the model."""
+        found = []
+        for layer in self.layers:
+            if isinstance(layer, ActivationQuantizer):
+                found.append(layer)
+            elif isinstance(layer, QuantizedExitBranch):
+                found.extend(layer.quantizers())
+        return found
+
+    def for_export(self, quantization: str):
+        """The model `to_tflite` converts for `quantization`.
+
+        `"int8"`: this model; its fake-quantization ops carry the tracked
+        ranges into the converter. Other modes keep activations in float and
+        have no use for int8 ranges: a warning says they are dropped, and the
+        float `EarlyExitModel` with the fine-tuned weights is converted.
+        """
+        if quantization == "int8":
+            unset = [q.name for q in self.quantizers() if not q.initialized]
+            if unset:
+                raise ValueError(
+                    "The quantization-aware model has activation ranges that "
+                    f"were never measured ({', '.join(unset[:5])}): pass "
+                    "representative_data to quantize_aware, or fine-tune it "
+                    "with fit, before exporting to int8."
+                )
+            return self
+        warnings.warn(
+            f"Exporting a quantization-aware model with quantization="
+            f"{quantization!r}: activations stay in float, so the learned int8 "
+            "ranges are dropped and the float model with the fine-tuned "
+            "weights is converted. Use quantization='int8' to export with the "
+            "learned ranges.",
+            stacklevel=3,
+        )
+        return self.float_model()
+
+    def float_model(self) -> EarlyExitModel:
+        """The same network without fake quantization (fine-tuned weights,
+        gates' thresholds and temperatures), as a plain `EarlyExitModel`."""
+        return _rebuild(self, _dequantized_layer, quantizers=False)
+
+    def get_config(self):
+        return super().get_config()
+
+
+def _rename_carries(plans: list) -> None:
+    """Renames carries whose name is also a layer name in a segment that
+    reads them (the range shared across the boundary)."""
+    names = plans[0].names
+    taken = set(graph.RESERVED_NAMES) | set(names.values())
+    for k, plan in enumerate(plans[1:], start=1):
+        layers = {node.operation.name for node in plan.nodes}
+        for t in plan.inputs:
+            name = names[id(t)]
+            if name not in layers:
+                continue
+            base = name.removesuffix("_quant")
+            new, i = base, 1
+            while new in taken or new in layers:
+                i += 1
+                new = f"{base}_{i}"
+            taken.add(new)
+            names[id(t)] = new
+
+
+def quantize_aware(
+    model: EarlyExitModel,
+    representative_data=None,
+    momentum: float = 0.99,
+    batch_size: int = 256,
+) -> QuantizedEarlyExitModel:
+    """Rebuilds an `EarlyExitModel` for quantization-aware training.
+
+    The copy has the same exits, gates, thresholds, temperatures and weights
+    (the original is left untouched), with TFLite's int8 scheme simulated
+    in `keras.ops` on every backend: kernels of `Conv1D`, `Conv2D` and
+    `DepthwiseConv2D` fake-quantized per output channel, `Dense` kernels
+    per tensor, symmetric; activations per tensor, asymmetric, with ranges
+    tracked during `fit` (moving averages of batch min/max); confidences
+    on the int8 softmax grid. Fine-tune it with `compile` and `fit`, then
+    export with `kee.export.to_tflite(qat_model, ..., quantization="int8")`:
+    the converter takes the tracked ranges as the int8 scales and zero
+    points, so the int8 model computes what the fake-quant model computes.
+
+    Args:
+        model: a trained `EarlyExitModel`.
+        representative_data: model inputs to measure the initial ranges on
+            (min/max over all samples, as post-training calibration does).
+            Without it, the first training batch sets them.
+        momentum: of the tracked ranges, in [0, 1); the range moves by
+            `1 - momentum` of the way to each batch's range.
+        batch_size: batch size for measuring the initial ranges.
+
+    Returns:
+        A `QuantizedEarlyExitModel` (an `EarlyExitModel`), not compiled.
+
+    Raises:
+        ValueError: for a layer type that cannot be fake-quantized (named
+            in the message), or a model that is not an `EarlyExitModel`.
+
+    Example:
+
+    ```python
+    qat = kee.quantize_aware(model, representative_data=x_val)
+    qat.compile(keras.optimizers.Adam(1e-4), kee.EarlyExitLoss())
+    qat.fit(x_train, y_train, epochs=3)
+    kee.export.to_tflite(qat, "bundle", representative_data=x_val)
+    ```
+
+    Reference:
+        [Jacob et al., 2018](https://arxiv.org/abs/1712.05877) (integer-
+        arithmetic-only inference and quantization-aware training).
+    """
+    if not isinstance(model, EarlyExitModel):
+        raise ValueError(
+            "quantize_aware takes an EarlyExitModel; received a "
+            f"{type(model).__name__}. Build one with kee.EarlyExitModel or "
+            "kee.attach_exits."
+        )
+    if isinstance(model, QuantizedEarlyExitModel):
+        raise ValueError(
+            f"Model '{model.name}' is already quantization-aware; fine-tune it "
+            "as it is, or call quantize_aware on its float_model()."
+        )
+    if not 0.0 <= float(momentum) < 1.0:
+        raise ValueError(f"momentum must be in [0, 1). Received: {momentum!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1. Received: {batch_size!r}")
+    for tensor in keras.tree.flatten(model.inputs):
+        if "float" not in str(tensor.dtype):
+            raise ValueError(
+                f"Input '{tensor.name}' has dtype {tensor.dtype}; quantize_aware "
+                "takes models with float inputs (int8 export quantizes them)."
+            )
+
+    def quantized_layer(layer):
+        return _quantized_layer(layer, momentum)
+
+    qat = _rebuild(model, quantized_layer, quantizers=True, momentum=momentum)
+    if representative_data is not None:
+        _measure_ranges(qat, representative_data, batch_size)
+    return qat
+
+
+def _unsupported(layer, why: str = "") -> ValueError:
+    return ValueError(
+        f"quantize_aware cannot fake-quantize layer '{layer.name}' "
+        f"({type(layer).__name__}){why}. Supported: Conv1D, Conv2D, "
+        "DepthwiseConv2D, Dense, ExitBranch (activations linear, relu, "
+        "relu6), Add, Concatenate, ReLU, Activation (relu, relu6), pooling, "
+        "Reshape, Flatten, Dropout, ZeroPadding. Fold BatchNormalization into "
+        "the preceding convolution and split SeparableConv2D into "
+        "DepthwiseConv2D and a 1x1 Conv2D before quantize_aware."
+    )
+
+
+def _quantized_layer(layer, momentum: float):
+    """(the copy of `layer` in the fake-quant model, the kind of range of its
+    output: `"own"`, `"same"` as its input, or `"inside"` the layer)."""
+    for base, quantized in _WEIGHTED.items():
+        if type(layer) is base:
+            if getattr(layer, "quantization_mode", None):
+                raise _unsupported(layer, " (already quantized by Keras)")
+            if base is ExitBranch:
+                config = dict(layer.get_config(), momentum=momentum)
+                return quantized.from_config(config), "inside"
+            name = activation_name(layer.activation)
+            if name not in FUSED_ACTIVATIONS:
+                raise _unsupported(
+                    layer, f": activation {name!r} is not fused by TFLite int8"
+                )
+            if getattr(layer, "groups", 1) != 1:
+                raise _unsupported(layer, ": grouped convolution")
+            return quantized.from_config(layer.get_config()), "own"
+    if isinstance(layer, _SAME_RANGE):
+        return layer.__class__.from_config(layer.get_config()), "same"
+    if type(layer) in _OWN_RANGE:
+        if isinstance(layer, keras.layers.Activation):
+            name = activation_name(layer.activation)
+            if name not in ("relu", "relu6"):
+                raise _unsupported(layer, f": activation {name!r}")
+        if isinstance(layer, keras.layers.ReLU) and (
+            layer.negative_slope != 0 or layer.threshold != 0
+        ):
+            raise _unsupported(layer, ": leaky or thresholded ReLU")
+        return layer.__class__.from_config(layer.get_config()), "own"
+    raise _unsupported(layer)
+
+
+def _dequantized_layer(layer):
+    for base, quantized in _WEIGHTED.items():
+        if type(layer) is quantized:
+            config = layer.get_config()
+            config.pop("momentum", None)
+            return base.from_config(config), "inside"
+    return layer.__class__.from_config(layer.get_config()), "inside"
+
+
+def _rebuild(model, convert, quantizers: bool, momentum: float = 0.99):
+    """Copies `model`'s graph layer by layer through `convert`, with weights,
+    gates and thresholds.
+
+    With `quantizers`, a tracked range follows every model input and every
+    layer with a range of its own; a tensor that a later exit segment reads
+    (a carry) is fake-quantized again with the same range where that segment
+    reads it, so each exported segment's int8 input gets exactly the
+    previous segment's output parameters.
+    """
+    inputs = keras.tree.flatten(model.inputs)
+    outputs = list(model.outputs)
+    segment_of = {}
+    for k, plan in enumerate(graph.plan_segments(inputs, outputs)):
+        for node in plan.nodes:
+            segment_of[id(node)] = k
+    tensors, range_of, produced_in = {}, {}, {}
+    new_inputs = []
+    for t in inputs:
+        new = keras.Input(shape=t.shape[1:], dtype=t.dtype, name=t.name)
+        new_inputs.append(new)
+        tensors[id(t)] = new
+        produced_in[id(t)] = 0
+        if quantizers:
+            q = ActivationQuantizer(momentum, name=f"{t.name}_quant")
+            tensors[id(t)] = q(new)
+            range_of[id(t)] = q
+    copies, pairs = {}, []
+    for node in graph.nodes_between(inputs, outputs):
+        layer = node.operation
+        if isinstance(layer, ActivationQuantizer) and not quantizers:
+            for old, arg in zip(node.outputs, node.input_tensors):
+                tensors[id(old)] = tensors[id(arg)]
+                produced_in[id(old)] = segment_of[id(node)]
+            continue
+        if id(layer) not in copies:
+            copies[id(layer)] = convert(layer)
+            pairs.append((layer, copies[id(layer)][0]))
+        new_layer, kind = copies[id(layer)]
+        k = segment_of[id(node)]
+        local = dict(tensors)
+        for t in node.input_tensors:
+            if id(t) in range_of and produced_in[id(t)] < k:
+                local[id(t)] = range_of[id(t)](tensors[id(t)], update=False)
+        args, kwargs = node.arguments.fill_in(local)
+        results = keras.tree.flatten(new_layer(*args, **kwargs))
+        for old, new in zip(node.outputs, results):
+            produced_in[id(old)] = k
+            if quantizers and kind == "own":
+                q = ActivationQuantizer(momentum, name=f"{layer.name}_quant")
+                new = q(new)
+                range_of[id(old)] = q
+            elif kind == "same" and id(node.input_tensors[0]) in range_of:
+                range_of[id(old)] = range_of[id(node.input_tensors[0])]
+            tensors[id(old)] = new
+    cls = QuantizedEarlyExitModel if quantizers else EarlyExitModel
+    rebuilt = cls(
+        new_inputs if len(new_inputs) > 1 else new_inputs[0],
+        [tensors[id(t)] for t in outputs],
+        name=model.name,
+        criterion=model.criterion,
+        thresholds=model.thresholds,
+    )
+    rebuilt.set_temperatures([gate.temperature for gate in model.gates])
+    for old, new in pairs:
+        _copy_weights(old, new)
+    return rebuilt
+
+
+def _copy_weights(source, target) -> None:
+    """Copies variables by path, so that extra range variables on one side
+    (a quantized exit head) are skipped. Values go through NumPy: the two
+    models never share a buffer (JAX donates them to compiled steps)."""
+    values = {v.path.split("/", 1)[-1]: v for v in source.weights}
+    for variable in target.weights:
+        key = variable.path.split("/", 1)[-1]
+        if key in values:
+            variable.assign(np.array(values[key].numpy()))
+
+
+def _measure_ranges(model: QuantizedEarlyExitModel, data, batch_size: int) -> None:
+    """Initial ranges: min and max over `data`, with weights and earlier
+    ranges already fake-quantized, as post-training calibration measures."""
+    quantizers = model.quantizers()
+    arrays = keras.tree.flatten(data)
+    n = len(arrays[0])
+    for q in quantizers:
+        q.calibrating = True
+    try:
+        for start in range(0, n, batch_size):
+            batch = [np.asarray(a[start : start + batch_size]) for a in arrays]
+            model(batch if len(batch) > 1 else batch[0], training=False)
+    finally:
+        for q in quantizers:
+            q.calibrating = False
