@@ -13,18 +13,24 @@ subgraph S1: segment 1 -> gate -> IF(cond, logits1, confidence1, carry1)
 ```
 
 An IF hands the same inputs to both branches, so each then-branch (`Tk`)
-receives the carry too and ignores it. Every branch yields the same outputs,
-fixed in the graph: `class` (int32, ARG_MAX of the logits), `exit_index`
-(an int32 constant per branch), `confidence` (float32: DEQUANTIZE of the
-int8 confidence) and, with `logits=True`, `logits` (float32). Inside, int8
-models stay integer: the gate casts the int8 confidence to int32 and
-compares it with an int32 constant, the quantized threshold (128: never),
-which `set_thresholds` rewrites without reconverting. Float models compare
-the float32 confidence with float32(threshold), or with 2.0 for 1.0.
+receives the carry too and ignores it. Every branch returns the same
+tensors: the exit's logits (int8 as computed, or float32 with
+`logits=True`), its index (an int32 constant) and its confidence (float32:
+DEQUANTIZE of the int8 confidence). The main subgraph then outputs `class`
+(int32, one ARG_MAX of the returned logits), `exit_index`, `confidence` and,
+with `logits=True`, `logits`. Inside, int8 models stay integer: the gate
+casts the int8 confidence to int32 and compares it with an int32 constant,
+the quantized threshold (128: never), which `set_thresholds` rewrites
+without reconverting. Float models compare the float32 confidence with
+float32(threshold), or with 2.0 for 1.0.
 
 The converter cannot make this graph itself: its int8 quantization leaves
 the branches of a `tf.cond` in float. Every op used (IF, CAST,
-GREATER_EQUAL, ARG_MAX, DEQUANTIZE) has a TFLite Micro kernel.
+GREATER_EQUAL, ARG_MAX, DEQUANTIZE) has a TFLite Micro kernel, and an
+offline memory plan (`add_arena_plan`) lets TFLite Micro run the nested
+branches in no more activation memory than the largest segment needs.
+Internal tensors carry no names (flash); the inputs and outputs carry
+their signature names.
 
 The manifest is embedded as TFLite metadata (`runtime.fused`), with the
 arena measured in TFLite Micro for the whole file (int8, or `micro=True`).
@@ -102,7 +108,8 @@ def to_fused_tflite(
     path = kee.export.to_tflite(
         model, "digits.tflite", representative_data=x_val, fused=True
     )
-    result = kee.runtime.GatedInterpreter(path, backend="micro").predict(x_test)
+    runner = kee.runtime.fused.FusedInterpreter(path, backend="micro")
+    result = runner.predict(x_test)
     ```
     """
     from keras_earlyexit.export.tflite import to_tflite
