@@ -389,7 +389,7 @@ def test_runtime_argument_and_input_errors(exported, digits):
     interpreter = FusedInterpreter(path)
     with pytest.raises(ValueError, match="expects a batch of samples of shape"):
         interpreter.predict(digits.x_test[:, :4])
-    with pytest.raises(ValueError, match="must hold floats"):
+    with pytest.raises(ValueError, match="takes floats on the scale"):
         interpreter.predict(digits.x_test.astype(np.int32))
     label, exit_index, confidence = interpreter.predict_one(digits.x_test[0])
     batch = interpreter.predict(digits.x_test[:1])
@@ -435,3 +435,14 @@ def test_manifest_is_json_in_the_file(exported):
     content = json.loads(text)
     assert content["format"] == "keras-earlyexit-fused"
     assert [e["gate"]["threshold_quantized"] for e in content["exits"]] == [None] * 3
+
+
+def test_gated_interpreter_takes_a_fused_file(exported, digits):
+    """The public entry point: `GatedInterpreter(path)` runs a fused file
+    and `kee.export.set_thresholds` is the package's name for rewriting it."""
+    bundle, path = exported["int8"]
+    interpreter = kee.runtime.GatedInterpreter(path, thresholds=[0.0, 0.0])
+    assert isinstance(interpreter, FusedInterpreter)
+    expected = GatedInterpreter(bundle, thresholds=[0.0, 0.0]).predict(digits.x_test)
+    _assert_same(interpreter.predict(digits.x_test), expected)
+    assert kee.export.set_thresholds is set_thresholds

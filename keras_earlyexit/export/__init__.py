@@ -1,4 +1,5 @@
-"""Export: per-exit TFLite segments and their manifest.
+"""Export: per-exit TFLite segments and their manifest, or one fused gated
+`.tflite` file; thresholds rewritten in place with `set_thresholds`.
 
 `to_tflite` imports TensorFlow lazily (only conversion needs it); reading
 manifests and inspecting `.tflite` files needs only `ai_edge_litert`.
@@ -15,6 +16,7 @@ from keras_earlyexit.export.manifest import (
 )
 from keras_earlyexit.export.micro import UnsupportedOpError
 from keras_earlyexit.export.tflite import to_tflite
+from keras_earlyexit.export.thresholds import set_thresholds
 
 __all__ = [
     "BundleError",
@@ -25,6 +27,7 @@ __all__ = [
     "list_ops",
     "read_manifest",
     "UnsupportedOpError",
+    "set_thresholds",
     "to_c_arrays",
     "to_tflite",
 ]

@@ -1,5 +1,5 @@
-"""Runtime: the gated early-exit loop over a TFLite bundle (LiteRT or
-TFLite Micro).
+"""Runtime: the gated early-exit loop over a TFLite bundle or a fused
+gated `.tflite` file (LiteRT or TFLite Micro).
 
 Needs only NumPy and an interpreter (`ai-edge-litert` or `tflite-micro`):
 no Keras, no TensorFlow, JAX or PyTorch, so a device host installs
@@ -7,6 +7,7 @@ no Keras, no TensorFlow, JAX or PyTorch, so a device host installs
 Bundles may come from elsewhere: loading checks them (`BundleError`).
 """
 
+from keras_earlyexit.runtime.fused import FusedInterpreter, FusedModelError
 from keras_earlyexit.runtime.gated import (
     BACKENDS,
     GatedInterpreter,
@@ -23,6 +24,8 @@ __all__ = [
     "BACKENDS",
     "BundleError",
     "EarlyExitPrediction",
+    "FusedInterpreter",
+    "FusedModelError",
     "GatedInterpreter",
     "Manifest",
     "RuntimeStats",

@@ -36,7 +36,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from keras_earlyexit.runtime.gated import BACKENDS, RuntimeStats, SampleResult, quantize
+from keras_earlyexit.runtime.gated import (
+    BACKENDS,
+    RuntimeStats,
+    SampleResult,
+    prepare_inputs,
+)
 from keras_earlyexit.runtime.manifest import (
     QUANTIZATION_MODES,
     RUNTIME_ARENA_MARGIN,
@@ -572,48 +577,11 @@ class FusedInterpreter:
         self.stats = FusedStats(list(self.manifest.exit_names))
 
     def _prepare(self, x) -> list[np.ndarray]:
-        """Checks inputs and converts them to the dtype the model takes."""
-        specs = self.manifest.inputs
-        names = [t.name for t in specs]
-        if isinstance(x, dict):
-            missing = set(names) - set(x)
-            if missing:
-                raise ValueError(
-                    f"Input data lacks {sorted(missing)}; the model's inputs "
-                    f"are {names}."
-                )
-            arrays = [x[n] for n in names]
-        else:
-            arrays = list(x) if isinstance(x, (list, tuple)) else [x]
-        if len(arrays) != len(specs):
-            raise ValueError(
-                f"The model takes {len(specs)} input(s) {names}; received "
-                f"{len(arrays)} array(s)."
-            )
-        prepared = []
-        for array, spec in zip(arrays, specs):
-            array = np.asarray(array)
-            sample_shape = tuple(spec.shape[1:])
-            if array.ndim == 0 or tuple(array.shape[1:]) != sample_shape:
-                raise ValueError(
-                    f"Input {spec.name!r} expects a batch of samples of shape "
-                    f"{sample_shape}, i.e. an array of shape (n, "
-                    f"{', '.join(map(str, sample_shape))}); received shape "
-                    f"{array.shape}."
-                )
-            if not np.issubdtype(array.dtype, np.floating):
-                raise ValueError(
-                    f"Input {spec.name!r} must hold floats on the scale the "
-                    f"Keras model was trained on; received dtype {array.dtype}. "
-                    "Convert with x.astype('float32'); int8 models' inputs are "
-                    "quantized here."
-                )
-            if spec.quantized:
-                array = quantize(array, spec.scale, spec.zero_point)
-            prepared.append(np.ascontiguousarray(array, spec.dtype))
-        if len({len(a) for a in prepared}) > 1:
-            raise ValueError("All inputs must hold the same number of samples.")
-        return prepared
+        """Checks inputs (the rules of `GatedInterpreter`) and converts them
+        to the dtype the model takes."""
+        return [
+            np.ascontiguousarray(a) for a in prepare_inputs(x, self.manifest.inputs)
+        ]
 
     def _record(self, exits: np.ndarray, seconds: np.ndarray) -> None:
         """Adds samples' exits and times to `stats` (after the loop, so that

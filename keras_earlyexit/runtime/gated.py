@@ -185,6 +185,30 @@ def prepare_input(array: np.ndarray, spec: TensorInfo) -> np.ndarray:
     return array.astype(spec.dtype, copy=False)
 
 
+def prepare_inputs(x, specs: list[TensorInfo]) -> list[np.ndarray]:
+    """A model's input batches from `x` (an array, a list in input order, or
+    a dict by input name), each checked by `prepare_input`."""
+    names = [t.name for t in specs]
+    if isinstance(x, dict):
+        missing = set(names) - set(x)
+        if missing:
+            raise ValueError(
+                f"Input data lacks {sorted(missing)}; the model's inputs are {names}."
+            )
+        arrays = [x[name] for name in names]
+    else:
+        arrays = list(x) if isinstance(x, (list, tuple)) else [x]
+    if len(arrays) != len(specs):
+        raise ValueError(
+            f"The model takes {len(specs)} input(s) {names}; received "
+            f"{len(arrays)} array(s)."
+        )
+    prepared = [prepare_input(np.asarray(a), spec) for a, spec in zip(arrays, specs)]
+    if len({len(a) for a in prepared}) > 1:
+        raise ValueError("All inputs must hold the same number of samples.")
+    return prepared
+
+
 class SampleResult(NamedTuple):
     """Result of `GatedInterpreter.predict_one`."""
 
@@ -266,6 +290,10 @@ class _Segment:
 class GatedInterpreter:
     """Runs a bundle written by `kee.export.to_tflite` with per-sample exits.
 
+    Given the path of a fused `.tflite` file (`to_tflite(..., fused=True)`)
+    instead of a bundle directory, it returns a `FusedInterpreter`: the same
+    arguments, `predict` results and `stats`, one invoke per sample.
+
     Loading checks the manifest (every field, see `runtime.manifest`), each
     segment file's place, size and sha256, and each input's and output's
     dtype, shape, scale and zero-point against the `.tflite` file; a bundle
@@ -314,6 +342,13 @@ class GatedInterpreter:
     interpreter.reset_stats()  # start counting afresh
     ```
     """
+
+    def __new__(cls, path, *args, **kwargs):
+        if cls is GatedInterpreter and os.path.isfile(path):
+            from keras_earlyexit.runtime.fused import FusedInterpreter
+
+            return FusedInterpreter(path, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -475,7 +510,7 @@ class GatedInterpreter:
             if c.quantized:
                 segment.threshold = quantize_threshold(t, c.scale, c.zero_point)
             else:  # 1.0 means never: a float softmax reaches exactly 1.0
-                segment.threshold = t if t < 1.0 else math.inf
+                segment.threshold = float(np.float32(t)) if t < 1.0 else math.inf
 
     def reset_stats(self) -> None:
         """Starts `stats` afresh (counts and timings to zero), e.g. after a
@@ -485,28 +520,7 @@ class GatedInterpreter:
     def _prepare(self, x) -> list[np.ndarray]:
         """Checks inputs (see the class docstring for the rules) and converts
         them to the dtype segment 1 takes."""
-        specs = self._segments[0].info.inputs
-        if isinstance(x, dict):
-            missing = {t.name for t in specs} - set(x)
-            if missing:
-                raise ValueError(
-                    f"Input data lacks {sorted(missing)}; the bundle's inputs "
-                    f"are {[t.name for t in specs]}."
-                )
-            arrays = [x[t.name] for t in specs]
-        else:
-            arrays = list(x) if isinstance(x, (list, tuple)) else [x]
-        if len(arrays) != len(specs):
-            raise ValueError(
-                f"The bundle takes {len(specs)} input(s) "
-                f"{[t.name for t in specs]}; received {len(arrays)} array(s)."
-            )
-        prepared = [
-            prepare_input(np.asarray(a), spec) for a, spec in zip(arrays, specs)
-        ]
-        if len({len(a) for a in prepared}) > 1:
-            raise ValueError("All inputs must hold the same number of samples.")
-        return prepared
+        return prepare_inputs(x, self._segments[0].info.inputs)
 
     def _run(self, sample: list[np.ndarray]) -> tuple[int, int, float]:
         """The gated loop for one sample (arrays with batch size 1)."""
