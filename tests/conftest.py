@@ -1,5 +1,9 @@
 """Shared fixtures. The suite runs once per backend: KERAS_BACKEND is set by
-the caller (see the Makefile), never here."""
+the caller (see the Makefile), never here.
+
+Every test starts from the same seeds on every backend (Python, NumPy and
+the backend's own generator), and the digits splits are fixed, so a test
+gives the same result each run on a given machine."""
 
 import keras
 import numpy as np
@@ -7,6 +11,11 @@ import pytest
 
 import keras_earlyexit as kee
 from keras_earlyexit import demo
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    keras.utils.set_random_seed(0)
 
 
 @pytest.fixture(scope="session")
