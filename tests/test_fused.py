@@ -446,3 +446,22 @@ def test_gated_interpreter_takes_a_fused_file(exported, digits):
     expected = GatedInterpreter(bundle, thresholds=[0.0, 0.0]).predict(digits.x_test)
     _assert_same(interpreter.predict(digits.x_test), expected)
     assert kee.export.set_thresholds is set_thresholds
+
+
+def test_fused_file_gets_normal_file_permissions(tmp_path):
+    """A new fused file is created as `open()` would create it (the umask
+    applies), and a rewrite keeps the mode of the file it replaces."""
+    from keras_earlyexit.export.fused import write_atomic
+
+    path = str(tmp_path / "model.tflite")
+    old = os.umask(0o022)
+    try:
+        write_atomic(path, b"first")
+        assert os.stat(path).st_mode & 0o777 == 0o644
+        os.chmod(path, 0o640)
+        write_atomic(path, b"second")
+        assert os.stat(path).st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+    assert open(path, "rb").read() == b"second"
+    assert os.listdir(tmp_path) == ["model.tflite"]

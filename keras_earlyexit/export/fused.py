@@ -38,6 +38,7 @@ arena measured in TFLite Micro for the whole file (int8, or `micro=True`).
 
 import hashlib
 import os
+import stat
 import tempfile
 import warnings
 
@@ -162,6 +163,7 @@ def write_atomic(path: str, data: bytes) -> None:
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", dir=parent)
     try:
+        os.chmod(tmp, _file_mode(path))  # mkstemp creates files 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -171,6 +173,17 @@ def write_atomic(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _file_mode(path: str) -> int:
+    """The mode of the file being replaced, or that of a file `open()`
+    would create (the umask applies)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def model_sha256(model) -> str:
