@@ -30,6 +30,12 @@ import java.util.Map;
  * {@code copy I} is input I; {@code take I E} is element E of input I;
  * {@code onehot I E} is 1 at index round(element E of input I), 0 elsewhere.
  *
+ * <p>A real TFLite flatbuffer (file identifier "TFL3") is not computed here:
+ * the stand-in hands it to LiteRT's Python interpreter ({@link LiteRtBridge})
+ * and forwards each {@link #runForMultipleInputsOutputs} to one invoke
+ * there, so that tests of a real model get LiteRT's own outputs. Tensors,
+ * names and indices are then those LiteRT reports for the model.
+ *
  * <p>{@link #liveInstances} exists only here: interpreters created and not
  * closed, so that a test can tell whether every one was closed.
  */
@@ -60,8 +66,8 @@ public final class Interpreter implements AutoCloseable {
     final String[] rule;
     final ByteBuffer data;
 
-    StandInTensor(String[] fields, boolean output) {
-      if (fields.length < 6 || (output && fields.length < 8)) {
+    StandInTensor(String[] fields, boolean ruled) {
+      if (fields.length < 6 || (ruled && fields.length < 8)) {
         throw new IllegalArgumentException("Stand-in model line too short: " + String.join(" ", fields));
       }
       name = fields[1];
@@ -69,7 +75,7 @@ public final class Interpreter implements AutoCloseable {
       shape = Arrays.stream(fields[3].split("x")).mapToInt(Integer::parseInt).toArray();
       scale = Float.parseFloat(fields[4]);
       zeroPoint = Integer.parseInt(fields[5]);
-      rule = output ? Arrays.copyOfRange(fields, 6, fields.length) : null;
+      rule = ruled ? Arrays.copyOfRange(fields, 6, fields.length) : null;
       data = ByteBuffer.allocate(numBytes()).order(ByteOrder.nativeOrder());
     }
 
@@ -124,6 +130,7 @@ public final class Interpreter implements AutoCloseable {
 
   private final List<StandInTensor> inputs = new ArrayList<>();
   private final List<StandInTensor> outputs = new ArrayList<>();
+  private final LiteRtBridge bridge;
   private boolean closed;
 
   public Interpreter(ByteBuffer byteBuffer, Options options) {
@@ -131,12 +138,16 @@ public final class Interpreter implements AutoCloseable {
     view.rewind();
     byte[] bytes = new byte[view.remaining()];
     view.get(bytes);
-    for (String line : new String(bytes, StandardCharsets.UTF_8).split("\n")) {
+    boolean tflite =
+        bytes.length >= 8 && new String(bytes, 4, 4, StandardCharsets.US_ASCII).equals("TFL3");
+    bridge = tflite ? new LiteRtBridge(bytes, options.numThreads) : null;
+    String text = tflite ? bridge.describe() : new String(bytes, StandardCharsets.UTF_8);
+    for (String line : text.split("\n")) {
       String[] fields = line.replaceAll("#.*", "").trim().split("\\s+");
       if (fields[0].equals("input")) {
         inputs.add(new StandInTensor(fields, false));
       } else if (fields[0].equals("output")) {
-        outputs.add(new StandInTensor(fields, true));
+        outputs.add(new StandInTensor(fields, !tflite));
       } else if (!fields[0].isEmpty()) {
         throw new IllegalArgumentException(
             "The model is not a stand-in model (see Interpreter.java): " + line);
@@ -177,6 +188,26 @@ public final class Interpreter implements AutoCloseable {
     return outputs.get(outputIndex);
   }
 
+  public int getInputIndex(String opName) {
+    checkNotClosed();
+    return indexOf(inputs, opName, "input");
+  }
+
+  public int getOutputIndex(String opName) {
+    checkNotClosed();
+    return indexOf(outputs, opName, "output");
+  }
+
+  private static int indexOf(List<StandInTensor> tensors, String name, String role) {
+    for (int i = 0; i < tensors.size(); i++) {
+      if (tensors.get(i).name.equals(name)) {
+        return i;
+      }
+    }
+    throw new IllegalArgumentException(
+        String.format("Input error: '%s' is not a valid name for any %s.", name, role));
+  }
+
   public void runForMultipleInputsOutputs(Object[] inputValues, Map<Integer, Object> outputValues) {
     checkNotClosed();
     if (inputValues == null || inputValues.length == 0 || inputValues.length > inputs.size()) {
@@ -194,6 +225,29 @@ public final class Interpreter implements AutoCloseable {
         tensor.data.put(b, source.get(b));
       }
     }
+    if (bridge != null) {
+      List<byte[]> given = new ArrayList<>();
+      for (int i = 0; i < inputValues.length; i++) {
+        given.add(inputs.get(i).data.array());  // heap buffer: array() is its content
+      }
+      byte[][] results = bridge.invoke(given, outputs.size());
+      for (int i = 0; i < outputs.size(); i++) {
+        outputs.get(i).data.clear();
+        outputs.get(i).data.put(results[i]);
+      }
+    } else {
+      computeRules();
+    }
+    for (Map.Entry<Integer, Object> entry : outputValues.entrySet()) {
+      StandInTensor tensor = outputs.get(entry.getKey());
+      ByteBuffer destination = (ByteBuffer) entry.getValue();
+      tensor.data.rewind();
+      destination.put(tensor.data);
+    }
+  }
+
+  /** The outputs of a text model, from their rules. */
+  private void computeRules() {
     for (StandInTensor out : outputs) {
       StandInTensor in = inputs.get(Integer.parseInt(out.rule[1]));
       switch (out.rule[0]) {
@@ -215,18 +269,15 @@ public final class Interpreter implements AutoCloseable {
           throw new IllegalArgumentException("Unknown stand-in rule " + out.rule[0]);
       }
     }
-    for (Map.Entry<Integer, Object> entry : outputValues.entrySet()) {
-      StandInTensor tensor = outputs.get(entry.getKey());
-      ByteBuffer destination = (ByteBuffer) entry.getValue();
-      tensor.data.rewind();
-      destination.put(tensor.data);
-    }
   }
 
   @Override
   public void close() {
     if (!closed) {
       closed = true;
+      if (bridge != null) {
+        bridge.close();
+      }
       synchronized (Interpreter.class) {
         live--;
       }

@@ -358,16 +358,21 @@ class EarlyExitClassifier(
 
         private val DTYPES = mapOf("float32" to DataType.FLOAT32, "int8" to DataType.INT8)
 
-        private fun direct(bytes: Int): ByteBuffer = ByteBuffer.allocateDirect(bytes).order(ByteOrder.nativeOrder())
+        internal fun direct(bytes: Int): ByteBuffer = ByteBuffer.allocateDirect(bytes).order(ByteOrder.nativeOrder())
 
-        private fun mapAsset(context: Context, path: String): MappedByteBuffer {
+        /** Maps assets/[path] read-only; [missing] ends the message if it cannot be opened. */
+        internal fun mapAsset(
+            context: Context,
+            path: String,
+            missing: String = "Copy the whole bundle again."
+        ): MappedByteBuffer {
             // The mapping stays valid once the descriptor and stream are closed.
             val descriptor = try {
                 context.assets.openFd(path)
             } catch (e: FileNotFoundException) {
                 throw IllegalArgumentException(
                     "assets/$path cannot be opened as a file descriptor: it is missing, or compressed in the " +
-                        "APK (add androidResources { noCompress += \"tflite\" }). Copy the whole bundle again.",
+                        "APK (add androidResources { noCompress += \"tflite\" }). $missing",
                     e
                 )
             }

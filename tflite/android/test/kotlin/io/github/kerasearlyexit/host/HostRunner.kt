@@ -1,18 +1,22 @@
-// Host test driver for EarlyExitClassifier (tests/test_android_kotlin.py).
+// Host test driver for EarlyExitClassifier and FusedEarlyExitClassifier
+// (tests/test_android_kotlin.py).
 //
-// Serves the bundles under the directory args[0] as assets, through the host
-// stand-ins in tflite/android/test/java. Reads one command per line on stdin
-// and prints one JSON object per command, with the stand-ins' counts of
-// interpreters and asset handles still open:
-//   open BUNDLE [NUM_THREADS]     classify [[x, ...], ...]
-//   classify_named {"name": [x, ...]}   thresholds [t, ...]
-//   quantize_threshold [[t, scale, zero_point], ...]   close
+// Serves the bundles and fused files under the directory args[0] as assets,
+// through the host stand-ins in tflite/android/test/java. Reads one command
+// per line on stdin and prints one JSON object per command, with the
+// stand-ins' counts of interpreters and asset handles still open:
+//   open BUNDLE [NUM_THREADS]     open_fused FILE [NUM_THREADS]
+//   classify [[x, ...], ...]      classify_named {"name": [x, ...]}
+//   thresholds [t, ...]           quantize_threshold [[t, scale, zero_point], ...]
+//   counts                        close
+// classify, counts and close act on the classifier opened last.
 package io.github.kerasearlyexit.host
 
 import android.content.Context
 import android.content.res.AssetManager
 import io.github.kerasearlyexit.EarlyExitClassifier
 import io.github.kerasearlyexit.EarlyExitResult
+import io.github.kerasearlyexit.FusedEarlyExitClassifier
 import org.json.JSONArray
 import org.json.JSONObject
 import org.tensorflow.lite.Interpreter
@@ -32,6 +36,7 @@ fun main(args: Array<String>) {
         override fun getAssets() = assets
     }
     var classifier: EarlyExitClassifier? = null
+    var fused: FusedEarlyExitClassifier? = null
     for (line in generateSequence(::readLine)) {
         val command = line.substringBefore(' ')
         val argument = line.substringAfter(' ', "")
@@ -43,18 +48,40 @@ fun main(args: Array<String>) {
                     val threads = if (parts.size > 1) parts[1].toInt() else 1
                     val opened = EarlyExitClassifier(context, parts[0], threads)
                     classifier = opened
+                    fused = null
                     reply.put("exit_names", JSONArray(opened.exitNames))
                     reply.put("input_names", JSONArray(opened.inputNames))
                     reply.put("thresholds", JSONArray(opened.thresholds.map { it.toDouble() }))
                 }
+                "open_fused" -> {
+                    val parts = argument.split(' ')
+                    val threads = if (parts.size > 1) parts[1].toInt() else 1
+                    val opened = FusedEarlyExitClassifier(context, parts[0], threads)
+                    fused = opened
+                    classifier = null
+                    reply.put("exit_names", JSONArray(opened.exitNames))
+                    reply.put("input_names", JSONArray(opened.inputNames))
+                    reply.put("quantization", opened.quantization)
+                    reply.put("num_classes", opened.numClasses)
+                    reply.put("thresholds", JSONArray(opened.thresholds.map { it.toDouble() }))
+                    reply.put("thresholds_quantized", opened.thresholdsQuantized?.let { JSONArray(it.toList()) })
+                    reply.put("logits", opened.logits != null)
+                }
                 "classify" -> {
                     val a = JSONArray(argument)
-                    reply.putResult(classifier!!.classify(*Array(a.length()) { floats(a.getJSONArray(it)) }))
+                    val inputs = Array(a.length()) { floats(a.getJSONArray(it)) }
+                    val open = fused
+                    if (open != null) {
+                        reply.putResult(open.classify(*inputs))
+                        open.logits?.let { reply.put("logits", JSONArray(it.map(Float::toDouble))) }
+                    } else {
+                        reply.putResult(classifier!!.classify(*inputs))
+                    }
                 }
                 "classify_named" -> {
                     val o = JSONObject(argument)
                     val inputs = o.keys().asSequence().associateWith { floats(o.getJSONArray(it)) }
-                    reply.putResult(classifier!!.classify(inputs))
+                    reply.putResult(fused?.classify(inputs) ?: classifier!!.classify(inputs))
                 }
                 "thresholds" -> {
                     classifier!!.setThresholds(floats(JSONArray(argument)))
@@ -67,8 +94,11 @@ fun main(args: Array<String>) {
                         EarlyExitClassifier.quantizeThreshold(t.toFloat(), s.toFloat(), z)
                     }))
                 }
-                "counts" -> reply.put("exit_counts", JSONArray(classifier!!.exitCounts.toList()))
-                "close" -> classifier?.close()
+                "counts" -> reply.put("exit_counts", JSONArray((fused?.exitCounts ?: classifier!!.exitCounts).toList()))
+                "close" -> {
+                    fused?.close()
+                    classifier?.close()
+                }
                 else -> throw IllegalArgumentException("Unknown command '$command'")
             }
         } catch (e: Exception) {
