@@ -33,9 +33,14 @@ def test_digits_exits_are_accurate(trained_digits_model, digits):
     result = trained_digits_model.evaluate(
         digits.x_test, digits.y_test, verbose=0, return_dict=True
     )
-    majority = np.bincount(digits.y_test).max() / len(digits.y_test)
-    assert result["final_accuracy"] >= 0.95
-    assert result["exit_1_accuracy"] >= majority + 0.5
+    # Test accuracy of this fixture over seeds 0-9 on each backend (30 runs,
+    # 2-core CPU): final min 0.925 / mean 0.971 / sd 0.011 (TF seed 5 is the
+    # low one; PyTorch 0.964-0.978, one other machine gave 0.950 at seed 0),
+    # exit_2 min 0.947 / mean 0.971, exit_1 min 0.811 / mean 0.836 / sd
+    # 0.013. Bars sit below every measured run, about 4 sd under the mean.
+    assert result["final_accuracy"] >= 0.92
+    assert result["exit_2_accuracy"] >= 0.92
+    assert result["exit_1_accuracy"] >= 0.78
     assert set(result) >= {
         "loss",
         "exit_1_loss",
