@@ -25,8 +25,9 @@ _EXPORTS = {
     "ExitCurriculum": "keras_earlyexit.losses",
     "exit_weights": "keras_earlyexit.losses",
     "EarlyExitModel": "keras_earlyexit.models",
+    "quantize_aware": "keras_earlyexit.quantization",
 }
-_SUBPACKAGES = ("export", "generation", "runtime")
+_SUBPACKAGES = ("export", "generation", "quantization", "runtime")
 
 __all__ = sorted(_EXPORTS)
 

@@ -126,6 +126,9 @@ def to_tflite(
     result = kee.runtime.GatedInterpreter(bundle).predict(x_test)
     ```
     """
+    # A quantization-aware model says what to convert for this mode.
+    if hasattr(model, "for_export"):
+        model = model.for_export(quantization)
     if fused:
         from keras_earlyexit.export.fused import to_fused_tflite
 
