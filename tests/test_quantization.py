@@ -102,10 +102,6 @@ def test_fit_updates_ranges_and_reloads(qat, digits, tmp_path):
 
 @pytest.fixture(scope="module")
 def qat_bundle(qat, digits, tmp_path_factory):
-    if keras.backend.backend() != "tensorflow" and "quantize_aware" not in getattr(
-        kee, "_EXPORTS", {}
-    ):
-        pytest.skip("the TensorFlow conversion subprocess loads only registered names")
     return kee.export.to_tflite(
         qat,
         str(tmp_path_factory.mktemp("qat") / "bundle"),
