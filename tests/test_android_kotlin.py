@@ -10,6 +10,14 @@ interpreters and asset handles, so leaks show. Bundle manifests are written
 with the package's manifest dataclasses: the class reads the schema's field
 names. The driver, tflite/android/test/kotlin/.../HostRunner.kt, answers one
 JSON line per command.
+
+`FusedEarlyExitClassifier` reads real fused files written by
+`kee.export.to_tflite(model, path, fused=True)`: its metadata, hash, threshold
+constants and signature names are those of the real layout. For a real
+`.tflite` model the `Interpreter` stand-in hands the bytes to LiteRT's Python
+interpreter (tflite/android/test/python/litert_bridge.py), so each sample's
+one `runForMultipleInputsOutputs` call is one real LiteRT invoke, compared
+with `FusedInterpreter`.
 """
 
 import dataclasses
@@ -18,10 +26,17 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from keras_earlyexit.runtime.fused import (
+    FusedExit,
+    FusedInterpreter,
+    FusedManifest,
+    read_fused_manifest,
+)
 from keras_earlyexit.runtime.manifest import (
     MANIFEST_NAME,
     GateInfo,
@@ -36,6 +51,10 @@ ANDROID_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "tflite", "andr
 CLASSIFIER = os.path.join(
     ANDROID_DIR, "src/main/kotlin/io/github/kerasearlyexit/EarlyExitClassifier.kt"
 )
+FUSED_CLASSIFIER = os.path.join(
+    ANDROID_DIR, "src/main/kotlin/io/github/kerasearlyexit/FusedEarlyExitClassifier.kt"
+)
+LITERT_BRIDGE = os.path.join(ANDROID_DIR, "test", "python", "litert_bridge.py")
 DRIVER = os.path.join(
     ANDROID_DIR, "test/kotlin/io/github/kerasearlyexit/host/HostRunner.kt"
 )
@@ -67,7 +86,7 @@ def classpath(tmp_path_factory) -> str:
     commands = [
         ["javac", "--release", "8", "-nowarn", "-d", classes, *sorted(sources)],
         ["kotlinc", "-cp", f"{classes}:{ANDROID_JSON_JAR}", "-include-runtime"]
-        + ["-d", jar, CLASSIFIER, DRIVER],
+        + ["-d", jar, CLASSIFIER, FUSED_CLASSIFIER, DRIVER],
     ]
     for command in commands:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -78,7 +97,15 @@ def classpath(tmp_path_factory) -> str:
 def _run(classpath: str, root: str, *commands: str) -> list[dict]:
     """Runs the driver on `commands`; one reply per command."""
     proc = subprocess.run(
-        ["java", "-cp", classpath, "io.github.kerasearlyexit.host.HostRunnerKt", root],
+        [
+            "java",
+            f"-Dkee.litert.python={sys.executable}",
+            f"-Dkee.litert.bridge={LITERT_BRIDGE}",
+            "-cp",
+            classpath,
+            "io.github.kerasearlyexit.host.HostRunnerKt",
+            root,
+        ],
         input="\n".join(commands) + "\n",
         capture_output=True,
         text=True,
@@ -547,4 +574,316 @@ def test_manifest_fields_read_are_in_the_schema():
         for f in dataclasses.fields(cls)
     }
     assert {"threshold_quantized", "zero_point", "sha256", "exit_names"} <= read
+    assert read <= schema, read - schema
+
+
+# The fused model: real files from kee.export.to_tflite(..., fused=True).
+
+FUSED_SAMPLES = 40
+
+
+def _spread(path: str, x: np.ndarray) -> list[float]:
+    """Thresholds that send samples to every exit: each the median of the
+    confidences reaching its exit (so some samples tie with it)."""
+    gated = _manifest(path).num_exits - 1
+    thresholds = []
+    for k in range(gated):
+        reach = [1.0] * k + [0.0] * (gated - k)
+        result = FusedInterpreter(path, thresholds=reach).predict(x)
+        confidences = np.sort(result.confidences)
+        thresholds.append(float(confidences[len(confidences) // 2]))
+    return thresholds
+
+
+@pytest.fixture(scope="module")
+def fused_assets(classpath, tmp_path_factory) -> dict:
+    """An int8 and a float32 (with logits) fused digits CNN, thresholds set
+    offline with kee.export.set_thresholds, and an int8 two-input model."""
+    import keras
+
+    import keras_earlyexit as kee
+    from keras_earlyexit import demo
+    from keras_earlyexit.export.fused import to_fused_tflite
+
+    root = str(tmp_path_factory.mktemp("fused_assets"))
+    digits = demo.load_digits(seed=0)
+    keras.utils.set_random_seed(0)
+    model = demo.digits_cnn(width=4)
+    model.compile(keras.optimizers.Adam(3e-3), kee.EarlyExitLoss())
+    model.fit(digits.x_train, digits.y_train, epochs=2, batch_size=64, verbose=0)
+    x = digits.x_test[:FUSED_SAMPLES]
+    common = dict(representative_data=digits.x_val, verbose=0)
+    int8 = kee.export.to_tflite(
+        model, os.path.join(root, "digits_int8.tflite"), fused=True, **common
+    )
+    float32 = to_fused_tflite(
+        model,
+        os.path.join(root, "digits_float32.tflite"),
+        quantization="float32",
+        logits=True,
+        **common,
+    )
+    for path in (int8, float32):
+        kee.export.set_thresholds(path, _spread(path, x))
+
+    a = keras.Input((3,), name="a")
+    b = keras.Input((5,), name="b")
+    h = keras.layers.Dense(8, activation="relu")(keras.layers.Concatenate()([a, b]))
+    e1 = kee.ExitBranch(4, name="exit_1")(h)
+    e2 = kee.ExitBranch(4, name="final")(keras.layers.Dense(8, activation="relu")(h))
+    two = kee.EarlyExitModel([a, b], [e1, e2])
+    rng = np.random.default_rng(0)
+    xs = {"a": rng.normal(size=(64, 3)), "b": rng.normal(size=(64, 5))}
+    xs = {k: v.astype("float32") for k, v in xs.items()}
+    two_inputs = kee.export.to_tflite(
+        two,
+        os.path.join(root, "two_inputs.tflite"),
+        representative_data=[xs["a"], xs["b"]],
+        fused=True,
+        verbose=0,
+    )
+    kee.export.set_thresholds(two_inputs, _spread(two_inputs, xs))
+    return {
+        "root": root,
+        "x": x,
+        "xs": {k: v[:12] for k, v in xs.items()},
+        "int8": int8,
+        "float32": float32,
+        "two_inputs": two_inputs,
+    }
+
+
+def _manifest(path: str):
+    with open(path, "rb") as f:
+        return read_fused_manifest(f.read(), path)
+
+
+@pytest.mark.parametrize("mode", ["int8", "float32"])
+def test_fused_file_runs_as_the_python_runtime(classpath, fused_assets, mode):
+    """One call per sample gives FusedInterpreter's class, exit and
+    confidence; thresholds come from the file's metadata."""
+    path, x = fused_assets[mode], fused_assets["x"]
+    expected = FusedInterpreter(path).predict(x)
+    name = os.path.basename(path)
+    replies = _run(
+        classpath,
+        fused_assets["root"],
+        f"open_fused {name}",
+        *(_classify(sample.ravel()) for sample in x),
+        "counts",
+    )
+    manifest = _manifest(path)
+    opened = _ok(replies[0])
+    assert opened["exit_names"] == manifest.exit_names
+    assert opened["input_names"] == [t.name for t in manifest.inputs]
+    assert opened["quantization"] == mode
+    assert opened["thresholds"] == [float(np.float32(t)) for t in manifest.thresholds]
+    if mode == "int8":
+        quantized = [e.gate.threshold_quantized for e in manifest.exits[:-1]]
+        assert opened["thresholds_quantized"] == quantized
+        assert all(q < 128 for q in quantized)
+    else:
+        assert opened["thresholds_quantized"] is None
+    results = [_ok(r) for r in replies[1:-1]]
+    np.testing.assert_array_equal([r["label"] for r in results], expected.classes)
+    np.testing.assert_array_equal([r["exit"] for r in results], expected.exit_indices)
+    np.testing.assert_array_equal(
+        np.float32([r["confidence"] for r in results]), expected.confidences
+    )
+    counts = np.bincount(expected.exit_indices, minlength=3).tolist()
+    assert replies[-1]["exit_counts"] == counts
+    assert min(counts) > 0, counts  # every exit is taken
+    assert opened["logits"] == (mode == "float32")
+    if mode == "float32":
+        logits = np.float32([r["logits"] for r in results])
+        np.testing.assert_array_equal(logits.argmax(axis=1), expected.classes)
+
+
+def test_fused_several_inputs_by_name(classpath, fused_assets):
+    """int8 two-input model: floats quantized with each input's own
+    parameters, filled by name or in inputNames' order (the model's, which
+    is not the Keras model's)."""
+    path, xs = fused_assets["two_inputs"], fused_assets["xs"]
+    expected = FusedInterpreter(path).predict(xs)
+    names = [t.name for t in _manifest(path).inputs]
+    n = len(xs["a"])
+    ordered = [[xs[name][i] for name in names] for i in range(n)]
+    named = [{"b": xs["b"][i].tolist(), "a": xs["a"][i].tolist()} for i in range(3)]
+    a, b = xs["a"][0].tolist(), xs["b"][0].tolist()
+    replies = _run(
+        classpath,
+        fused_assets["root"],
+        "open_fused two_inputs.tflite",
+        *(_classify(*sample) for sample in ordered),
+        *("classify_named " + json.dumps(sample) for sample in named),
+        _classify(a),
+        "classify_named " + json.dumps({"a": a}),
+        "classify_named " + json.dumps({"a": a, "b": b, "c": [0.0]}),
+        _classify(*[{"a": b, "b": a}[name] for name in names]),
+    )
+    assert _ok(replies[0])["input_names"] == names
+    assert sorted(names) == ["a", "b"]
+    results = [_ok(r) for r in replies[1 : n + 1]]
+    assert [(r["label"], r["exit"]) for r in results] == list(
+        zip(expected.classes.tolist(), expected.exit_indices.tolist())
+    )
+    np.testing.assert_array_equal(
+        np.float32([r["confidence"] for r in results]), expected.confidences
+    )
+    assert set(expected.exit_indices.tolist()) == {0, 1}
+    assert [_ok(r) for r in replies[n + 1 : n + 4]] == replies[1:4]
+    errors = replies[n + 4 :]
+    assert {r["error"] for r in errors} == {"java.lang.IllegalArgumentException"}
+    assert errors[0]["message"] == (
+        f"The model takes 2 input(s) [{', '.join(names)}]; received 1 array(s)."
+    )
+    assert errors[1]["message"].startswith("Inputs lack [b]")
+    assert errors[2]["message"].startswith("Inputs [c] are not the model's")
+    assert errors[3]["message"].startswith(f"Input '{names[0]}' takes ")
+
+
+@pytest.mark.parametrize(
+    "value, size, message",
+    [
+        ("NaN", 64, "Input 'image' holds NaN at element 5; the model takes finite"),
+        ("Infinity", 64, "Input 'image' holds Infinity at element 5; the model"),
+        (0.5, 63, "Input 'image' takes 64 floats (shape [1, 8, 8, 1]); received 63."),
+        (0.5, 65, "Input 'image' takes 64 floats (shape [1, 8, 8, 1]); received 65."),
+    ],
+)
+def test_fused_refuses_bad_input(classpath, fused_assets, value, size, message):
+    sample = fused_assets["x"][0].ravel().tolist()
+    bad = (sample + [0.5])[:size]
+    if size == 64:
+        bad[5] = value
+    replies = _run(
+        classpath,
+        fused_assets["root"],
+        "open_fused digits_int8.tflite",
+        "classify " + json.dumps([bad]).replace('"', ""),
+        "counts",
+        _classify(sample),
+    )
+    assert replies[1]["error"] == "java.lang.IllegalArgumentException"
+    assert replies[1]["message"].startswith(message)
+    assert replies[2]["exit_counts"] == [0, 0, 0]  # nothing was run
+    assert "error" not in replies[3]
+
+
+def _tamper_weight(data: bytes) -> bytes:
+    patched = bytearray(data)
+    patched[len(data) // 3] ^= 1
+    return bytes(patched)
+
+
+def _rename_metadata(data: bytes) -> bytes:
+    assert data.count(b"keras_earlyexit\0") == 1
+    return data.replace(b"keras_earlyexit\0", b"keras_earlyexiX\0")
+
+
+def _truncate(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _not_a_model(data: bytes) -> bytes:
+    return b"# not a model\n" * 4
+
+
+def _reembed(data: bytes, edit) -> bytes:
+    """The file with its manifest edited and hashed again, as the exporter
+    writes it: a consistent file whose manifest no longer fits its graph."""
+    from keras_earlyexit.export import flatbuffer
+    from keras_earlyexit.export.fused import finish
+
+    manifest = read_fused_manifest(data)
+    edit(manifest)
+    return finish(flatbuffer._schema().ModelT.InitFromPackedBuf(data, 0), manifest)
+
+
+def _stale_threshold(data: bytes) -> bytes:
+    def edit(manifest: FusedManifest):
+        manifest.exits[0].gate.threshold_quantized += 1
+
+    return _reembed(data, edit)
+
+
+def _swap_outputs(data: bytes) -> bytes:
+    def edit(manifest: FusedManifest):
+        manifest.outputs[:2] = manifest.outputs[1::-1]
+
+    return _reembed(data, edit)
+
+
+def _stale_input_scale(data: bytes) -> bytes:
+    def edit(manifest: FusedManifest):
+        manifest.inputs[0].scale *= 2
+
+    return _reembed(data, edit)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_tamper_weight, "was modified after export: its sha256 (own hash exc"),
+        (_rename_metadata, "has no 'keras_earlyexit' metadata: it is not a fused"),
+        (_truncate, "is damaged: "),
+        (_not_a_model, "is not a TFLite model (no 'TFL3' file identifier)."),
+        (_stale_threshold, "gate in assets/_stale_threshold.tflite does not comp"),
+        # These fail once the interpreter is open: it must be closed.
+        (_swap_outputs, "Output 'class' of assets/_swap_outputs.tflite is at po"),
+        (_stale_input_scale, "says input 'image' is int8 of shape [1, 8, 8, 1] (sc"),
+    ],
+)
+def test_fused_constructor_refuses_and_closes(classpath, fused_assets, edit, message):
+    with open(fused_assets["int8"], "rb") as f:
+        data = edit(f.read())
+    name = f"{edit.__name__}.tflite"
+    with open(os.path.join(fused_assets["root"], name), "wb") as f:
+        f.write(data)
+    (reply,) = _run(classpath, fused_assets["root"], f"open_fused {name}")
+    assert reply["error"] == "java.lang.IllegalArgumentException"
+    assert message in reply["message"], reply["message"]
+    assert (reply["live_interpreters"], reply["open_assets"]) == (0, 0)
+
+
+def test_fused_close_and_arguments(classpath, fused_assets):
+    sample = fused_assets["x"][0].ravel()
+    replies = _run(
+        classpath,
+        fused_assets["root"],
+        "open_fused digits_int8.tflite 0",
+        "open_fused missing.tflite",
+        "open_fused digits_int8.tflite 2",
+        _classify(sample),
+        "close",
+        "close",
+        _classify(sample),
+    )
+    assert replies[0]["message"] == "numThreads must be >= 1. Received: 0"
+    assert replies[1]["message"].startswith(
+        "assets/missing.tflite cannot be opened as a file descriptor"
+    )
+    assert replies[1]["message"].endswith(
+        "Copy the .tflite file written by kee.export.to_tflite(..., fused=True) "
+        "into assets/."
+    )
+    assert (_ok(replies[2])["live_interpreters"], replies[2]["open_assets"]) == (1, 0)
+    assert _ok(replies[3])["live_interpreters"] == 1
+    assert (replies[4]["live_interpreters"], replies[5]["live_interpreters"]) == (0, 0)
+    assert replies[6]["message"] == "The classifier is closed."
+
+
+def test_fused_manifest_fields_read_are_in_the_schema():
+    """Every manifest key FusedEarlyExitClassifier reads is a field of the
+    fused schema in keras_earlyexit/runtime/fused.py."""
+    with open(FUSED_CLASSIFIER) as f:
+        source = f.read()
+    read = set(re.findall(r'\b(?:get\w*|opt\w*|isNull|stringList)\("(\w+)"\)', source))
+    schema = {
+        f.name
+        for cls in (FusedManifest, FusedExit, TensorInfo, GateInfo)
+        for f in dataclasses.fields(cls)
+    }
+    expected = {"threshold_quantized", "threshold_buffer", "content_sha256", "outputs"}
+    assert expected <= read
     assert read <= schema, read - schema

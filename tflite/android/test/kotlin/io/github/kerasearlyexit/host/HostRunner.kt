@@ -64,7 +64,7 @@ fun main(args: Array<String>) {
                     reply.put("quantization", opened.quantization)
                     reply.put("num_classes", opened.numClasses)
                     reply.put("thresholds", JSONArray(opened.thresholds.map { it.toDouble() }))
-                    reply.put("thresholds_quantized", opened.thresholdsQuantized?.let { JSONArray(it.toList()) })
+                    reply.put("thresholds_quantized", opened.thresholdsQuantized?.let { JSONArray(it.toList()) } ?: JSONObject.NULL)
                     reply.put("logits", opened.logits != null)
                 }
                 "classify" -> {
