@@ -33,3 +33,25 @@ def small_c_arrays(root: str) -> str:
     from keras_earlyexit.export.c_arrays import to_c_arrays
 
     return to_c_arrays(small_int8_bundle(root), os.path.join(root, "c_arrays"))
+
+
+@functools.cache
+def single_segment_bundle(root: str) -> str:
+    """`small_int8_bundle` cut after its first exit: a valid one-segment
+    bundle (a Keras EarlyExitModel always has two exits or more)."""
+    import json
+    import shutil
+
+    source = small_int8_bundle(root)
+    target = os.path.join(root, "single_segment_bundle")
+    with open(os.path.join(source, "manifest.json")) as f:
+        manifest = json.load(f)
+    first = manifest["segments"][0]
+    first["carry_out"] = []  # its carry outputs stay, unused
+    manifest["segments"] = [first]
+    manifest["exit_names"] = [first["exit_name"]]
+    os.makedirs(target)
+    shutil.copy(os.path.join(source, first["file"]), target)
+    with open(os.path.join(target, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return target

@@ -212,7 +212,8 @@ def test_bad_input_errors(bundle, tmp_path):
     copy = tmp_path / "bundle_int16"
     shutil.copytree(bundle, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["segments"][0]["inputs"][0]["dtype"] = "int16"
+    spec = manifest["segments"][0]["inputs"][0]
+    spec.update(dtype="int16", scale=None, zero_point=None)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="dtype int16"):
         to_c_arrays(str(copy), str(tmp_path / "out"))
@@ -244,3 +245,165 @@ def test_layer_of_reads_keras_names_from_tensor_names():
     assert layer_of(op, ["pool_2", "conv_2"]) == "conv_2"
     assert layer_of(op, ["conv_2_1", "conv_2"]) == "conv_2_1"
     assert layer_of(op, ["dense"]) is None
+
+
+# --- Generated code takes manifest values only checked or escaped ---------
+MICRO_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "tflite", "micro")
+needs_compiler = pytest.mark.skipif(
+    shutil.which("g++") is None, reason="g++ is needed to compile generated sources"
+)
+
+
+def _compile_and_run(directory, main: str, extra_sources=()) -> str:
+    """Compiles `main` with the generated sources in `directory` (pedantic,
+    warnings as errors) and returns what it prints."""
+    main_path = os.path.join(directory, "check_main.cc")
+    with open(main_path, "w") as f:
+        f.write(main)
+    binary = os.path.join(directory, "check_main")
+    sources = [main_path, *extra_sources]
+    sources += [
+        os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".cc")
+    ]
+    command = ["g++", "-std=c++17", "-Wall", "-Wextra", "-Wpedantic", "-Werror"]
+    command += ["-I", MICRO_DIR, "-I", str(directory), *set(sources), "-o", binary]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return subprocess.run(
+        [binary], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+
+
+# Prints each segment's exit name and input names as hex bytes.
+_PRINT_NAMES = r"""
+#include <cstdio>
+#include "earlyexit_config.h"
+void Hex(const char* s) {
+  for (; *s; ++s) std::printf("%02x", static_cast<unsigned char>(*s));
+  std::printf("\n");
+}
+int main() {
+  for (const auto& s : earlyexit_config::kSegments) {
+    Hex(s.exit_name);
+    for (int i = 0; i < s.num_inputs; ++i) Hex(s.inputs[i].name);
+  }
+  Hex(earlyexit_config::kQuantization);
+}
+"""
+
+
+def _generate(bundle: str, manifest) -> dict:
+    from keras_earlyexit.export.c_arrays import _generate
+
+    models = _segment_bytes(bundle)
+    return _generate(
+        manifest, models, "bundle", resolver_ops(models), 4096, "earlyexit_config"
+    )
+
+
+@needs_compiler
+def test_names_are_escaped_into_string_literals(bundle, tmp_path):
+    """Names a reader might let through (quotes, backslashes, line breaks,
+    trigraphs, comment markers, non-ASCII) come out of the compiled header
+    byte for byte, and inject nothing."""
+    hostile = [
+        'exit"; int injected = 1; //',
+        "exit\\\n#error injected\n",
+        "??/ */ /* \u2028 é \U0001f600 \x7f \t end",
+    ]
+    manifest = read_manifest(bundle)
+    for segment, name in zip(manifest.segments, hostile):
+        segment.exit_name = name
+    manifest.segments[0].inputs[0].name = 'in"put\\'
+    # In code the names are escaped; in comments they are made printable.
+    for name, text in _generate(bundle, manifest).items():
+        (tmp_path / name).write_text(text)
+    out = _compile_and_run(tmp_path, _PRINT_NAMES).split()
+    names = [bytes.fromhex(h).decode() for h in out]
+    assert names == [
+        hostile[0],
+        'in"put\\',
+        hostile[1],
+        manifest.segments[1].inputs[0].name,
+        hostile[2],
+        manifest.segments[2].inputs[0].name,
+        "int8",
+    ]
+    lines = (tmp_path / CONFIG_NAME).read_text().splitlines()
+    assert not any(line.startswith(("#error", "int injected")) for line in lines)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("quantization", 'int8";\nint injected = 1;//'),
+        ("num_classes", "10; int injected"),
+        ("size_bytes", "1; int injected"),
+        ("size_bytes", 7),
+        ("index", 5),
+        ("macs", 1.5),
+        ("position", -1),
+        ("shape", [1, "8}; int injected; //"]),
+        ("shape", [1, True]),
+        ("shape", [1, 1, 1, 1, 1, 1, 1]),
+        ("scale", float("nan")),
+        ("scale", 1e300),
+        ("zero_point", 300),
+        ("threshold", 2.0),
+        ("threshold_quantized", "0}; int injected; //"),
+        ("dtype", "int8, injected"),
+    ],
+)
+def test_tampered_manifest_values_are_refused(bundle, field, value):
+    """Values the manifest reader would refuse are refused again where they
+    would be written into code (a reader bypassed, or an older one)."""
+    manifest = read_manifest(bundle)
+    segment = manifest.segments[0]
+    tensor = segment.inputs[0]
+    if field in ("quantization", "num_classes"):
+        setattr(manifest, field, value)
+    elif field in ("size_bytes", "index", "macs"):
+        setattr(segment, field, value)
+    elif field in ("threshold", "threshold_quantized"):
+        setattr(segment.gate, field, value)
+    else:
+        setattr(tensor, field, value)
+    with pytest.raises(BundleError, match=field if field != "dtype" else "dtype"):
+        _generate(bundle, manifest)
+
+
+@needs_compiler
+def test_bundle_directory_name_cannot_inject_code(bundle, tmp_path):
+    """The bundle's directory name is written into comments: a line break
+    in it must not end the comment."""
+    copy = tmp_path / "bundle\n#error injected\nint injected = 1; \\"
+    shutil.copytree(bundle, copy)
+    out = tmp_path / "model"
+    to_c_arrays(str(copy), str(out))
+    for name in os.listdir(out):
+        lines = (out / name).read_text().splitlines()
+        assert lines[0].startswith("// Generated by") and lines[1].startswith("//")
+        assert not any(line.startswith(("#error", "int injected")) for line in lines)
+    exit_names = read_manifest(bundle).exit_names
+    printed = _compile_and_run(out, _PRINT_NAMES).split()
+    assert [bytes.fromhex(h).decode() for h in printed[::2][:3]] == exit_names
+
+
+@needs_compiler
+def test_single_segment_bundle_has_no_zero_length_array(root, tmp_path):
+    """A one-segment bundle has no carry; the carry buffer the firmware
+    declares from kCarryBufferSize must still not be a zero-length array
+    (ill-formed C++)."""
+    from _micro_bundle import single_segment_bundle
+
+    out = tmp_path / "model"
+    to_c_arrays(single_segment_bundle(root), str(out))
+    header = (out / CONFIG_NAME).read_text()
+    assert "kNumSegments = 1;" in header
+    assert "kCarryBufferSize = 16;" in header
+    main = (
+        '#include <cstdio>\n#include "earlyexit_config.h"\n'
+        "alignas(16) unsigned char g_carry[earlyexit_config::kCarryBufferSize];\n"
+        'int main() { std::printf("%zu\\n", sizeof(g_carry)); }\n'
+    )
+    assert _compile_and_run(out, main).strip() == "16"

@@ -20,7 +20,6 @@ the flatbuffers that assumes no memory reuse inside a segment (bundles
 exported without measurement).
 """
 
-import json
 import math
 import os
 import re
@@ -31,6 +30,7 @@ import numpy as np
 
 from keras_earlyexit.export.flatbuffer import list_ops
 from keras_earlyexit.export.manifest import (
+    QUANTIZATION_MODES,
     TEMP_MARKER,
     BundleError,
     Manifest,
@@ -118,28 +118,21 @@ def to_c_arrays(
     if not manifest.segments:
         raise BundleError(f"The manifest in {directory} lists no segments.")
     models = [read_segment(directory, s) for s in manifest.segments]
-    for segment in manifest.segments:
-        for t in segment.inputs + segment.outputs:
-            _check_tensor(segment, t)
     ops = resolver_ops(models)
     if arena_size is None:
         arena_size = bundle_arena_size(manifest) or estimate_arena_size(models)
+    # Every value is checked or escaped here, before anything is written.
+    sources = _generate(
+        manifest, models, os.path.basename(directory), ops, arena_size, namespace
+    )
 
     target = resolve_target(out_dir)
     merge = _check_out_dir(directory, target)
     clean_leftovers(target, _not_generated)
     tmp = make_temp_dir(target)
     try:
-        for segment, data in zip(manifest.segments, models):
-            stem = _stem(segment)
-            # Relative to the bundle's parent: no local paths in sources.
-            source = os.path.join(os.path.basename(directory), segment.file)
-            _write(tmp, f"{stem}.h", _array_header(stem, source, segment))
-            _write(tmp, f"{stem}.cc", _array_source(stem, source, segment, data))
-        config = _config_header(
-            manifest, os.path.basename(directory), ops, arena_size, namespace
-        )
-        _write(tmp, CONFIG_NAME, config)
+        for name, text in sources.items():
+            _write(tmp, name, text)
         if merge:
             _merge_generated(tmp, target)
         else:
@@ -350,42 +343,125 @@ def _align(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
 
 
-def _check_tensor(segment: SegmentInfo, t: TensorInfo) -> None:
-    if t.dtype not in _DTYPES:
-        raise BundleError(
-            f"Segment {segment.index + 1} tensor {t.name!r} has dtype {t.dtype}; "
-            f"the micro runner handles {sorted(_DTYPES)}. Convert with "
-            "quantization='int8' (or 'float32')."
-        )
-    if len(t.shape) > MAX_RANK or min(t.shape, default=1) < 1:
-        raise BundleError(
-            f"Segment {segment.index + 1} tensor {t.name!r} has shape {t.shape}; "
-            f"the micro runner needs static shapes of rank <= {MAX_RANK}."
-        )
-
-
 def _write(directory: str, name: str, text: str) -> None:
     with open(os.path.join(directory, name), "w") as f:
         f.write(text)
 
 
-def _stem(segment: SegmentInfo) -> str:
-    return f"segment_{segment.index + 1}_model_data"
+def _stem(k: int) -> str:
+    return f"segment_{k + 1}_model_data"
+
+
+# Generated sources take manifest values only through the functions below,
+# which check or escape each one: a bundle may come from elsewhere, and a
+# value written verbatim could inject code into the firmware.
+_INT32_MAX = 2**31 - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _c_int(value, field: str, low: int, high: int) -> str:
+    """An integer literal; `value` must be an int in [low, high]."""
+    if type(value) is not int or not low <= value <= high:
+        raise BundleError(
+            f"manifest field {field} must be an integer in [{low}, {high}] to be "
+            f"written into C++; found {value!r}. Convert the model again."
+        )
+    return str(value)
+
+
+def _c_float(value, field: str, low: float, high: float, low_open=False) -> str:
+    """A float literal that reads back as the same float32; `value` must be a
+    number in [low, high] (or (low, high]) that is finite in float32."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and abs(value) <= _FLOAT32_MAX
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bounds = f"{'(' if low_open else '['}{low}, {high}]"
+        raise BundleError(
+            f"manifest field {field} must be a finite number in {bounds} to be "
+            f"written into C++; found {value!r}. Convert the model again."
+        )
+    text = f"{np.float32(value):.9g}"
+    if "." not in text and "e" not in text:
+        text += ".0"
+    return text + "f"
+
+
+def _c_string(value, field: str) -> str:
+    """A C++ string literal holding `value`'s UTF-8 bytes: printable ASCII as
+    it is, everything else (quotes, backslashes, line breaks, `?` of
+    trigraphs, non-ASCII) as 3-digit octal escapes."""
+    if not isinstance(value, str) or "\x00" in value:
+        raise BundleError(
+            f"manifest field {field} must be a string without NUL characters; "
+            f"found {value!r}."
+        )
+    out = []
+    for b in value.encode("utf-8", "surrogatepass"):
+        c = chr(b)
+        out.append(c if 0x20 <= b < 0x7F and c not in '"\\?' else f"\\{b:03o}")
+    return '"' + "".join(out) + '"'
+
+
+def _comment(value) -> str:
+    """`value` as text safe inside a `//` comment: printable ASCII only (no
+    line break or trailing backslash can end the comment), others as `?`."""
+    text = "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in str(value))
+    return text[:200]
+
+
+def _check_tensor(segment: SegmentInfo, t: TensorInfo, field: str) -> None:
+    if t.dtype not in _DTYPES:
+        raise BundleError(
+            f"Segment {segment.index + 1} tensor {_comment(t.name)!r} has dtype "
+            f"{_comment(t.dtype)}; the micro runner handles {sorted(_DTYPES)}. "
+            "Convert with quantization='int8' (or 'float32')."
+        )
+    if not isinstance(t.shape, list) or not 1 <= len(t.shape) <= MAX_RANK:
+        raise BundleError(
+            f"Segment {segment.index + 1} tensor {_comment(t.name)!r} has shape "
+            f"{_comment(t.shape)}; the micro runner needs static shapes of rank "
+            f"1 to {MAX_RANK}."
+        )
+    for i, d in enumerate(t.shape):
+        _c_int(d, f"{field}.shape[{i}]", 1, _INT32_MAX)
+    if _bytes(t) > _INT32_MAX:
+        raise BundleError(
+            f"Segment {segment.index + 1} tensor {_comment(t.name)!r} of shape "
+            f"{t.shape} is too large for a microcontroller."
+        )
+
+
+def _tensor(segment: SegmentInfo, t: TensorInfo) -> str:
+    field = f"segments[{segment.index}] tensor {_comment(t.name)!r}"
+    _check_tensor(segment, t, field)
+    dims = ", ".join(str(d) for d in t.shape)
+    if t.dtype == "int8":
+        scale = _c_float(t.scale, f"{field}.scale", 0, math.inf, low_open=True)
+        zero_point = _c_int(t.zero_point, f"{field}.zero_point", -128, 127)
+    else:
+        scale, zero_point = "0.0f", "0"
+    return (
+        f"{{{_c_string(t.name, f'{field}.name')}, "
+        f"{_c_int(t.position, f'{field}.position', 0, _INT32_MAX)}, "
+        f"{_DTYPES[t.dtype][0]}, {len(t.shape)}, {{{dims}}}, {_bytes(t)}u, "
+        f"{scale}, {zero_point}}}"
+    )
 
 
 def _banner(source: str, segment: SegmentInfo | None = None) -> str:
-    line = f"// Generated by keras_earlyexit.export.to_c_arrays from {source}"
+    line = f"// Generated by keras_earlyexit.export.to_c_arrays from {_comment(source)}"
     if segment is not None:
-        line += f"\n// (sha256 {segment.sha256})"
+        line += f"\n// (sha256 {_comment(segment.sha256)})"
     return line + ".\n// Do not edit: export again.\n"
 
 
-def _array_header(stem: str, source: str, segment: SegmentInfo) -> str:
+def _array_header(stem: str, source: str, segment: SegmentInfo, data: bytes) -> str:
     guard = f"EARLYEXIT_{stem.upper()}_H_"
     return (
         f"{_banner(source, segment)}\n#ifndef {guard}\n#define {guard}\n\n"
         f"extern const unsigned char g_{stem}[];\n"
-        f"constexpr unsigned int g_{stem}_len = {segment.size_bytes};\n\n"
+        f"constexpr unsigned int g_{stem}_len = {len(data)};\n\n"
         f"#endif  // {guard}\n"
     )
 
@@ -404,22 +480,34 @@ def _array_source(stem: str, source: str, segment: SegmentInfo, data: bytes) -> 
     )
 
 
-def _float(value: float | None) -> str:
-    """A C float literal that reads back as the same float32."""
-    text = f"{np.float32(value or 0.0):.9g}"
-    if "." not in text and "e" not in text:
-        text += ".0"
-    return text + "f"
-
-
-def _tensor(t: TensorInfo) -> str:
-    dims = ", ".join(str(d) for d in t.shape)
-    # json.dumps quotes and escapes the name as a valid C string literal.
-    return (
-        f"{{{json.dumps(t.name)}, {t.position}, {_DTYPES[t.dtype][0]}, "
-        f"{len(t.shape)}, {{{dims}}}, {_bytes(t)}u, {_float(t.scale)}, "
-        f"{t.zero_point or 0}}}"
+def _generate(
+    manifest: Manifest,
+    models: list[bytes],
+    bundle_name: str,
+    ops: list[str],
+    arena_size: int,
+    namespace: str,
+) -> dict[str, str]:
+    """File name -> contents of every generated source."""
+    sources = {}
+    for k, (segment, data) in enumerate(zip(manifest.segments, models)):
+        field = f"segments[{k}]"
+        _c_int(segment.index, f"{field}.index", k, k)
+        if segment.size_bytes != len(data) or type(segment.size_bytes) is not int:
+            raise BundleError(
+                f"manifest field {field}.size_bytes is {segment.size_bytes!r}; the "
+                f"segment file has {len(data)} bytes. Copy the bundle again or "
+                "convert again."
+            )
+        stem = _stem(k)
+        # Relative to the bundle's parent: no local paths in sources.
+        source = os.path.join(bundle_name, str(segment.file))
+        sources[f"{stem}.h"] = _array_header(stem, source, segment, data)
+        sources[f"{stem}.cc"] = _array_source(stem, source, segment, data)
+    sources[CONFIG_NAME] = _config_header(
+        manifest, bundle_name, ops, arena_size, namespace
     )
+    return sources
 
 
 def _config_header(
@@ -430,12 +518,17 @@ def _config_header(
     namespace: str,
 ) -> str:
     segments = manifest.segments
+    if manifest.quantization not in QUANTIZATION_MODES:
+        raise BundleError(
+            f"manifest field quantization must be one of {list(QUANTIZATION_MODES)}; "
+            f"found {manifest.quantization!r}. Convert the model again."
+        )
     lines = [
         _banner(os.path.join(bundle_name, "manifest.json")),
-        f"// Model {manifest.model_name!r}, quantization {manifest.quantization!r},",
-        f"// criterion {manifest.criterion!r}.",
+        f"// Model {_comment(manifest.model_name)}, quantization "
+        f"{manifest.quantization}, criterion {_comment(manifest.criterion)}.",
         *textwrap.wrap(
-            f"Carries: {manifest.boundary}.",
+            f"Carries: {_comment(manifest.boundary)}.",
             76,
             initial_indent="// ",
             subsequent_indent="// ",
@@ -448,7 +541,7 @@ def _config_header(
         "",
         '#include "earlyexit_runner.h"',
     ]
-    lines += [f'#include "{_stem(s)}.h"' for s in segments]
+    lines += [f'#include "{_stem(k)}.h"' for k in range(len(segments))]
     lines += [
         "",
         "// The ops of all segments, for a MicroMutableOpResolver<kNumOps>:",
@@ -459,26 +552,31 @@ def _config_header(
         f"namespace {namespace} {{",
         "",
         f"inline constexpr int kNumSegments = {len(segments)};",
-        f"inline constexpr int kNumClasses = {manifest.num_classes};",
+        "inline constexpr int kNumClasses = "
+        f"{_c_int(manifest.num_classes, 'num_classes', 1, _INT32_MAX)};",
         f"inline constexpr int kNumOps = {len(ops)};",
-        "// One arena shared by all segments' MicroInterpreters.",
-        f"inline constexpr size_t kArenaSize = {arena_size};",
+        "// One arena shared by all segments' MicroInterpreters; the runner",
+        "// refuses a smaller one.",
+        "inline constexpr size_t kArenaSize = "
+        f"{_c_int(arena_size, 'arena_size', 1, _INT32_MAX)};",
     ]
     carry_size = 0
     for k, s in enumerate(segments[:-1]):
         targets = segments[k + 1].inputs
         carry_size = max(carry_size, sum(_align(_bytes(t)) for t in targets))
     lines += [
-        "// Bytes the runner needs to park the carry between two segments.",
-        f"inline constexpr size_t kCarryBufferSize = {carry_size};",
-        f'inline constexpr const char* kQuantization = "{manifest.quantization}";',
+        "// Bytes the runner needs to park the carry between two segments (at",
+        "// least one slot, so that a buffer of this size is never zero-length).",
+        f"inline constexpr size_t kCarryBufferSize = {max(carry_size, ALIGNMENT)};",
+        "inline constexpr const char* kQuantization = "
+        f"{_c_string(manifest.quantization, 'quantization')};",
         "",
     ]
     for k, s in enumerate(segments):
         n = k + 1
-        inputs = ",\n    ".join(_tensor(t) for t in s.inputs)
+        inputs = ",\n    ".join(_tensor(s, t) for t in s.inputs)
         lines += [
-            f"// Segment {n}: exit {s.exit_name!r}, {s.file}.",
+            f"// Segment {n}: exit {_comment(s.exit_name)}, {_comment(s.file)}.",
             f"inline constexpr earlyexit::TensorConfig kSegment{n}Inputs[] = {{",
             f"    {inputs}}};",
         ]
@@ -491,7 +589,7 @@ def _config_header(
                     target.zero_point,
                 )
                 carries.append(
-                    f"{{{_tensor(source)},\n     {_tensor(target)},\n     "
+                    f"{{{_tensor(s, source)},\n     {_tensor(s, target)},\n     "
                     f"{'true' if requantize else 'false'}}}"
                 )
             lines += [
@@ -502,23 +600,32 @@ def _config_header(
     entries = []
     for k, s in enumerate(segments):
         n = k + 1
+        field = f"segments[{k}]"
         last = k + 1 == len(segments)
         # Float bundles compare floats; the runner ignores this field then.
-        quantized = s.gate.threshold_quantized or 0
+        quantized = s.gate.threshold_quantized
+        quantized = _c_int(
+            0 if quantized is None else quantized,
+            f"{field}.gate.threshold_quantized",
+            -128,
+            128,
+        )
         entries.append(
             "    {"
             + ",\n     ".join(
                 [
-                    f'"{s.exit_name}", g_{_stem(s)}, g_{_stem(s)}_len',
+                    f"{_c_string(s.exit_name, f'{field}.exit_name')}, "
+                    f"g_{_stem(k)}, g_{_stem(k)}_len",
                     f"kSegment{n}Inputs, {len(s.inputs)}",
-                    f"/*logits=*/{_tensor(s.output('logits'))}",
-                    f"/*confidence=*/{_tensor(s.output('confidence'))}",
+                    f"/*logits=*/{_tensor(s, s.output('logits'))}",
+                    f"/*confidence=*/{_tensor(s, s.output('confidence'))}",
                     "nullptr, 0"
                     if last
                     else f"kSegment{n}Carry, {len(segments[k + 1].inputs)}",
-                    f"/*threshold=*/{_float(s.gate.threshold)}, "
+                    "/*threshold=*/"
+                    f"{_c_float(s.gate.threshold, f'{field}.gate.threshold', 0, 1)}, "
                     f"/*threshold_quantized=*/{quantized}",
-                    f"/*macs=*/{s.macs}",
+                    f"/*macs=*/{_c_int(s.macs, f'{field}.macs', 0, 2**63 - 1)}",
                 ]
             )
             + "}"
