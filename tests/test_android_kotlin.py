@@ -562,19 +562,31 @@ def test_bad_arguments_are_refused(classpath, assets):
     assert replies[3]["message"].startswith(expected)
 
 
-def test_manifest_fields_read_are_in_the_schema():
-    """Every manifest key the Kotlin class reads is a field of the schema in
-    keras_earlyexit/runtime/manifest.py."""
-    with open(CLASSIFIER) as f:
+@pytest.mark.parametrize(
+    "kotlin, schema, used",
+    [
+        (
+            CLASSIFIER,
+            (Manifest, SegmentInfo, TensorInfo, GateInfo),
+            {"threshold_quantized", "zero_point", "sha256", "exit_names"},
+        ),
+        (
+            FUSED_CLASSIFIER,
+            (FusedManifest, FusedExit, TensorInfo, GateInfo),
+            {"threshold_quantized", "threshold_buffer", "content_sha256", "outputs"},
+        ),
+    ],
+    ids=["bundle", "fused"],
+)
+def test_manifest_fields_read_are_in_the_schema(kotlin, schema, used):
+    """Every manifest key a Kotlin class reads is a field of its schema
+    (keras_earlyexit/runtime/manifest.py, runtime/fused.py)."""
+    with open(kotlin) as f:
         source = f.read()
-    read = set(re.findall(r'\b(?:get\w*|opt\w*|isNull)\("(\w+)"\)', source))
-    schema = {
-        f.name
-        for cls in (Manifest, SegmentInfo, TensorInfo, GateInfo)
-        for f in dataclasses.fields(cls)
-    }
-    assert {"threshold_quantized", "zero_point", "sha256", "exit_names"} <= read
-    assert read <= schema, read - schema
+    read = set(re.findall(r'\b(?:get\w*|opt\w*|isNull|stringList)\("(\w+)"\)', source))
+    fields = {f.name for cls in schema for f in dataclasses.fields(cls)}
+    assert used <= read
+    assert read <= fields, read - fields
 
 
 # The fused model: real files from kee.export.to_tflite(..., fused=True).
@@ -871,19 +883,3 @@ def test_fused_close_and_arguments(classpath, fused_assets):
     assert _ok(replies[3])["live_interpreters"] == 1
     assert (replies[4]["live_interpreters"], replies[5]["live_interpreters"]) == (0, 0)
     assert replies[6]["message"] == "The classifier is closed."
-
-
-def test_fused_manifest_fields_read_are_in_the_schema():
-    """Every manifest key FusedEarlyExitClassifier reads is a field of the
-    fused schema in keras_earlyexit/runtime/fused.py."""
-    with open(FUSED_CLASSIFIER) as f:
-        source = f.read()
-    read = set(re.findall(r'\b(?:get\w*|opt\w*|isNull|stringList)\("(\w+)"\)', source))
-    schema = {
-        f.name
-        for cls in (FusedManifest, FusedExit, TensorInfo, GateInfo)
-        for f in dataclasses.fields(cls)
-    }
-    expected = {"threshold_quantized", "threshold_buffer", "content_sha256", "outputs"}
-    assert expected <= read
-    assert read <= schema, read - schema
