@@ -141,7 +141,20 @@ public final class Interpreter implements AutoCloseable {
     boolean tflite =
         bytes.length >= 8 && new String(bytes, 4, 4, StandardCharsets.US_ASCII).equals("TFL3");
     bridge = tflite ? new LiteRtBridge(bytes, options.numThreads) : null;
-    String text = tflite ? bridge.describe() : new String(bytes, StandardCharsets.UTF_8);
+    try {
+      parse(tflite ? bridge.describe() : new String(bytes, StandardCharsets.UTF_8), tflite);
+    } catch (RuntimeException e) {
+      if (bridge != null) {
+        bridge.close();
+      }
+      throw e;
+    }
+    synchronized (Interpreter.class) {
+      live++;
+    }
+  }
+
+  private void parse(String text, boolean tflite) {
     for (String line : text.split("\n")) {
       String[] fields = line.replaceAll("#.*", "").trim().split("\\s+");
       if (fields[0].equals("input")) {
@@ -152,9 +165,6 @@ public final class Interpreter implements AutoCloseable {
         throw new IllegalArgumentException(
             "The model is not a stand-in model (see Interpreter.java): " + line);
       }
-    }
-    synchronized (Interpreter.class) {
-      live++;
     }
   }
 
