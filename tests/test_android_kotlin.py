@@ -615,8 +615,6 @@ def fused_assets(classpath, tmp_path_factory) -> dict:
 
     import keras_earlyexit as kee
     from keras_earlyexit import demo
-    from keras_earlyexit.export.fused import to_fused_tflite
-
     root = str(tmp_path_factory.mktemp("fused_assets"))
     digits = demo.load_digits(seed=0)
     keras.utils.set_random_seed(0)
@@ -628,10 +626,11 @@ def fused_assets(classpath, tmp_path_factory) -> dict:
     int8 = kee.export.to_tflite(
         model, os.path.join(root, "digits_int8.tflite"), fused=True, **common
     )
-    float32 = to_fused_tflite(
+    float32 = kee.export.to_tflite(
         model,
         os.path.join(root, "digits_float32.tflite"),
         quantization="float32",
+        fused=True,
         logits=True,
         **common,
     )

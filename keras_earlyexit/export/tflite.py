@@ -76,6 +76,7 @@ def to_tflite(
     verbose: int = 1,
     micro: bool | None = None,
     fused: bool = False,
+    logits: bool = False,
 ) -> str:
     """Converts an `EarlyExitModel` into a bundle of per-exit TFLite segments.
 
@@ -113,6 +114,8 @@ def to_tflite(
         fused: write one `.tflite` file (`directory` is then its path,
             ending in `.tflite`) whose graph gates itself, instead of a
             bundle; see `keras_earlyexit.export.fused`.
+        logits: with `fused=True`, also output the taken exit's logits
+            (float32, named `"logits"`).
 
     Returns:
         The bundle directory (the file, with `fused=True`).
@@ -140,6 +143,12 @@ def to_tflite(
             calibration_samples=calibration_samples,
             verbose=verbose,
             micro=micro,
+            logits=logits,
+        )
+    if logits:
+        raise ValueError(
+            "logits=True applies to fused files (fused=True); a bundle's "
+            "segments always output their logits."
         )
     if str(directory).endswith(".tflite"):
         raise ValueError(
