@@ -615,6 +615,7 @@ def fused_assets(classpath, tmp_path_factory) -> dict:
 
     import keras_earlyexit as kee
     from keras_earlyexit import demo
+
     root = str(tmp_path_factory.mktemp("fused_assets"))
     digits = demo.load_digits(seed=0)
     keras.utils.set_random_seed(0)
