@@ -1,47 +1,107 @@
-"""The C++ runner in tflite/micro: its host unit test (arithmetic segments),
-and the runner compiled with a config generated from a real bundle, whose
-values must match manifest.json. Needs g++ and make."""
+"""The C++ runner in tflite/micro, built with its Makefile, plain and with
+-fsanitize=address,undefined:
 
+- its unit test (arithmetic segments) and the runner over a config
+  generated from a real bundle, whose values must match manifest.json;
+- with TensorFlow Lite Micro's sources (TFLM_DIR, FLATBUFFERS_DIR,
+  GEMMLOWP_DIR, RUY_DIR; `.ci/run` sets them when ../shared/third_party
+  exists), the runner on real TFLite Micro: sample by sample equal to
+  `GatedInterpreter(backend="micro")` on digits for several gate criteria,
+  its error paths, and the firmware example.
+
+The host TFLite Micro libraries are built once into build/tflite-micro/ of
+the project (make skips them when up to date). The C++ code does not depend
+on the Keras backend: these tests run in the KERAS_BACKEND=tensorflow
+process only. Needs g++ and make.
+"""
+
+import fcntl
+import hashlib
 import os
+import re
 import shutil
 import subprocess
 
+import keras
+import numpy as np
 import pytest
-from _micro_bundle import small_c_arrays, small_int8_bundle
-
-from keras_earlyexit.export import read_manifest
-
-MICRO_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "tflite", "micro")
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("g++") is None or shutil.which("make") is None,
-    reason="g++ and make are needed to build the C++ runner's host tests",
+from _micro_bundle import (
+    single_segment_bundle,
+    small_c_arrays,
+    small_int8_bundle,
 )
 
+from keras_earlyexit import demo
+from keras_earlyexit.export import read_manifest
+from keras_earlyexit.runtime.manifest import quantize_threshold
 
-@pytest.fixture(scope="module")
-def build_dir(tmp_path_factory) -> str:
-    # Outside the source tree; one per test process (backend).
-    return str(tmp_path_factory.mktemp("micro_build"))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+MICRO_DIR = os.path.join(ROOT, "tflite", "micro")
+LIBRARY_ROOT = os.path.join(ROOT, "build", "tflite-micro")
+SANITIZE = "address,undefined"
+
+pytestmark = [
+    pytest.mark.skipif(
+        keras.backend.backend() != "tensorflow",
+        reason="the C++ runner does not depend on the Keras backend: its tests "
+        "run in the KERAS_BACKEND=tensorflow process",
+    ),
+    pytest.mark.skipif(
+        shutil.which("g++") is None or shutil.which("make") is None,
+        reason="g++ and make are needed to build the C++ runner's host tests",
+    ),
+]
+
+_TFLM_VARIABLES = ("TFLM_DIR", "FLATBUFFERS_DIR", "GEMMLOWP_DIR", "RUY_DIR")
 
 
-def _make(target: str, build_dir: str, **variables) -> str:
-    command = ["make", "-s", "-C", MICRO_DIR, target, f"BUILD={build_dir}"]
+def _make(target: str, build_dir: str, sanitize: str, **variables) -> str:
+    command = ["make", "-s", "-j2", "-C", MICRO_DIR, target, f"BUILD={build_dir}"]
+    command.append(f"SANITIZE={sanitize}")
     command += [f"{k}={v}" for k, v in variables.items()]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
-def test_runner_unit_test_passes(build_dir):
-    out = _make("test", build_dir)
-    assert "runner_test: all" in out and "checks passed" in out, out
+@pytest.fixture(scope="module", params=["plain", "sanitized"])
+def sanitize(request, tmp_path_factory) -> str:
+    """ "" or SANITIZE: each C++ test runs in both builds."""
+    if request.param == "plain":
+        return ""
+    probe = tmp_path_factory.mktemp("sanitizer_probe")
+    source = probe / "probe.cc"
+    source.write_text("int main() { return 0; }\n")
+    proc = subprocess.run(
+        ["g++", f"-fsanitize={SANITIZE}", str(source), "-o", str(probe / "probe")],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"g++ cannot build with -fsanitize={SANITIZE}: {proc.stderr}")
+    return SANITIZE
 
 
-def test_runner_with_a_generated_config(build_dir, tmp_path_factory):
+@pytest.fixture(scope="module")
+def build_root(tmp_path_factory) -> str:
+    # Per-config programs: outside the source tree, one per test process.
+    return str(tmp_path_factory.mktemp("micro_build"))
+
+
+def _build_dir(build_root: str, name: str, sanitize: str) -> str:
+    return os.path.join(build_root, f"{name}-{'sanitized' if sanitize else 'plain'}")
+
+
+def test_runner_unit_test_passes(build_root, sanitize):
+    out = _make("test", _build_dir(build_root, "unit", sanitize), sanitize)
+    assert re.search(r"runner_test: all \d+ checks passed", out), out
+
+
+def test_runner_with_a_generated_config(build_root, sanitize, tmp_path_factory):
     root = str(tmp_path_factory.getbasetemp())
     manifest = read_manifest(small_int8_bundle(root))
-    out = _make("config_check", build_dir, CONFIG_DIR=small_c_arrays(root))
+    build_dir = _build_dir(build_root, "config", sanitize)
+    out = _make("config_check", build_dir, sanitize, CONFIG_DIR=small_c_arrays(root))
     lines = [line.split() for line in out.splitlines()]
     model = next(line for line in lines if line[0] == "model")
     assert int(model[1]) == len(manifest.segments)
@@ -92,66 +152,224 @@ def test_runner_with_a_generated_config(build_dir, tmp_path_factory):
     )
 
 
-_TFLM_VARIABLES = ("TFLM_DIR", "FLATBUFFERS_DIR", "GEMMLOWP_DIR", "RUY_DIR")
-needs_tflm_sources = pytest.mark.skipif(
-    not all(os.environ.get(k) for k in _TFLM_VARIABLES),
-    reason="set TFLM_DIR, FLATBUFFERS_DIR, GEMMLOWP_DIR and RUY_DIR to source "
-    "trees of tflite-micro, flatbuffers (v25.9), gemmlowp and ruy to build the "
-    "runner with TensorFlow Lite Micro",
-)
-
-
-def _tflm_variables() -> dict:
-    return {k: os.environ[k] for k in _TFLM_VARIABLES}
-
-
-@needs_tflm_sources
-def test_tflm_adapter_compiles_against_tflite_micro(build_dir, tmp_path_factory):
+def test_quantized_thresholds_match_python(build_root, tmp_path_factory):
+    """C++ `QuantizeThreshold` (what `SetThresholds` uses) and Python's
+    `quantize_threshold` (what the manifest holds) give the same int8
+    threshold for every float32 on or next to an int8 level of each exit's
+    confidence, and for random ones."""
     root = str(tmp_path_factory.getbasetemp())
-    _make("syntax", build_dir, CONFIG_DIR=small_c_arrays(root), **_tflm_variables())
-
-
-@needs_tflm_sources
-def test_tflm_runner_matches_the_python_micro_backend(build_dir, tmp_path_factory):
-    """The C++ runner on TensorFlow Lite Micro takes the same exits, classes
-    and confidences as `GatedInterpreter(backend="micro")`, sample by sample.
-    Builds a small TFLM library unless TFLM_LIB names a prebuilt one."""
-    pytest.importorskip("tflite_micro")
-    import numpy as np
-
-    import keras_earlyexit as kee
-    from keras_earlyexit import demo
-    from keras_earlyexit.runtime.gated import quantize
-
-    root = str(tmp_path_factory.getbasetemp())
-    bundle = small_int8_bundle(root)
-    variables = _tflm_variables()
-    library = os.environ.get("TFLM_LIB")
-    if not library:
-        _make("tflm_lib", build_dir, **variables)
-        library = os.path.join(build_dir, "libtflm.a")
-    _make(
-        "host_main",
-        build_dir,
-        CONFIG_DIR=small_c_arrays(root),
-        TFLM_LIB=library,
-        **variables,
-    )
-    x = demo.load_digits(seed=0).x_test
-    spec = read_manifest(bundle).segments[0].inputs[0]
-    samples = os.path.join(root, "samples.bin")
-    quantize(x, spec.scale, spec.zero_point).tofile(samples)
+    manifest = read_manifest(small_int8_bundle(root))
+    build_dir = _build_dir(build_root, "config", "")
+    _make("config_check", build_dir, "", CONFIG_DIR=small_c_arrays(root))
+    exits = [s.output("confidence") for s in manifest.segments[:-1]]
+    candidates = [np.random.default_rng(0).random(500, np.float32)]
+    for c in exits:
+        levels = (np.arange(-128, 128) - c.zero_point).astype(np.float32)
+        levels *= np.float32(c.scale)
+        for direction in (-1.0, 0.0, 2.0):
+            candidates.append(np.nextafter(levels, np.float32(direction)))
+    thresholds = np.concatenate(candidates + [np.float32([0.0, 1.0])])
+    thresholds = thresholds[(thresholds >= 0) & (thresholds <= 1)]
+    path = os.path.join(root, "thresholds.bin")
+    thresholds.astype(np.float32).tofile(path)
     proc = subprocess.run(
-        [os.path.join(build_dir, "host_main"), samples],
+        [os.path.join(build_dir, "config_check"), path],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=60,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = np.array([line.split() for line in proc.stdout.splitlines()], float)
-    expected = kee.runtime.GatedInterpreter(bundle, backend="micro").predict(x)
-    assert len(got) == len(x)
-    np.testing.assert_array_equal(got[:, 0], expected.classes)
-    np.testing.assert_array_equal(got[:, 1], expected.exit_indices)
-    np.testing.assert_allclose(got[:, 2], expected.confidences, rtol=1e-6)
-    assert len(np.unique(expected.exit_indices)) == 3  # every exit and carry
+    assert proc.returncode == 0, proc.stderr
+    got = [
+        tuple(int(v) for v in line.split()[1:])
+        for line in proc.stdout.splitlines()
+        if line.startswith("quantized ")
+    ]
+    expected = [
+        (k, i, quantize_threshold(float(t), c.scale, c.zero_point))
+        for i, t in enumerate(thresholds)
+        for k, c in enumerate(exits)
+    ]
+    assert sorted(got) == sorted(expected)
+
+
+# --- On real TensorFlow Lite Micro ------------------------------------------
+@pytest.fixture(scope="module")
+def tflm_variables() -> dict:
+    missing = [k for k in _TFLM_VARIABLES if not os.environ.get(k)]
+    if missing:
+        pytest.skip(
+            f"{', '.join(missing)} not set: set TFLM_DIR, FLATBUFFERS_DIR, "
+            "GEMMLOWP_DIR and RUY_DIR to source trees of tflite-micro, "
+            "flatbuffers (v25.9), gemmlowp and ruy to build the runner with "
+            "TensorFlow Lite Micro (.ci/run does when ../shared/third_party "
+            "exists)"
+        )
+    return {k: os.path.abspath(os.environ[k]) for k in _TFLM_VARIABLES}
+
+
+@pytest.fixture(scope="module")
+def tflm(tflm_variables, sanitize, build_root) -> dict:
+    """Make variables for programs on TFLite Micro: the sources, and the
+    host library (and runner objects) built once per source trees and
+    sanitizer setting in the project's build folder, reused when up to
+    date; a file lock keeps concurrent test runs from building it at once."""
+    key = hashlib.sha256(repr(sorted(tflm_variables.items())).encode()).hexdigest()
+    variant = "sanitized" if sanitize else "plain"
+    library = os.path.join(LIBRARY_ROOT, f"{key[:12]}-{variant}")
+    os.makedirs(library, exist_ok=True)
+    variables = dict(tflm_variables, TFLM_BUILD=library)
+    with open(os.path.join(LIBRARY_ROOT, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _make("tflm_lib", library, sanitize, **variables)
+    # Runner objects: per test process, shared by its programs.
+    variables["OBJ"] = _build_dir(build_root, "objects", sanitize)
+    return variables
+
+
+def _criterion_bundle(root: str, criterion: str, thresholds: list[float]) -> str:
+    """An untrained width-4 digits CNN as an int8 bundle with `criterion`
+    and temperatures other than 1 (a MUL before each gate's softmax)."""
+    import keras_earlyexit as kee
+    from keras_earlyexit.export.micro import UnsupportedOpError
+
+    path = os.path.join(root, f"{criterion}_bundle")
+    if os.path.isdir(path):
+        return path
+    keras.utils.set_random_seed(0)
+    model = demo.digits_cnn(width=4, criterion=criterion)
+    model.set_temperatures([0.5, 0.8, 1.5])
+    model.set_thresholds(thresholds)
+    x = demo.load_digits(seed=0).x_val[:64]
+    try:
+        return kee.export.to_tflite(
+            model, path, representative_data=x, quantization="int8", verbose=0
+        )
+    except UnsupportedOpError as e:
+        pytest.xfail(f"{criterion} gates do not convert for TFLite Micro yet: {e}")
+
+
+BUNDLES = {
+    "max_prob": small_int8_bundle,
+    # Untrained: low thresholds, so that every exit and carry occurs.
+    "entropy": lambda root: _criterion_bundle(root, "entropy", [0.004, 0.003]),
+    "margin": lambda root: _criterion_bundle(root, "margin", [0.02, 0.015]),
+    "single_segment": single_segment_bundle,
+}
+
+
+def _samples(bundle: str, root: str) -> tuple[np.ndarray, str]:
+    from keras_earlyexit.runtime.gated import quantize
+
+    x = demo.load_digits(seed=0).x_test
+    spec = read_manifest(bundle).segments[0].inputs[0]
+    path = os.path.join(root, "samples.bin")
+    quantize(x, spec.scale, spec.zero_point).tofile(path)
+    return x, path
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("kind", list(BUNDLES))
+def test_tflm_runner_matches_the_python_micro_backend(
+    kind, tflm, sanitize, build_root, tmp_path_factory
+):
+    """The C++ runner on TensorFlow Lite Micro takes the same exits, classes
+    and confidences as `GatedInterpreter(backend="micro")`, sample by
+    sample, with the bundle's thresholds and with thresholds set before
+    Init."""
+    pytest.importorskip("tflite_micro")
+    from keras_earlyexit.export.c_arrays import to_c_arrays
+    from keras_earlyexit.runtime import GatedInterpreter
+
+    root = str(tmp_path_factory.getbasetemp())
+    bundle = BUNDLES[kind](root)
+    config = os.path.join(root, f"c_arrays_{kind}")
+    if not os.path.isdir(config):
+        to_c_arrays(bundle, config)
+    build_dir = _build_dir(build_root, f"host_main_{kind}", sanitize)
+    _make("host_main", build_dir, sanitize, CONFIG_DIR=config, **tflm)
+    x, samples = _samples(bundle, str(tmp_path_factory.mktemp(kind)))
+    manifest = read_manifest(bundle)
+    # The bundle's thresholds, then lower ones (more early exits).
+    threshold_sets = [None]
+    if len(manifest.segments) > 1:
+        threshold_sets.append([t * 0.8 for t in manifest.thresholds])
+    for thresholds in threshold_sets:
+        command = [os.path.join(build_dir, "host_main"), samples]
+        bundle_thresholds = thresholds is None
+        if thresholds is not None:
+            command.append(",".join(f"{t:.9g}" for t in thresholds))
+            thresholds = [float(np.float32(f"{t:.9g}")) for t in thresholds]
+        proc = _run(command)
+        got = np.array([line.split() for line in proc.stdout.splitlines()], float)
+        expected = GatedInterpreter(
+            bundle, backend="micro", thresholds=thresholds
+        ).predict(x)
+        assert len(got) == len(x)
+        np.testing.assert_array_equal(got[:, 0], expected.classes)
+        np.testing.assert_array_equal(got[:, 1], expected.exit_indices)
+        np.testing.assert_allclose(got[:, 2], expected.confidences, rtol=1e-6)
+        if bundle_thresholds:  # every exit and every carry is used
+            assert len(np.unique(expected.exit_indices)) == len(manifest.segments)
+
+
+def test_tflm_error_paths(tflm, sanitize, build_root, tmp_path_factory):
+    """Arenas too small (16 bytes to kArenaSize - 16, misaligned, null),
+    configs that disagree with the model data (scale, zero-point, dtype,
+    positions, carry targets, truncated flatbuffers), thresholds set before
+    Init and NaN input: each returns a Status, none crashes."""
+    root = str(tmp_path_factory.getbasetemp())
+    build_dir = _build_dir(build_root, "tflm_test", sanitize)
+    out = _make(
+        "tflm_test", build_dir, sanitize, CONFIG_DIR=small_c_arrays(root), **tflm
+    )
+    assert re.search(r"tflm_test: all \d+ checks passed", out), out
+
+
+@pytest.mark.parametrize("quantization", ["int8", "float32"])
+def test_firmware_example_on_tflite_micro(
+    quantization, tflm, sanitize, build_root, tmp_path_factory
+):
+    """examples/main.cc feeds its float sample as the bundle takes it:
+    quantized for int8 bundles, as floats for float32 bundles; its answer
+    is the Python micro backend's for the same sample."""
+    pytest.importorskip("tflite_micro")
+    import keras_earlyexit as kee
+    from keras_earlyexit.export.c_arrays import to_c_arrays
+    from keras_earlyexit.runtime import GatedInterpreter
+
+    root = str(tmp_path_factory.getbasetemp())
+    if quantization == "int8":
+        bundle = small_int8_bundle(root)
+    else:
+        bundle = os.path.join(root, "float32_bundle")
+        if not os.path.isdir(bundle):
+            keras.utils.set_random_seed(0)
+            model = demo.digits_cnn(width=4)
+            model.set_thresholds([0.12, 0.11])
+            x = demo.load_digits(seed=0).x_val[:64]
+            kee.export.to_tflite(
+                model, bundle, representative_data=x, quantization="float32", verbose=0
+            )
+    config = os.path.join(root, f"c_arrays_main_{quantization}")
+    if not os.path.isdir(config):
+        to_c_arrays(bundle, config)
+    build_dir = _build_dir(build_root, f"main_{quantization}", sanitize)
+    _make("main", build_dir, sanitize, CONFIG_DIR=config, **tflm)
+    proc = _run([os.path.join(build_dir, "main")])
+    match = re.search(
+        r"class (\d+) from exit (\d+) \((\w+)\), confidence ([-\d.e]+)", proc.stderr
+    )
+    assert match, proc.stderr
+    # The example's sample: value i is (i % 7) / 7 in float32.
+    sample = (np.arange(64) % 7).astype(np.float32) / np.float32(7)
+    expected = GatedInterpreter(bundle, backend="micro").predict_one(
+        sample.reshape(8, 8, 1)
+    )
+    assert int(match.group(1)) == expected.label
+    assert int(match.group(2)) == expected.exit_index
+    assert float(match.group(4)) == pytest.approx(expected.confidence, abs=1e-6)

@@ -8,11 +8,15 @@ namespace {
 
 // Carry tensors are parked at 16-byte offsets, as the arena aligns them.
 constexpr size_t kAlignment = 16;
+// Relative difference below which two float32 scales are the same number
+// (the config prints them with 9 significant digits).
+constexpr float kScaleTolerance = 1e-6f;
 
 size_t AlignUp(size_t n) { return (n + kAlignment - 1) / kAlignment * kAlignment; }
 
 size_t ElementSize(DType dtype) { return dtype == DType::kInt8 ? 1 : 4; }
 
+// `x` must be finite and `scale` positive: callers check.
 int8_t QuantizeOne(float x, float scale, int32_t zero_point) {
   const float v = x / scale;
   const float r = v >= 0.0f ? std::floor(v + 0.5f) : -std::floor(-v + 0.5f);
@@ -25,6 +29,8 @@ int8_t QuantizeOne(float x, float scale, int32_t zero_point) {
 float Dequantize(int8_t q, float scale, int32_t zero_point) {
   return static_cast<float>(static_cast<int32_t>(q) - zero_point) * scale;
 }
+
+bool ValidScale(float scale) { return std::isfinite(scale) && scale > 0.0f; }
 
 // Index of the largest value; the first one on ties, like numpy.argmax.
 int ArgMax(const TensorConfig& t, const void* data) {
@@ -44,12 +50,54 @@ int ArgMax(const TensorConfig& t, const void* data) {
   return best;
 }
 
+// The config's own consistency: rank and dims, byte size, quantization.
 bool TensorFits(const TensorConfig& t) {
+  if (t.position < 0 || t.rank < 0 || t.rank > kMaxRank) return false;
+  if (t.dtype != DType::kInt8 && t.dtype != DType::kFloat32) return false;
   size_t elements = 1;
-  for (int d = 0; d < t.rank; ++d) elements *= static_cast<size_t>(t.dims[d]);
-  return t.rank >= 0 && t.rank <= kMaxRank &&
-         elements * ElementSize(t.dtype) == t.bytes &&
-         (t.dtype == DType::kFloat32 || t.scale > 0.0f);
+  for (int d = 0; d < t.rank; ++d) {
+    if (t.dims[d] < 1) return false;
+    const size_t dim = static_cast<size_t>(t.dims[d]);
+    if (elements > SIZE_MAX / ElementSize(t.dtype) / dim) return false;
+    elements *= dim;
+  }
+  if (elements * ElementSize(t.dtype) != t.bytes) return false;
+  if (t.dtype == DType::kFloat32) return t.scale == 0.0f && t.zero_point == 0;
+  return ValidScale(t.scale) && t.zero_point >= -128 && t.zero_point <= 127;
+}
+
+bool SameScale(float a, float b) {
+  return std::fabs(a - b) <= kScaleTolerance * std::fabs(b);
+}
+
+// The segment's tensor is the one the config describes.
+bool Matches(const TensorConfig& config, const TensorDesc& tensor) {
+  if (tensor.data == nullptr || tensor.bytes != config.bytes ||
+      tensor.dtype != config.dtype) {
+    return false;
+  }
+  return config.dtype != DType::kInt8 ||
+         (SameScale(tensor.scale, config.scale) &&
+          tensor.zero_point == config.zero_point);
+}
+
+// Same position, dtype and shape-derived size (quantization may differ:
+// that is what `requantize` is for).
+bool SameTensor(const TensorConfig& a, const TensorConfig& b) {
+  return a.position == b.position && a.dtype == b.dtype && a.bytes == b.bytes;
+}
+
+bool ThresholdFits(const SegmentConfig& s) {
+  if (!(s.threshold >= 0.0f && s.threshold <= 1.0f)) return false;
+  if (s.confidence.dtype != DType::kInt8) return true;
+  // 1.0 means "never" on every runtime (see QuantizeThreshold).
+  return s.threshold_quantized >= -128 && s.threshold_quantized <= kNeverQuantized &&
+         (s.threshold < 1.0f || s.threshold_quantized == kNeverQuantized);
+}
+
+bool ConfigShapeFits(const ModelConfig& config) {
+  return config.segments != nullptr && config.num_segments >= 1 &&
+         config.num_segments <= kMaxSegments;
 }
 
 }  // namespace
@@ -62,8 +110,9 @@ const char* StatusString(Status status) {
       return "the model config is inconsistent: regenerate it with "
              "keras_earlyexit.export.to_c_arrays";
     case Status::kTensorMismatch:
-      return "a segment's tensor size differs from the config: the model "
-             "data and earlyexit_config.h come from different bundles";
+      return "a segment's tensor (position, size, dtype, scale or zero-point) "
+             "differs from the config: the model data and earlyexit_config.h "
+             "come from different bundles";
     case Status::kCarryBufferTooSmall:
       return "carry buffer smaller than config carry_buffer_size";
     case Status::kBadThreshold:
@@ -71,25 +120,41 @@ const char* StatusString(Status status) {
     case Status::kInvokeFailed:
       return "a segment's Invoke failed (see the interpreter's log)";
     case Status::kAllocationFailed:
-      return "AllocateTensors failed: the arena is too small (raise "
-             "kArenaSize) or the resolver lacks an op (use EARLYEXIT_OPS), "
-             "see the interpreter's log";
+      return "the tensor arena is too small (give at least the model's "
+             "kArenaSize bytes, 16-byte aligned) or TFLite Micro could not "
+             "allocate the tensors (a resolver without an op: use "
+             "EARLYEXIT_OPS); see the interpreter's log";
+    case Status::kBadInput:
+      return "Run needs a result and one non-null input per model input "
+             "(Run(const void*, Result*) is for single-input models only)";
+    case Status::kNonFiniteInput:
+      return "an input value is NaN or infinite: refused, the model's answer "
+             "would be meaningless";
   }
   return "unknown status";
 }
 
-void Quantize(const float* x, int8_t* q, size_t n, float scale,
-              int32_t zero_point) {
+Status Quantize(const float* x, int8_t* q, size_t n, float scale,
+                int32_t zero_point) {
+  if (!ValidScale(scale) || zero_point < -128 || zero_point > 127) {
+    return Status::kBadInput;
+  }
+  if ((x == nullptr || q == nullptr) && n > 0) return Status::kBadInput;
+  for (size_t i = 0; i < n; ++i) {
+    if (!std::isfinite(x[i])) return Status::kNonFiniteInput;
+  }
   for (size_t i = 0; i < n; ++i) q[i] = QuantizeOne(x[i], scale, zero_point);
+  return Status::kOk;
 }
 
 int32_t QuantizeThreshold(float threshold, float scale, int32_t zero_point) {
-  // In double, as Python computes it, so both sides agree on ties.
-  const double q = std::ceil(static_cast<double>(zero_point) +
-                             static_cast<double>(threshold) / scale - 1e-9);
-  if (q < -128.0) return -128;
-  if (q > 128.0) return 128;
-  return static_cast<int32_t>(q);
+  if (!(threshold < 1.0f)) return kNeverQuantized;
+  for (int32_t q = -128; q <= 127; ++q) {
+    // Rounded to float32 before comparing, as numpy does in Python.
+    const float value = static_cast<float>(q - zero_point) * scale;
+    if (value >= threshold) return q;
+  }
+  return kNeverQuantized;
 }
 
 EarlyExitRunner::EarlyExitRunner(const ModelConfig& config,
@@ -101,61 +166,84 @@ EarlyExitRunner::EarlyExitRunner(const ModelConfig& config,
       carry_buffer_(carry_buffer),
       carry_buffer_size_(carry_buffer_size) {}
 
-Status EarlyExitRunner::Init() {
-  initialized_ = false;
+Status EarlyExitRunner::CheckSegment(int k) {
   const int n = config_.num_segments;
-  if (n < 1 || n > kMaxSegments || config_.segments == nullptr ||
-      segments_ == nullptr) {
+  const SegmentConfig& s = config_.segments[k];
+  Segment* segment = segments_[k];
+  const bool last = k + 1 == n;
+  if (segment == nullptr || s.num_inputs < 1 || s.inputs == nullptr ||
+      !TensorFits(s.logits) || !TensorFits(s.confidence) ||
+      s.confidence.bytes != ElementSize(s.confidence.dtype) ||
+      s.logits.bytes / ElementSize(s.logits.dtype) !=
+          static_cast<size_t>(config_.num_classes) ||
+      (!last && !ThresholdFits(s)) ||
+      (!last && (s.carry == nullptr || s.num_carry != config_.segments[k + 1].num_inputs)) ||
+      (last && s.num_carry != 0)) {
     return Status::kBadConfig;
   }
-  for (int k = 0; k < n; ++k) {
-    const SegmentConfig& s = config_.segments[k];
-    Segment* segment = segments_[k];
-    if (segment == nullptr || !TensorFits(s.logits) ||
-        !TensorFits(s.confidence) || s.confidence.bytes != ElementSize(s.confidence.dtype) ||
-        (k + 1 < n && s.num_carry != config_.segments[k + 1].num_inputs) ||
-        (k + 1 == n && s.num_carry != 0)) {
+  for (int i = 0; i < s.num_inputs; ++i) {
+    const TensorConfig& t = s.inputs[i];
+    if (!TensorFits(t)) return Status::kBadConfig;
+    for (int j = 0; j < i; ++j) {
+      if (s.inputs[j].position == t.position) return Status::kBadConfig;
+    }
+    if (!Matches(t, segment->input(t.position))) return Status::kTensorMismatch;
+  }
+  if (!Matches(s.logits, segment->output(s.logits.position)) ||
+      !Matches(s.confidence, segment->output(s.confidence.position))) {
+    return Status::kTensorMismatch;
+  }
+  size_t carry_bytes = 0;
+  for (int j = 0; j < s.num_carry; ++j) {
+    const CarryConfig& c = s.carry[j];
+    const bool int8 = c.source.dtype == DType::kInt8;
+    if (!TensorFits(c.source) || !TensorFits(c.target) ||
+        c.source.bytes != c.target.bytes || c.source.dtype != c.target.dtype ||
+        (c.requantize && !int8)) {
       return Status::kBadConfig;
     }
-    for (int i = 0; i < s.num_inputs; ++i) {
-      const TensorConfig& t = s.inputs[i];
-      if (!TensorFits(t)) return Status::kBadConfig;
-      if (segment->input(t.position) == nullptr ||
-          segment->input_bytes(t.position) != t.bytes) {
-        return Status::kTensorMismatch;
-      }
+    // Each carry fills a distinct input of the next segment, as listed there.
+    const SegmentConfig& next = config_.segments[k + 1];
+    bool listed = false;
+    for (int i = 0; i < next.num_inputs; ++i) {
+      listed = listed || SameTensor(next.inputs[i], c.target);
     }
-    const TensorConfig* const gate_outputs[2] = {&s.logits, &s.confidence};
-    for (const TensorConfig* t : gate_outputs) {
-      if (segment->output(t->position) == nullptr ||
-          segment->output_bytes(t->position) != t->bytes) {
-        return Status::kTensorMismatch;
-      }
+    for (int i = 0; i < j; ++i) {
+      if (s.carry[i].target.position == c.target.position) return Status::kBadConfig;
     }
-    size_t carry_bytes = 0;
-    for (int j = 0; j < s.num_carry; ++j) {
-      const CarryConfig& c = s.carry[j];
-      const bool int8 = c.source.dtype == DType::kInt8;
-      if (!TensorFits(c.source) || !TensorFits(c.target) ||
-          c.source.bytes != c.target.bytes || c.source.dtype != c.target.dtype ||
-          (c.requantize && !int8)) {
-        return Status::kBadConfig;
-      }
-      if (segment->output(c.source.position) == nullptr ||
-          segment->output_bytes(c.source.position) != c.source.bytes) {
-        return Status::kTensorMismatch;
-      }
-      carry_bytes += AlignUp(c.source.bytes);
+    if (!listed) return Status::kBadConfig;
+    if (!Matches(c.source, segment->output(c.source.position)) ||
+        !Matches(c.target, segments_[k + 1]->input(c.target.position))) {
+      return Status::kTensorMismatch;
     }
-    if (carry_bytes > carry_buffer_size_ || carry_bytes > config_.carry_buffer_size) {
-      return carry_bytes > carry_buffer_size_ ? Status::kCarryBufferTooSmall
-                                              : Status::kBadConfig;
+    carry_bytes += AlignUp(c.source.bytes);
+  }
+  if (carry_bytes > config_.carry_buffer_size) return Status::kBadConfig;
+  if (carry_bytes > carry_buffer_size_ ||
+      (carry_bytes > 0 && carry_buffer_ == nullptr)) {
+    return Status::kCarryBufferTooSmall;
+  }
+  return Status::kOk;
+}
+
+Status EarlyExitRunner::Init() {
+  initialized_ = false;
+  if (!ConfigShapeFits(config_) || segments_ == nullptr || config_.num_classes < 1) {
+    return Status::kBadConfig;
+  }
+  // The next segment's Segment is needed to check the carry targets.
+  for (int k = 0; k < config_.num_segments; ++k) {
+    if (segments_[k] == nullptr) return Status::kBadConfig;
+  }
+  for (int k = 0; k < config_.num_segments; ++k) {
+    const Status status = CheckSegment(k);
+    if (status != Status::kOk) return status;
+  }
+  if (!thresholds_set_) {
+    for (int k = 0; k < config_.num_segments; ++k) {
+      thresholds_[k] = config_.segments[k].threshold;
+      thresholds_quantized_[k] = config_.segments[k].threshold_quantized;
     }
-    if (s.num_carry > 0 && carry_buffer_ == nullptr) {
-      return Status::kCarryBufferTooSmall;
-    }
-    thresholds_[k] = s.threshold;
-    thresholds_quantized_[k] = s.threshold_quantized;
   }
   ResetCounts();
   initialized_ = true;
@@ -163,19 +251,25 @@ Status EarlyExitRunner::Init() {
 }
 
 Status EarlyExitRunner::SetThresholds(const float* thresholds, int count) {
-  if (count != config_.num_segments - 1) return Status::kBadThreshold;
+  if (!ConfigShapeFits(config_)) return Status::kBadConfig;
+  if (thresholds == nullptr || count != config_.num_segments - 1) {
+    return Status::kBadThreshold;
+  }
   for (int k = 0; k < count; ++k) {
     if (!(thresholds[k] >= 0.0f && thresholds[k] <= 1.0f)) {
       return Status::kBadThreshold;
     }
+    const TensorConfig& c = config_.segments[k].confidence;
+    if (c.dtype == DType::kInt8 && !ValidScale(c.scale)) return Status::kBadConfig;
   }
   for (int k = 0; k < count; ++k) {
     const TensorConfig& c = config_.segments[k].confidence;
     thresholds_[k] = thresholds[k];
-    if (c.dtype == DType::kInt8) {
-      thresholds_quantized_[k] = QuantizeThreshold(thresholds[k], c.scale, c.zero_point);
-    }
+    thresholds_quantized_[k] =
+        c.dtype == DType::kInt8 ? QuantizeThreshold(thresholds[k], c.scale, c.zero_point)
+                                : 0;
   }
+  thresholds_set_ = true;
   return Status::kOk;
 }
 
@@ -187,11 +281,14 @@ void EarlyExitRunner::ResetCounts() {
 }
 
 bool EarlyExitRunner::Confident(int k, const void* confidence) const {
-  // int8 bundles compare integers, as a microcontroller without FPU would.
+  // int8 bundles compare integers, as a microcontroller without FPU would;
+  // the quantized threshold of 1.0 is 128, above every int8 value.
   if (config_.segments[k].confidence.dtype == DType::kInt8) {
     return *static_cast<const int8_t*>(confidence) >= thresholds_quantized_[k];
   }
-  return *static_cast<const float*>(confidence) >= thresholds_[k];
+  // A saturated float softmax reaches exactly 1.0: 1.0 still means never.
+  return thresholds_[k] < 1.0f &&
+         *static_cast<const float*>(confidence) >= thresholds_[k];
 }
 
 void EarlyExitRunner::ParkCarry(int k) {
@@ -199,7 +296,7 @@ void EarlyExitRunner::ParkCarry(int k) {
   size_t offset = 0;
   for (int j = 0; j < s.num_carry; ++j) {
     const CarryConfig& c = s.carry[j];
-    const void* out = segments_[k]->output(c.source.position);
+    const void* out = segments_[k]->output(c.source.position).data;
     uint8_t* parked = carry_buffer_ + offset;
     if (c.requantize) {
       // Only where the exporter could not give both sides the same scale;
@@ -222,7 +319,7 @@ void EarlyExitRunner::LoadCarry(int k) {
   size_t offset = 0;
   for (int j = 0; j < previous.num_carry; ++j) {
     const CarryConfig& c = previous.carry[j];
-    std::memcpy(segments_[k]->input(c.target.position), carry_buffer_ + offset,
+    std::memcpy(segments_[k]->input(c.target.position).data, carry_buffer_ + offset,
                 c.target.bytes);
     offset += AlignUp(c.target.bytes);
   }
@@ -230,9 +327,9 @@ void EarlyExitRunner::LoadCarry(int k) {
 
 Result EarlyExitRunner::MakeResult(int k) {
   const SegmentConfig& s = config_.segments[k];
-  const void* confidence = segments_[k]->output(s.confidence.position);
+  const void* confidence = segments_[k]->output(s.confidence.position).data;
   Result result;
-  result.label = ArgMax(s.logits, segments_[k]->output(s.logits.position));
+  result.label = ArgMax(s.logits, segments_[k]->output(s.logits.position).data);
   result.exit_index = k;
   result.confidence =
       s.confidence.dtype == DType::kInt8
@@ -242,8 +339,28 @@ Result EarlyExitRunner::MakeResult(int k) {
   return result;
 }
 
+Status EarlyExitRunner::Run(const void* input, Result* result) {
+  if (!initialized_) return Status::kBadConfig;
+  if (config_.segments[0].num_inputs != 1) return Status::kBadInput;
+  return Run(&input, result);
+}
+
 Status EarlyExitRunner::Run(const void* const* inputs, Result* result) {
   if (!initialized_) return Status::kBadConfig;
+  const SegmentConfig& first = config_.segments[0];
+  if (inputs == nullptr || result == nullptr) return Status::kBadInput;
+  for (int i = 0; i < first.num_inputs; ++i) {
+    if (inputs[i] == nullptr) return Status::kBadInput;
+    if (first.inputs[i].dtype == DType::kFloat32) {
+      // memcpy: the caller's bytes need not be float-aligned.
+      const uint8_t* bytes = static_cast<const uint8_t*>(inputs[i]);
+      for (size_t b = 0; b < first.inputs[i].bytes; b += sizeof(float)) {
+        float v;
+        std::memcpy(&v, bytes + b, sizeof(float));
+        if (!std::isfinite(v)) return Status::kNonFiniteInput;
+      }
+    }
+  }
   const int last = config_.num_segments - 1;
   for (int k = 0; k <= last; ++k) {
     const SegmentConfig& s = config_.segments[k];
@@ -251,7 +368,8 @@ Status EarlyExitRunner::Run(const void* const* inputs, Result* result) {
     // gated.py: runner.set_input(...) for the sample or the carry.
     if (k == 0) {
       for (int i = 0; i < s.num_inputs; ++i) {
-        std::memcpy(segment->input(s.inputs[i].position), inputs[i], s.inputs[i].bytes);
+        std::memcpy(segment->input(s.inputs[i].position).data, inputs[i],
+                    s.inputs[i].bytes);
       }
     } else {
       LoadCarry(k);
@@ -259,8 +377,8 @@ Status EarlyExitRunner::Run(const void* const* inputs, Result* result) {
     // gated.py: runner.invoke()
     ++invocations_[k];
     if (!segment->Invoke()) return Status::kInvokeFailed;
-    // gated.py: `if k == last or confidence >= segment.threshold`
-    if (k == last || Confident(k, segment->output(s.confidence.position))) {
+    // gated.py: `if k == last or gate_passes(confidence, threshold)`
+    if (k == last || Confident(k, segment->output(s.confidence.position).data)) {
       *result = MakeResult(k);
       ++exit_counts_[k];
       return Status::kOk;

@@ -23,8 +23,11 @@ namespace earlyexit {
 constexpr int kMaxRank = 6;
 // Fixed capacity for per-segment state held by the runner (no heap).
 constexpr int kMaxSegments = 16;
+// An int8 threshold above every int8 value: no sample leaves.
+constexpr int32_t kNeverQuantized = 128;
 
-enum class DType : uint8_t { kInt8, kFloat32 };
+// kOther: a tensor type the runner does not handle (reported by a Segment).
+enum class DType : uint8_t { kInt8, kFloat32, kOther };
 
 // One input or output tensor of a segment, as in manifest.json.
 struct TensorConfig {
@@ -56,7 +59,8 @@ struct SegmentConfig {
   const CarryConfig* carry;  // to the next segment; empty for the last one
   int num_carry;
   float threshold;
-  // Smallest int8 confidence that reaches `threshold`; 128 means "never".
+  // Smallest int8 confidence that reaches `threshold`, written by the
+  // exporter (see QuantizeThreshold); 128 means "never".
   int32_t threshold_quantized;
   int64_t macs;
 };
@@ -65,8 +69,20 @@ struct ModelConfig {
   const SegmentConfig* segments;
   int num_segments;
   int num_classes;
+  // Tensor arena bytes the segments need together (TflmEarlyExit refuses a
+  // smaller arena up front); never 0.
   size_t arena_size;
   size_t carry_buffer_size;  // bytes for the largest set of carry tensors
+};
+
+// A tensor as the segment's interpreter allocated it. `data == nullptr`:
+// the segment has no tensor at that position.
+struct TensorDesc {
+  void* data = nullptr;
+  size_t bytes = 0;
+  DType dtype = DType::kOther;
+  float scale = 0.0f;      // 0 when not quantized
+  int32_t zero_point = 0;  // 0 when not quantized
 };
 
 // What the runner needs from one segment model. Pointers stay valid from
@@ -74,10 +90,8 @@ struct ModelConfig {
 // only valid until another segment sharing the arena is invoked.
 class Segment {
  public:
-  virtual void* input(int position) = 0;
-  virtual size_t input_bytes(int position) = 0;
-  virtual const void* output(int position) = 0;
-  virtual size_t output_bytes(int position) = 0;
+  virtual TensorDesc input(int position) = 0;
+  virtual TensorDesc output(int position) = 0;
   virtual bool Invoke() = 0;
 
  protected:
@@ -88,11 +102,13 @@ class Segment {
 enum class Status : uint8_t {
   kOk,
   kBadConfig,           // config inconsistent with itself
-  kTensorMismatch,      // a segment's tensor size differs from the config
-  kCarryBufferTooSmall, // the buffer given is smaller than carry_buffer_size
+  kTensorMismatch,      // a segment's tensor differs from the config
+  kCarryBufferTooSmall, // the buffer given is smaller than the carry needs
   kBadThreshold,        // outside [0, 1], or wrong count
   kInvokeFailed,
   kAllocationFailed,    // arena too small, or an op missing from the resolver
+  kBadInput,            // null pointer, or wrong number of inputs
+  kNonFiniteInput,      // NaN or infinity in a float input
 };
 
 const char* StatusString(Status status);
@@ -103,13 +119,16 @@ struct Result {
   float confidence;  // dequantized
 };
 
-// Float to int8 as TFLite's QUANTIZE op does (round half away from zero);
-// same arithmetic as runtime.gated.quantize.
-void Quantize(const float* x, int8_t* q, size_t n, float scale,
-              int32_t zero_point);
+// Float to int8 as TFLite's QUANTIZE op does (round half away from zero,
+// saturate); same arithmetic as runtime.gated.quantize. Returns
+// kNonFiniteInput, leaving `q` untouched, if any x is NaN or infinite, and
+// kBadInput for a scale that is not positive and finite.
+Status Quantize(const float* x, int8_t* q, size_t n, float scale,
+                int32_t zero_point);
 
-// Smallest int8 q with (q - zero_point) * scale >= threshold, in [-128, 128];
-// same as export.manifest.quantize_threshold.
+// Smallest q in [-128, 127] with float32(q - zero_point) * scale >=
+// threshold, scanned in float32; 128 (never) if there is none or if
+// threshold >= 1. Same rule as runtime.manifest.quantize_threshold.
 int32_t QuantizeThreshold(float threshold, float scale, int32_t zero_point);
 
 class EarlyExitRunner {
@@ -121,18 +140,26 @@ class EarlyExitRunner {
   EarlyExitRunner(const ModelConfig& config, Segment* const* segments,
                   uint8_t* carry_buffer, size_t carry_buffer_size);
 
-  // Checks the config against the segments' tensors; call once before Run.
+  // Checks the config against itself and against the segments' tensors
+  // (position, size, dtype, int8 scale and zero-point of every input,
+  // output and carry); call once before Run.
   Status Init();
 
   // Gated inference on one sample. `inputs[i]` holds the raw bytes of
   // segment 1's input i (config order; int8 bundles take quantized data,
-  // see Quantize).
+  // see Quantize). Float inputs holding NaN or infinity are refused.
   Status Run(const void* const* inputs, Result* result);
-  Status Run(const void* input, Result* result) { return Run(&input, result); }
+  // For models with exactly one input; kBadInput otherwise.
+  Status Run(const void* input, Result* result);
 
-  // Replaces the thresholds of the non-final exits (floats in [0, 1]).
+  // Replaces the thresholds of the non-final exits (floats in [0, 1]); int8
+  // exits get QuantizeThreshold of them. May be called before Init: the
+  // values are kept instead of the config's.
   Status SetThresholds(const float* thresholds, int count);
   float threshold(int exit_index) const { return thresholds_[exit_index]; }
+  int32_t threshold_quantized(int exit_index) const {
+    return thresholds_quantized_[exit_index];
+  }
 
   int num_exits() const { return config_.num_segments; }
   uint32_t exit_count(int k) const { return exit_counts_[k]; }
@@ -140,6 +167,7 @@ class EarlyExitRunner {
   void ResetCounts();
 
  private:
+  Status CheckSegment(int k);
   bool Confident(int k, const void* confidence) const;
   void ParkCarry(int k);
   void LoadCarry(int k);
@@ -150,6 +178,7 @@ class EarlyExitRunner {
   uint8_t* carry_buffer_;
   size_t carry_buffer_size_;
   bool initialized_ = false;
+  bool thresholds_set_ = false;  // by SetThresholds, before or after Init
   float thresholds_[kMaxSegments] = {};
   int32_t thresholds_quantized_[kMaxSegments] = {};
   uint32_t exit_counts_[kMaxSegments] = {};

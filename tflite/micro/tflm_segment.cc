@@ -1,9 +1,77 @@
 #include "tflm_segment.h"
 
+#include "tensorflow/lite/micro/micro_arena_constants.h"
 #include "tensorflow/lite/micro/micro_log.h"
 #include "tensorflow/lite/schema/schema_generated.h"
 
 namespace earlyexit {
+namespace {
+
+DType DTypeOf(TfLiteType type) {
+  switch (type) {
+    case kTfLiteInt8:
+      return DType::kInt8;
+    case kTfLiteFloat32:
+      return DType::kFloat32;
+    default:
+      return DType::kOther;
+  }
+}
+
+TensorDesc Describe(const TfLiteTensor* t) {
+  TensorDesc desc;
+  if (t == nullptr) return desc;
+  desc.data = t->data.raw;
+  desc.bytes = t->bytes;
+  desc.dtype = DTypeOf(t->type);
+  desc.scale = t->params.scale;
+  desc.zero_point = t->params.zero_point;
+  return desc;
+}
+
+}  // namespace
+
+Status CheckArena(const ModelConfig& config, const uint8_t* arena,
+                  size_t arena_size) {
+  if (config.arena_size == 0) {
+    MicroPrintf("The model config's arena_size is 0: regenerate it with "
+                "keras_earlyexit.export.to_c_arrays");
+    return Status::kBadConfig;
+  }
+  if (arena == nullptr) {
+    MicroPrintf("The tensor arena is a null pointer; the segments need %u bytes "
+                "(kArenaSize)", static_cast<unsigned>(config.arena_size));
+    return Status::kAllocationFailed;
+  }
+  // MicroAllocator starts the arena at the next 16-byte boundary.
+  const size_t alignment = tflite::MicroArenaBufferAlignment();
+  const uintptr_t address = reinterpret_cast<uintptr_t>(arena);
+  const size_t skipped = (alignment - address % alignment) % alignment;
+  const size_t usable = arena_size < skipped ? 0 : arena_size - skipped;
+  if (usable < config.arena_size) {
+    MicroPrintf("Tensor arena of %u usable bytes (%u given, %u before the first "
+                "16-byte boundary); the segments need %u (kArenaSize)",
+                static_cast<unsigned>(usable), static_cast<unsigned>(arena_size),
+                static_cast<unsigned>(skipped),
+                static_cast<unsigned>(config.arena_size));
+    return Status::kAllocationFailed;
+  }
+  return Status::kOk;
+}
+
+Status CheckModelData(const SegmentConfig& segment, int k) {
+  // TFLite Micro reads the flatbuffer in place without verifying it.
+  bool valid = segment.model_data != nullptr && segment.model_size > 0;
+  if (valid) {
+    flatbuffers::Verifier verifier(segment.model_data, segment.model_size);
+    valid = tflite::VerifyModelBuffer(verifier);
+  }
+  if (!valid) {
+    MicroPrintf("Segment %d's model data is not a valid TFLite flatbuffer", k + 1);
+    return Status::kBadConfig;
+  }
+  return Status::kOk;
+}
 
 TflmSegment::TflmSegment(const SegmentConfig& config,
                          const tflite::MicroOpResolver& resolver,
@@ -21,32 +89,18 @@ Status TflmSegment::Allocate() {
                                                      : Status::kAllocationFailed;
 }
 
-void* TflmSegment::input(int position) {
+TensorDesc TflmSegment::input(int position) {
   if (position < 0 || static_cast<size_t>(position) >= interpreter_.inputs_size()) {
-    return nullptr;
+    return TensorDesc();
   }
-  return interpreter_.input(position)->data.raw;
+  return Describe(interpreter_.input(position));
 }
 
-size_t TflmSegment::input_bytes(int position) {
-  if (position < 0 || static_cast<size_t>(position) >= interpreter_.inputs_size()) {
-    return 0;
-  }
-  return interpreter_.input(position)->bytes;
-}
-
-const void* TflmSegment::output(int position) {
+TensorDesc TflmSegment::output(int position) {
   if (position < 0 || static_cast<size_t>(position) >= interpreter_.outputs_size()) {
-    return nullptr;
+    return TensorDesc();
   }
-  return interpreter_.output(position)->data.raw;
-}
-
-size_t TflmSegment::output_bytes(int position) {
-  if (position < 0 || static_cast<size_t>(position) >= interpreter_.outputs_size()) {
-    return 0;
-  }
-  return interpreter_.output(position)->bytes;
+  return Describe(interpreter_.output(position));
 }
 
 bool TflmSegment::Invoke() { return interpreter_.Invoke() == kTfLiteOk; }

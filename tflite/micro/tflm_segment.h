@@ -32,10 +32,8 @@ class TflmSegment : public Segment {
   // Checks the flatbuffer's schema version and allocates the tensors.
   Status Allocate();
 
-  void* input(int position) override;
-  size_t input_bytes(int position) override;
-  const void* output(int position) override;
-  size_t output_bytes(int position) override;
+  TensorDesc input(int position) override;
+  TensorDesc output(int position) override;
   bool Invoke() override;
 
   tflite::MicroInterpreter& interpreter() { return interpreter_; }
@@ -45,7 +43,16 @@ class TflmSegment : public Segment {
   tflite::MicroInterpreter interpreter_;
 };
 
-// Owns the segments of a model with at most N segments, in static storage.
+// Checks done before TFLite Micro sees the arena or the model data, which
+// it trusts (a too-small arena or a damaged flatbuffer can crash it).
+// CheckArena: `arena_size` bytes at `arena`, once aligned to 16, hold at
+// least config.arena_size (kArenaSize); logs how many are needed if not.
+Status CheckArena(const ModelConfig& config, const uint8_t* arena,
+                  size_t arena_size);
+// CheckModelData: segment k's model data is a valid TFLite flatbuffer.
+Status CheckModelData(const SegmentConfig& segment, int k);
+
+// Owns the segments of a model with exactly N segments, in static storage.
 //
 //   tflite::MicroMutableOpResolver<earlyexit_config::kNumOps> resolver;
 //   #define ADD_OP(name) resolver.Add##name();
@@ -77,9 +84,18 @@ class TflmEarlyExit {
   }
 
   // Creates the interpreters (once) and checks them against the config.
+  // kAllocationFailed, before TFLite Micro is called, for an arena smaller
+  // than required_arena_size().
   Status Init() {
     if (created_ > 0) return Status::kBadConfig;
-    if (config_.num_segments != N) return Status::kBadConfig;
+    if (config_.num_segments != N || config_.segments == nullptr) {
+      return Status::kBadConfig;
+    }
+    Status status = CheckArena(config_, arena_, arena_size_);
+    for (int k = 0; k < N && status == Status::kOk; ++k) {
+      status = CheckModelData(config_.segments[k], k);
+    }
+    if (status != Status::kOk) return status;
     tflite::MicroAllocator* allocator =
         tflite::MicroAllocator::Create(arena_, arena_size_);
     if (allocator == nullptr) return Status::kAllocationFailed;
@@ -89,13 +105,15 @@ class TflmEarlyExit {
           new (storage_[k]) TflmSegment(config_.segments[k], resolver_, allocator);
       created_ = k + 1;
       segments_[k] = s;
-      const Status status = s->Allocate();
-      if (status != Status::kOk) return status;
+      const Status allocated = s->Allocate();
+      if (allocated != Status::kOk) return allocated;
     }
     return runner_.Init();
   }
 
   EarlyExitRunner& runner() { return runner_; }
+  // Arena bytes the model needs (kArenaSize of the generated config).
+  size_t required_arena_size() const { return config_.arena_size; }
   TflmSegment* segment(int k) {
     return std::launder(reinterpret_cast<TflmSegment*>(storage_[k]));
   }

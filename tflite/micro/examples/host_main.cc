@@ -1,10 +1,16 @@
 // Runs a generated model on the host through TFLite Micro: reads samples of
 // segment 1's input (raw bytes as the model takes them, e.g. int8 already
 // quantized) from a file and prints "label exit_index confidence" per sample,
-// then the per-exit counts. Build: `make host_main TFLM_DIR=... TFLM_LIB=...`.
+// then the per-exit counts. Build: `make host_main TFLM_DIR=... CONFIG_DIR=...`.
+//
+//   host_main SAMPLES_FILE [T1,T2,...]
+//
+// Thresholds given on the command line replace the config's (one per
+// non-final exit); they are set before Init, as firmware may do.
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 
 #include "earlyexit_config.h"
 #include "earlyexit_runner.h"
@@ -19,11 +25,24 @@ alignas(16) uint8_t g_arena[config::kArenaSize];
 alignas(16) uint8_t g_carry[config::kCarryBufferSize];
 alignas(16) uint8_t g_sample[config::kSegment1Inputs[0].bytes];
 
+// "0.5,0.25" -> {0.5f, 0.25f}; false unless exactly `count` numbers.
+bool ParseThresholds(const char* text, float* out, int count) {
+  for (int n = 0; n < count; ++n) {
+    char* end = nullptr;
+    out[n] = std::strtof(text, &end);
+    if (end == text || *end != (n + 1 < count ? ',' : '\0')) return false;
+    text = end + 1;
+  }
+  return count > 0 || *text == '\0';
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 2 || config::kSegments[0].num_inputs != 1) {
-    std::fprintf(stderr, "usage: %s SAMPLES_FILE (single-input models)\n", argv[0]);
+  static_assert(config::kSegments[0].num_inputs == 1,
+                "host_main reads single-input models");
+  if (argc != 2 && argc != 3) {
+    std::fprintf(stderr, "usage: %s SAMPLES_FILE [T1,T2,...]\n", argv[0]);
     return 2;
   }
   static tflite::MicroMutableOpResolver<config::kNumOps> resolver;
@@ -35,6 +54,19 @@ int main(int argc, char** argv) {
   static earlyexit::TflmEarlyExit<config::kNumSegments> model(
       config::kModel, resolver, g_arena, sizeof(g_arena), g_carry,
       sizeof(g_carry));
+  if (argc == 3) {
+    float thresholds[config::kNumSegments] = {};
+    const int count = config::kNumSegments - 1;
+    if (!ParseThresholds(argv[2], thresholds, count)) {
+      std::fprintf(stderr, "thresholds: give %d comma-separated numbers\n", count);
+      return 2;
+    }
+    const earlyexit::Status set = model.runner().SetThresholds(thresholds, count);
+    if (set != earlyexit::Status::kOk) {
+      std::fprintf(stderr, "thresholds: %s\n", earlyexit::StatusString(set));
+      return 2;
+    }
+  }
   const earlyexit::Status status = model.Init();
   if (status != earlyexit::Status::kOk) {
     std::fprintf(stderr, "init failed: %s\n", earlyexit::StatusString(status));

@@ -3,7 +3,13 @@
 // tests/test_micro_cpp.py to compare with manifest.json, and runs the
 // runner's routing over segments that are plain buffers sized from the
 // config (no TFLite Micro): a confidence at the quantized threshold exits.
+//
+//   config_check [THRESHOLDS_FILE]
+//
+// With a file of float32 thresholds, also prints QuantizeThreshold of each
+// at each int8 exit's confidence parameters ("quantized k index q").
 
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 
@@ -34,18 +40,20 @@ class BufferSegment : public earlyexit::Segment {
 
   void Setup(const earlyexit::SegmentConfig& s) {
     config_ = &s;
-    for (int i = 0; i < s.num_inputs; ++i) Add(in_, in_bytes_, s.inputs[i]);
-    Add(out_, out_bytes_, s.logits);
-    Add(out_, out_bytes_, s.confidence);
-    for (int j = 0; j < s.num_carry; ++j) Add(out_, out_bytes_, s.carry[j].source);
+    for (int i = 0; i < s.num_inputs; ++i) Add(in_, s.inputs[i]);
+    Add(out_, s.logits);
+    Add(out_, s.confidence);
+    for (int j = 0; j < s.num_carry; ++j) Add(out_, s.carry[j].source);
   }
-  void* input(int p) override { return Valid(p) ? in_[p] : nullptr; }
-  size_t input_bytes(int p) override { return Valid(p) ? in_bytes_[p] : 0; }
-  const void* output(int p) override { return Valid(p) ? out_[p] : nullptr; }
-  size_t output_bytes(int p) override { return Valid(p) ? out_bytes_[p] : 0; }
+  earlyexit::TensorDesc input(int p) override {
+    return Valid(p) ? in_[p] : earlyexit::TensorDesc();
+  }
+  earlyexit::TensorDesc output(int p) override {
+    return Valid(p) ? out_[p] : earlyexit::TensorDesc();
+  }
   bool Invoke() override {
-    std::memset(out_[config_->logits.position], 0, config_->logits.bytes);
-    *reinterpret_cast<int8_t*>(out_[config_->confidence.position]) = confidence;
+    std::memset(out_[config_->logits.position].data, 0, config_->logits.bytes);
+    *static_cast<int8_t*>(out_[config_->confidence.position].data) = confidence;
     ++invocations;
     return true;
   }
@@ -54,15 +62,12 @@ class BufferSegment : public earlyexit::Segment {
 
  private:
   static bool Valid(int p) { return p >= 0 && p < kMaxTensors; }
-  static void Add(uint8_t** buffers, size_t* sizes, const TensorConfig& t) {
-    buffers[t.position] = Take(t.bytes);
-    sizes[t.position] = t.bytes;
+  static void Add(earlyexit::TensorDesc* descs, const TensorConfig& t) {
+    descs[t.position] = {Take(t.bytes), t.bytes, t.dtype, t.scale, t.zero_point};
   }
   const earlyexit::SegmentConfig* config_ = nullptr;
-  uint8_t* in_[kMaxTensors] = {};
-  uint8_t* out_[kMaxTensors] = {};
-  size_t in_bytes_[kMaxTensors] = {};
-  size_t out_bytes_[kMaxTensors] = {};
+  earlyexit::TensorDesc in_[kMaxTensors];
+  earlyexit::TensorDesc out_[kMaxTensors];
 };
 
 void PrintTensor(const char* role, int k, const TensorConfig& t) {
@@ -75,7 +80,25 @@ void PrintTensor(const char* role, int k, const TensorConfig& t) {
 
 }  // namespace
 
-int main() {
+// QuantizeThreshold of each float32 in `path` at each int8 exit.
+bool PrintQuantizedThresholds(const char* path) {
+  std::FILE* f = std::fopen(path, "rb");
+  if (f == nullptr) return false;
+  float t;
+  for (int i = 0; std::fread(&t, sizeof(t), 1, f) == 1; ++i) {
+    for (int k = 0; k + 1 < config::kNumSegments; ++k) {
+      const TensorConfig& c = config::kSegments[k].confidence;
+      if (c.dtype != earlyexit::DType::kInt8) continue;
+      std::printf("quantized %d %d %d\n", k, i,
+                  static_cast<int>(earlyexit::QuantizeThreshold(t, c.scale, c.zero_point)));
+    }
+  }
+  std::fclose(f);
+  return true;
+}
+
+int main(int argc, char** argv) {
+  if (argc == 2 && !PrintQuantizedThresholds(argv[1])) return 2;
   std::printf("model %d %d %zu %zu %d\n", config::kNumSegments, config::kNumClasses,
               config::kArenaSize, config::kCarryBufferSize, config::kNumOps);
 #define PRINT_OP(name) std::printf("op %s\n", #name);
@@ -112,7 +135,7 @@ int main() {
   if (status != earlyexit::Status::kOk) return 1;
   const void* inputs[8] = {};
   for (int i = 0; i < config::kSegments[0].num_inputs; ++i) {
-    inputs[i] = segments[0].input(config::kSegments[0].inputs[i].position);
+    inputs[i] = segments[0].input(config::kSegments[0].inputs[i].position).data;
   }
   // For each exit k: confidences one below the threshold before k, at the
   // threshold at k; int8 bundles only (float confidences are not set here).

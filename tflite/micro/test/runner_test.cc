@@ -7,22 +7,9 @@
 #include <cstring>
 
 #include "earlyexit_runner.h"
+#include "test/check.h"
 
 namespace {
-
-int g_failures = 0;
-int g_checks = 0;
-
-#define CHECK(cond)                                                  \
-  do {                                                               \
-    ++g_checks;                                                      \
-    if (!(cond)) {                                                   \
-      ++g_failures;                                                  \
-      std::printf("%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-    }                                                                \
-  } while (0)
-
-#define CHECK_EQ(a, b) CHECK((a) == (b))
 
 using earlyexit::CarryConfig;
 using earlyexit::DType;
@@ -33,27 +20,26 @@ using earlyexit::Segment;
 using earlyexit::SegmentConfig;
 using earlyexit::Status;
 using earlyexit::TensorConfig;
+using earlyexit::TensorDesc;
 
 constexpr int kMaxTensors = 4;
 constexpr size_t kBufferBytes = 64;
 
-// A segment whose Invoke applies `fn` to plain byte buffers.
+// A segment whose Invoke applies `fn` to plain byte buffers. Its tensors
+// are those of a SegmentConfig (inputs; logits, confidence and carry
+// outputs) at their positions; a test may alter a description afterwards.
 class FakeSegment : public Segment {
  public:
   using Fn = bool (*)(FakeSegment&);
 
-  FakeSegment(Fn fn, const size_t* input_sizes, int num_inputs,
-              const size_t* output_sizes, int num_outputs)
-      : fn_(fn), num_inputs_(num_inputs), num_outputs_(num_outputs) {
-    for (int i = 0; i < num_inputs; ++i) input_sizes_[i] = input_sizes[i];
-    for (int i = 0; i < num_outputs; ++i) output_sizes_[i] = output_sizes[i];
+  FakeSegment(Fn fn, const SegmentConfig& config) : fn_(fn) {
+    for (int i = 0; i < config.num_inputs; ++i) Add(in_desc, in, config.inputs[i]);
+    Add(out_desc, out, config.logits);
+    Add(out_desc, out, config.confidence);
+    for (int j = 0; j < config.num_carry; ++j) Add(out_desc, out, config.carry[j].source);
   }
-  void* input(int p) override { return p < num_inputs_ ? in[p] : nullptr; }
-  size_t input_bytes(int p) override { return p < num_inputs_ ? input_sizes_[p] : 0; }
-  const void* output(int p) override { return p < num_outputs_ ? out[p] : nullptr; }
-  size_t output_bytes(int p) override {
-    return p < num_outputs_ ? output_sizes_[p] : 0;
-  }
+  TensorDesc input(int p) override { return Valid(p) ? in_desc[p] : TensorDesc(); }
+  TensorDesc output(int p) override { return Valid(p) ? out_desc[p] : TensorDesc(); }
   bool Invoke() override {
     ++invocations;
     return fn_(*this);
@@ -65,14 +51,17 @@ class FakeSegment : public Segment {
 
   alignas(16) uint8_t in[kMaxTensors][kBufferBytes] = {};
   alignas(16) uint8_t out[kMaxTensors][kBufferBytes] = {};
+  TensorDesc in_desc[kMaxTensors];
+  TensorDesc out_desc[kMaxTensors];
   int invocations = 0;
 
  private:
+  static bool Valid(int p) { return p >= 0 && p < kMaxTensors; }
+  static void Add(TensorDesc* descs, uint8_t (*buffers)[kBufferBytes],
+                  const TensorConfig& t) {
+    descs[t.position] = {buffers[t.position], t.bytes, t.dtype, t.scale, t.zero_point};
+  }
   Fn fn_;
-  int num_inputs_;
-  int num_outputs_;
-  size_t input_sizes_[kMaxTensors] = {};
-  size_t output_sizes_[kMaxTensors] = {};
 };
 
 int8_t Saturate(int v) { return static_cast<int8_t>(v < -128 ? -128 : v > 127 ? 127 : v); }
@@ -127,20 +116,17 @@ constexpr SegmentConfig kSegments[] = {
     {"final", nullptr, 0, kIn3, 1, Int8(1, 3), Int8(0, 1, kConfScale, -128),
      nullptr, 0, 0.0f, -128, 30},
 };
-constexpr ModelConfig kModel = {kSegments, 3, 3, 0, 16};
-
-constexpr size_t kIn4[] = {4};
-constexpr size_t kOut1[] = {3, 1, 4};
-constexpr size_t kOut2[] = {4, 3, 1};
-constexpr size_t kOut3[] = {1, 3};
+constexpr ModelConfig kModel = {kSegments, 3, 3, 1024, 16};
 
 struct Int8Fixture {
-  FakeSegment s1{Segment1, kIn4, 1, kOut1, 3};
-  FakeSegment s2{Segment2, kIn4, 1, kOut2, 3};
-  FakeSegment s3{Segment3, kIn4, 1, kOut3, 2};
+  explicit Int8Fixture(const ModelConfig& model = kModel)
+      : runner{model, segments, carry, sizeof(carry)} {}
+  FakeSegment s1{Segment1, kSegments[0]};
+  FakeSegment s2{Segment2, kSegments[1]};
+  FakeSegment s3{Segment3, kSegments[2]};
   Segment* segments[3] = {&s1, &s2, &s3};
   alignas(16) uint8_t carry[16] = {};
-  EarlyExitRunner runner{kModel, segments, carry, sizeof(carry)};
+  EarlyExitRunner runner;
 };
 
 Result RunOrFail(EarlyExitRunner& runner, const int8_t* x) {
@@ -191,8 +177,9 @@ void TestCarryReachesLaterSegments() {
 void TestThresholdOfOneSendsEverySampleToTheFinalExit() {
   Int8Fixture f;
   CHECK_EQ(f.runner.Init(), Status::kOk);
-  const float never[2] = {1.0f, 1.0f};  // (127 + 128) / 256 < 1: quantized 128
+  const float never[2] = {1.0f, 1.0f};  // quantized 128: above every int8
   CHECK_EQ(f.runner.SetThresholds(never, 2), Status::kOk);
+  CHECK_EQ(f.runner.threshold_quantized(0), 128);
   const int8_t x[4] = {1, 2, 3, 127};
   CHECK_EQ(RunOrFail(f.runner, x).exit_index, 2);
   const float zero[2] = {0.0f, 0.0f};  // every int8 confidence reaches 0
@@ -201,31 +188,72 @@ void TestThresholdOfOneSendsEverySampleToTheFinalExit() {
   CHECK_EQ(RunOrFail(f.runner, low).exit_index, 0);
   const float bad[2] = {0.5f, 1.5f};
   CHECK_EQ(f.runner.SetThresholds(bad, 2), Status::kBadThreshold);
+  const float nan[2] = {0.5f, std::nanf("")};
+  CHECK_EQ(f.runner.SetThresholds(nan, 2), Status::kBadThreshold);
   CHECK_EQ(f.runner.SetThresholds(zero, 1), Status::kBadThreshold);
+  CHECK_EQ(f.runner.SetThresholds(nullptr, 2), Status::kBadThreshold);
 }
 
-void TestQuantizeThresholdMatchesPython() {
-  // Values from keras_earlyexit.export.manifest.quantize_threshold.
+void TestSetThresholdsBeforeInitIsKept() {
+  Int8Fixture f;
+  const float never[2] = {1.0f, 1.0f};
+  CHECK_EQ(f.runner.SetThresholds(never, 2), Status::kOk);
+  CHECK_EQ(f.runner.Init(), Status::kOk);
+  CHECK(f.runner.threshold(0) == 1.0f);
+  CHECK_EQ(f.runner.threshold_quantized(1), 128);
+  const int8_t confident[4] = {1, 2, 3, 127};  // would leave at 0.5
+  CHECK_EQ(RunOrFail(f.runner, confident).exit_index, 2);
+  // Without SetThresholds, Init takes the config's quantized thresholds.
+  Int8Fixture g;
+  CHECK_EQ(g.runner.Init(), Status::kOk);
+  CHECK_EQ(g.runner.threshold_quantized(0), 0);
+  CHECK_EQ(RunOrFail(g.runner, confident).exit_index, 0);
+}
+
+void TestQuantizeThresholdIsTheFloat32Scan() {
+  // Values from keras_earlyexit.runtime.manifest.quantize_threshold.
   CHECK_EQ(earlyexit::QuantizeThreshold(0.5f, 1.0f / 256, -128), 0);
   CHECK_EQ(earlyexit::QuantizeThreshold(0.3f, 1.0f / 255, -128), -51);
   CHECK_EQ(earlyexit::QuantizeThreshold(1.0f, 1.0f / 256, -128), 128);
   CHECK_EQ(earlyexit::QuantizeThreshold(0.9f, 0.0005154499085620046f, -128), 128);
   CHECK_EQ(earlyexit::QuantizeThreshold(0.0f, 1.0f / 256, -128), -128);
+  CHECK_EQ(earlyexit::QuantizeThreshold(0.7f, 0.5f, 3), 5);
+  // On a float32 level, where a double computation rounds the other way:
+  // (-125 + 128) * float32(1/255) rounds to exactly this threshold.
+  CHECK_EQ(earlyexit::QuantizeThreshold(0.011764707043766975f, 0.003921568859368563f,
+                                        -128),
+           -125);
+  // The smallest positive float is above level -128 (= 0.0).
+  CHECK_EQ(earlyexit::QuantizeThreshold(1.401298464324817e-45f, 1.0f / 256, -128),
+           -127);
+  CHECK_EQ(earlyexit::QuantizeThreshold(std::nanf(""), 1.0f / 256, -128), 128);
 }
 
 void TestQuantizeRoundsHalfAwayFromZero() {
   const float x[6] = {0.25f, -0.25f, 0.75f, 100.0f, -100.0f, 0.0f};
   int8_t q[6];
-  earlyexit::Quantize(x, q, 6, 0.5f, 3);
+  CHECK_EQ(earlyexit::Quantize(x, q, 6, 0.5f, 3), Status::kOk);
   const int8_t expected[6] = {4, 2, 5, 127, -128, 3};  // 0.5 -> 1, -0.5 -> -1
   CHECK(std::memcmp(q, expected, 6) == 0);
+}
+
+void TestQuantizeRefusesNonFiniteValues() {
+  const float nan[3] = {0.25f, std::nanf(""), 0.5f};
+  const float inf[2] = {HUGE_VALF, 0.0f};
+  int8_t q[3] = {55, 55, 55};
+  CHECK_EQ(earlyexit::Quantize(nan, q, 3, 0.5f, 0), Status::kNonFiniteInput);
+  CHECK_EQ(earlyexit::Quantize(inf, q, 2, 0.5f, 0), Status::kNonFiniteInput);
+  CHECK(q[0] == 55 && q[1] == 55 && q[2] == 55);  // nothing half-written
+  CHECK_EQ(earlyexit::Quantize(nan, q, 1, 0.0f, 0), Status::kBadInput);
+  CHECK_EQ(earlyexit::Quantize(nan, q, 1, std::nanf(""), 0), Status::kBadInput);
+  CHECK_EQ(earlyexit::Quantize(nan, q, 1, 0.5f, 128), Status::kBadInput);
 }
 
 // --- Requantized carry, and two carry tensors ----------------------------
 //   segment 1: outputs a = x (pos 0, 6 bytes, scale 0.5), b = x[0..4] (pos 3,
 //   5 bytes, scale 1.0), logits (pos 1), conf (pos 2) = x[5].
-//   segment 2 takes b at input 0 (scale 1.0, requantized from... none) and
-//   a at input 1 with scale 0.25, zero point -10: requantized.
+//   segment 2 takes b at input 0 (same parameters: copied) and a at input 1
+//   with scale 0.25, zero point -10 (requantized).
 bool TwoCarrySegment1(FakeSegment& s) {
   std::memcpy(s.out[0], s.in[0], 6);
   std::memcpy(s.out[3], s.in[0], 5);
@@ -233,7 +261,7 @@ bool TwoCarrySegment1(FakeSegment& s) {
   s.out8(2)[0] = s.in8(0)[5];
   return true;
 }
-bool TwoCarrySegment2(FakeSegment& s) {
+bool TwoInputSegment(FakeSegment& s) {
   s.out8(0)[0] = 127;  // confidence
   for (int i = 0; i < 3; ++i) s.out8(1)[i] = s.in8(1)[i];
   return true;
@@ -251,12 +279,11 @@ constexpr SegmentConfig kTwoSegments[] = {
     {"final", nullptr, 0, kTwoIn2, 2, Int8(1, 3), Int8(0, 1, kConfScale, -128),
      nullptr, 0, 0.0f, -128, 1},
 };
-constexpr ModelConfig kTwoModel = {kTwoSegments, 2, 3, 0, 32};
+constexpr ModelConfig kTwoModel = {kTwoSegments, 2, 3, 1024, 32};
 
 void TestRequantizedAndAlignedCarries() {
-  const size_t in1[] = {6}, out1[] = {6, 3, 1, 5}, in2[] = {5, 6}, out2[] = {1, 3};
-  FakeSegment s1{TwoCarrySegment1, in1, 1, out1, 4};
-  FakeSegment s2{TwoCarrySegment2, in2, 2, out2, 2};
+  FakeSegment s1{TwoCarrySegment1, kTwoSegments[0]};
+  FakeSegment s2{TwoInputSegment, kTwoSegments[1]};
   Segment* segments[2] = {&s1, &s2};
   alignas(16) uint8_t carry[32];
   EarlyExitRunner runner{kTwoModel, segments, carry, sizeof(carry)};
@@ -273,6 +300,32 @@ void TestRequantizedAndAlignedCarries() {
   // A carry buffer below the two aligned tensors (16 + 16 bytes) is refused.
   EarlyExitRunner small{kTwoModel, segments, carry, 31};
   CHECK_EQ(small.Init(), Status::kCarryBufferTooSmall);
+}
+
+// --- A model whose first segment takes two inputs ------------------------
+constexpr SegmentConfig kTwoInputSegments[] = {
+    {"final", nullptr, 0, kTwoIn2, 2, Int8(1, 3), Int8(0, 1, kConfScale, -128),
+     nullptr, 0, 0.0f, -128, 1},
+};
+constexpr ModelConfig kTwoInputModel = {kTwoInputSegments, 1, 3, 1024, 16};
+
+void TestSingleInputRunOnATwoInputModelIsRefused() {
+  FakeSegment s{TwoInputSegment, kTwoInputSegments[0]};
+  Segment* segments[1] = {&s};
+  EarlyExitRunner runner{kTwoInputModel, segments, nullptr, 0};
+  CHECK_EQ(runner.Init(), Status::kOk);
+  const int8_t b[5] = {};
+  const int8_t a[6] = {1, 9, 2, 0, 0, 0};
+  Result r = {};
+  CHECK_EQ(runner.Run(static_cast<const void*>(a), &r), Status::kBadInput);
+  CHECK_EQ(s.invocations, 0);
+  const void* both[2] = {b, a};
+  CHECK_EQ(runner.Run(both, &r), Status::kOk);
+  CHECK_EQ(r.label, 1);
+  const void* missing[2] = {b, nullptr};
+  CHECK_EQ(runner.Run(missing, &r), Status::kBadInput);
+  CHECK_EQ(runner.Run(both, nullptr), Status::kBadInput);
+  CHECK_EQ(runner.Run(static_cast<const void* const*>(nullptr), &r), Status::kBadInput);
 }
 
 // --- Float32 bundle: float confidences compared with float thresholds ----
@@ -302,12 +355,11 @@ constexpr SegmentConfig kFloatSegments[] = {
     {"final", nullptr, 0, kFloatIn, 1, Float(1, 2), Float(0, 1), nullptr, 0, 0.0f, 0,
      1},
 };
-constexpr ModelConfig kFloatModel = {kFloatSegments, 2, 2, 0, 16};
+constexpr ModelConfig kFloatModel = {kFloatSegments, 2, 2, 1024, 16};
 
 void TestFloatBundle() {
-  const size_t in[] = {8}, out1[] = {4, 8, 8}, out2[] = {4, 8};
-  FakeSegment s1{FloatSegment1, in, 1, out1, 3};
-  FakeSegment s2{FloatSegment2, in, 1, out2, 2};
+  FakeSegment s1{FloatSegment1, kFloatSegments[0]};
+  FakeSegment s2{FloatSegment2, kFloatSegments[1]};
   Segment* segments[2] = {&s1, &s2};
   alignas(16) uint8_t carry[16];
   EarlyExitRunner runner{kFloatModel, segments, carry, sizeof(carry)};
@@ -323,6 +375,126 @@ void TestFloatBundle() {
   CHECK_EQ(r.exit_index, 1);
   CHECK_EQ(r.label, 0);
   CHECK(r.confidence == 0.25f);  // carried x[1]
+  // A saturated softmax reaches exactly 1.0; a threshold of 1.0 still
+  // sends the sample on.
+  const float never[1] = {1.0f};
+  CHECK_EQ(runner.SetThresholds(never, 1), Status::kOk);
+  const float saturated[2] = {1.0f, 0.5f};
+  CHECK_EQ(runner.Run(saturated, &r), Status::kOk);
+  CHECK_EQ(r.exit_index, 1);
+  // NaN or infinite inputs are refused before any segment runs.
+  const int before = s1.invocations;
+  const float nan[2] = {0.5f, std::nanf("")};
+  const float inf[2] = {-HUGE_VALF, 0.5f};
+  CHECK_EQ(runner.Run(nan, &r), Status::kNonFiniteInput);
+  CHECK_EQ(runner.Run(inf, &r), Status::kNonFiniteInput);
+  CHECK_EQ(s1.invocations, before);
+}
+
+// --- Init: the config against itself and against the segments ----------
+void TestInitChecksEachTensorsTypeAndQuantization() {
+  {
+    Int8Fixture f;
+    f.s1.in_desc[0].scale = 0.25f;  // input
+    CHECK_EQ(f.runner.Init(), Status::kTensorMismatch);
+  }
+  {
+    Int8Fixture f;
+    f.s1.in_desc[0].zero_point = 1;
+    CHECK_EQ(f.runner.Init(), Status::kTensorMismatch);
+  }
+  {
+    Int8Fixture f;
+    f.s1.out_desc[0].dtype = DType::kOther;  // logits
+    CHECK_EQ(f.runner.Init(), Status::kTensorMismatch);
+  }
+  {
+    Int8Fixture f;
+    f.s2.out_desc[2].scale = 1.0f / 255.0f;  // confidence
+    CHECK_EQ(f.runner.Init(), Status::kTensorMismatch);
+  }
+  {
+    Int8Fixture f;
+    f.s1.out_desc[2].zero_point = 3;  // carry source
+    CHECK_EQ(f.runner.Init(), Status::kTensorMismatch);
+  }
+  {
+    Int8Fixture f;
+    f.s3.in_desc[0].bytes = 5;  // carry target
+    CHECK_EQ(f.runner.Init(), Status::kTensorMismatch);
+  }
+  {
+    // Within float rounding of the config's 9 digits: the same scale.
+    Int8Fixture f;
+    f.s1.in_desc[0].scale = 0.5f * (1.0f + 1e-7f);
+    CHECK_EQ(f.runner.Init(), Status::kOk);
+  }
+}
+
+void TestCarryTargetsAreChecked() {
+  // Segment 2's input and the carry to it at position 3, which segment 2
+  // does not have: refused at Init instead of copied to a null pointer.
+  const TensorConfig in2[] = {Int8(3, 4)};
+  const CarryConfig carry1[] = {{Int8(2, 4), Int8(3, 4), false}};
+  SegmentConfig segments[3] = {kSegments[0], kSegments[1], kSegments[2]};
+  segments[0].carry = carry1;
+  segments[1].inputs = in2;
+  const ModelConfig model = {segments, 3, 3, 1024, 16};
+  Int8Fixture f(model);
+  CHECK_EQ(f.runner.Init(), Status::kTensorMismatch);
+  Result r = {};
+  const int8_t x[4] = {0, 0, 0, -1};
+  CHECK_EQ(f.runner.Run(x, &r), Status::kBadConfig);  // not initialized
+  // A carry to an input that segment 2's config does not list.
+  SegmentConfig unlisted[3] = {kSegments[0], kSegments[1], kSegments[2]};
+  unlisted[0].carry = carry1;
+  const ModelConfig unlisted_model = {unlisted, 3, 3, 1024, 16};
+  Int8Fixture g(unlisted_model);
+  CHECK_EQ(g.runner.Init(), Status::kBadConfig);
+}
+
+void TestConfigChecks() {
+  const auto init = [](const SegmentConfig& first) {
+    const SegmentConfig segments[3] = {first, kSegments[1], kSegments[2]};
+    const ModelConfig model = {segments, 3, 3, 1024, 16};
+    Int8Fixture f(model);
+    return f.runner.Init();
+  };
+  // Rank is checked before dims are read (rank 1000 would read past dims).
+  TensorConfig inputs[1] = {Int8(0, 4)};
+  inputs[0].rank = 1000;
+  SegmentConfig s = kSegments[0];
+  s.inputs = inputs;
+  CHECK_EQ(init(s), Status::kBadConfig);
+  inputs[0] = Int8(0, 4);
+  inputs[0].rank = -1;
+  CHECK_EQ(init(s), Status::kBadConfig);
+  inputs[0] = Int8(0, 4);
+  inputs[0].dims[1] = -4;
+  CHECK_EQ(init(s), Status::kBadConfig);
+  inputs[0] = Int8(0, 4);
+  inputs[0].zero_point = 300;
+  CHECK_EQ(init(s), Status::kBadConfig);
+  inputs[0] = Int8(0, 4);
+  inputs[0].scale = std::nanf("");
+  CHECK_EQ(init(s), Status::kBadConfig);
+  inputs[0] = Int8(0, 4);
+  CHECK_EQ(init(s), Status::kOk);
+  // Quantized thresholds: in [-128, 128], and 128 for a threshold of 1.0.
+  s = kSegments[0];
+  s.threshold_quantized = 200;
+  CHECK_EQ(init(s), Status::kBadConfig);
+  s.threshold = 1.0f;
+  s.threshold_quantized = 127;
+  CHECK_EQ(init(s), Status::kBadConfig);
+  s.threshold_quantized = 128;
+  CHECK_EQ(init(s), Status::kOk);
+  s.threshold = std::nanf("");
+  CHECK_EQ(init(s), Status::kBadConfig);
+  // Logits must hold num_classes values.
+  s = kSegments[0];
+  s.logits = Int8(0, 2);
+  CHECK_EQ(init(s), Status::kBadConfig);
 }
 
 // --- Errors ---------------------------------------------------------------
@@ -334,25 +506,14 @@ void TestErrors() {
     CHECK_EQ(f.runner.Run(x, &r), Status::kBadConfig);  // Init not called
   }
   {
-    // The model data does not match the config: an input of 5 bytes.
-    const size_t wrong[] = {5};
-    FakeSegment s1{Segment1, wrong, 1, kOut1, 3};
-    FakeSegment s2{Segment2, kIn4, 1, kOut2, 3};
-    FakeSegment s3{Segment3, kIn4, 1, kOut3, 2};
-    Segment* segments[3] = {&s1, &s2, &s3};
-    alignas(16) uint8_t carry[16];
-    EarlyExitRunner runner{kModel, segments, carry, sizeof(carry)};
-    CHECK_EQ(runner.Init(), Status::kTensorMismatch);
-  }
-  {
     Int8Fixture f;
     EarlyExitRunner runner{kModel, f.segments, f.carry, 8};
     CHECK_EQ(runner.Init(), Status::kCarryBufferTooSmall);
   }
   {
-    FakeSegment s1{Segment1, kIn4, 1, kOut1, 3};
-    FakeSegment s2{Fails, kIn4, 1, kOut2, 3};
-    FakeSegment s3{Segment3, kIn4, 1, kOut3, 2};
+    FakeSegment s1{Segment1, kSegments[0]};
+    FakeSegment s2{Fails, kSegments[1]};
+    FakeSegment s3{Segment3, kSegments[2]};
     Segment* segments[3] = {&s1, &s2, &s3};
     alignas(16) uint8_t carry[16];
     EarlyExitRunner runner{kModel, segments, carry, sizeof(carry)};
@@ -363,12 +524,23 @@ void TestErrors() {
     CHECK_EQ(s3.invocations, 0);
   }
   {
-    const ModelConfig empty = {kSegments, 0, 3, 0, 16};
+    const ModelConfig empty = {kSegments, 0, 3, 1024, 16};
     Int8Fixture f;
     EarlyExitRunner runner{empty, f.segments, f.carry, sizeof(f.carry)};
     CHECK_EQ(runner.Init(), Status::kBadConfig);
+    const float t[1] = {0.5f};
+    CHECK_EQ(runner.SetThresholds(t, -1), Status::kBadConfig);
   }
-  CHECK(std::strlen(earlyexit::StatusString(Status::kTensorMismatch)) > 10);
+  {
+    Int8Fixture f;
+    Segment* missing[3] = {&f.s1, nullptr, &f.s3};
+    EarlyExitRunner runner{kModel, missing, f.carry, sizeof(f.carry)};
+    CHECK_EQ(runner.Init(), Status::kBadConfig);
+  }
+  for (int s = 0; s <= static_cast<int>(Status::kNonFiniteInput); ++s) {
+    CHECK(std::strcmp(earlyexit::StatusString(static_cast<Status>(s)),
+                      "unknown status") != 0);
+  }
 }
 
 }  // namespace
@@ -377,15 +549,16 @@ int main() {
   TestExitsAtFirstConfidentSegment();
   TestCarryReachesLaterSegments();
   TestThresholdOfOneSendsEverySampleToTheFinalExit();
-  TestQuantizeThresholdMatchesPython();
+  TestSetThresholdsBeforeInitIsKept();
+  TestQuantizeThresholdIsTheFloat32Scan();
   TestQuantizeRoundsHalfAwayFromZero();
+  TestQuantizeRefusesNonFiniteValues();
   TestRequantizedAndAlignedCarries();
+  TestSingleInputRunOnATwoInputModelIsRefused();
   TestFloatBundle();
+  TestInitChecksEachTensorsTypeAndQuantization();
+  TestCarryTargetsAreChecked();
+  TestConfigChecks();
   TestErrors();
-  if (g_failures != 0) {
-    std::printf("runner_test: %d of %d checks FAILED\n", g_failures, g_checks);
-    return 1;
-  }
-  std::printf("runner_test: all %d checks passed\n", g_checks);
-  return 0;
+  return earlyexit_test::Summary("runner_test");
 }
