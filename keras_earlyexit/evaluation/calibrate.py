@@ -108,6 +108,7 @@ def calibrate(
     apply: bool = False,
     batch_size: int = 256,
     verbose: int = 0,
+    reference_model=None,
 ) -> CalibrationResult:
     """Per-exit thresholds for one target, found on validation data.
 
@@ -146,7 +147,12 @@ def calibrate(
     `delta`; Angelopoulos et al., 2021).
 
     Args:
-        model: an `EarlyExitModel` (its gates' criterion is used).
+        model: an `EarlyExitModel` (its gates' criterion is used), or an
+            exported artifact: a `kee.runtime.GatedInterpreter` /
+            `FusedInterpreter`, or the path of a bundle or fused `.tflite`
+            file. An artifact is calibrated on the confidences its runtime
+            produces, on the int8 grid for int8 models, with the same search
+            and guard (`evaluation.artifact`).
         x_val: validation input array(s), not used for training.
         y_val: labels, int `(n,)` or one-hot `(n, num_classes)`.
         max_accuracy_drop: target in [0, 1).
@@ -166,6 +172,9 @@ def calibrate(
         apply: also set the thresholds (and temperatures) on `model`.
         batch_size: batch size of `model.predict`.
         verbose: 1 shows progress.
+        reference_model: for an artifact only, the float `EarlyExitModel`
+            it was exported from: the result then reports how often both
+            take the same exit and class.
 
     Returns:
         `CalibrationResult` with `.thresholds`, `.expected_accuracy`,
@@ -206,6 +215,35 @@ def calibrate(
         raise ValueError(
             f"search_fraction must be in (0, 1). Received: {search_fraction}"
         )
+    from keras_earlyexit.evaluation import artifact
+
+    search = dict(
+        delta=delta,
+        guard=guard,
+        risk_bound=risk_bound,
+        search_fraction=search_fraction,
+        num_candidates=num_candidates,
+        seed=seed,
+    )
+    if artifact.is_artifact(model):
+        return artifact.calibrate_artifact(
+            model,
+            x_val,
+            y_val,
+            target,
+            value,
+            reference_model=reference_model,
+            temperature_scaling=temperature_scaling,
+            apply=apply,
+            verbose=verbose,
+            **search,
+        )
+    if reference_model is not None:
+        raise ValueError(
+            "reference_model is for calibrating an exported artifact (a "
+            "GatedInterpreter or a bundle / fused file path); a Keras model "
+            "is its own reference."
+        )
     _data.check_model(model)
     n = _data.num_samples(model, x_val)
     if n < _MIN_SAMPLES:
@@ -214,6 +252,33 @@ def calibrate(
             f"fewer than {_MIN_SAMPLES} mean nothing. Use a few hundred or more."
         )
     data = _data.exit_outputs(model, x_val, y_val, batch_size, verbose)
+    temperatures_of = model if temperature_scaling else None
+    result = calibrate_outputs(data, target, value, temperatures_of, verbose, **search)
+    if apply:
+        result.apply(model)
+    return result
+
+
+def calibrate_outputs(
+    data: "_data.ExitOutputs",
+    target: str,
+    value: float,
+    temperatures_of=None,
+    verbose: int = 0,
+    delta: float = 0.1,
+    guard: bool = True,
+    risk_bound: str = "binomial",
+    search_fraction: float = 0.5,
+    num_candidates: int = 256,
+    seed: int = 0,
+) -> CalibrationResult:
+    """The search and guard of `calibrate` on every exit's outputs, from a
+    Keras model or an exported artifact (arguments checked by `calibrate`).
+
+    `temperatures_of` is the model whose gates' criterion fitted
+    temperatures go through (None: no temperature scaling).
+    """
+    n = len(data.labels)
     z = statistics.NormalDist().inv_cdf(1.0 - delta) if guard else 0.0
     search = data
     if target == "risk":
@@ -226,14 +291,14 @@ def calibrate(
             )
         search, test = data.subset(rows[:cut]), data.subset(rows[cut:])
     temperatures = None
-    if temperature_scaling:
+    if temperatures_of is not None:
         temperatures = [
             fit_temperature(logits, search.labels) for logits in search.logits
         ]
-        data = data.with_temperatures(model, temperatures)
-        search = search.with_temperatures(model, temperatures)
+        data = data.with_temperatures(temperatures_of, temperatures)
+        search = search.with_temperatures(temperatures_of, temperatures)
         if target == "risk":
-            test = test.with_temperatures(model, temperatures)
+            test = test.with_temperatures(temperatures_of, temperatures)
     full = float(data.cumulative_macs[-1])
     candidates = _candidates(search.confidences, num_candidates)
     final_accuracy = float(data.correct[:, -1].mean())
@@ -287,8 +352,6 @@ def calibrate(
         shared_macs=shared_macs,
         num_samples=n,
     )
-    if apply:
-        result.apply(model)
     return result
 
 

@@ -1,0 +1,331 @@
+"""Calibrating the exported artifact: every exit's outputs as the deployed
+interpreter computes them, searched with `calibrate`'s own guarded search.
+
+`kee.calibrate(interpreter_or_path, x_val, y_val, ...)` comes here for a
+`kee.runtime.GatedInterpreter`, a `FusedInterpreter`, or the path of a bundle
+directory or fused `.tflite` file. The confidences are the ones the int8
+(or float16 / dynamic / float32) model produces on its runtime, so the
+thresholds are chosen on the values the device compares, not on Keras's
+float confidences.
+
+How every exit's outputs are read: the interpreter runs once per exit k
+with thresholds that force every sample out at exit k (1.0 before it, 0.0
+at it; all 1.0 for the final exit). That is the only way into a fused file,
+whose segments live inside one graph, and it reads exactly what deployment
+computes (the int8 comparison, the argmax, the carries) through the public
+`set_thresholds` and `predict`. It costs `E (E + 1) / 2` segment invokes
+per sample for `E` exits, against `E` for reading each segment of a bundle
+in one pass: 6 against 3 on a 3-exit model, under a second for hundreds of
+digits. The interpreter's thresholds and `stats` are restored afterwards.
+
+Int8 confidences take the values `(q - zero_point) * scale` only, so any
+threshold between two of them decides as the upper one: the thresholds found
+are moved onto that grid (same decisions on every sample, same bounds), and
+`quantized_thresholds` gives the integers the device compares with.
+"""
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from keras_earlyexit.evaluation import _data
+from keras_earlyexit.evaluation.calibrate import (
+    _MIN_SAMPLES,
+    CalibrationResult,
+    calibrate_outputs,
+)
+from keras_earlyexit.inference import select_exits
+from keras_earlyexit.labels import check_labels
+from keras_earlyexit.runtime.fused import FusedInterpreter
+from keras_earlyexit.runtime.gated import GatedInterpreter, prepare_inputs
+from keras_earlyexit.runtime.manifest import (
+    NEVER_QUANTIZED,
+    BundleError,
+    quantize_threshold,
+)
+
+INTERPRETERS = (GatedInterpreter, FusedInterpreter)
+
+
+@dataclass
+class ArtifactCalibrationResult(CalibrationResult):
+    """`CalibrationResult` of an exported artifact (bundle or fused file).
+
+    Attributes (beyond `CalibrationResult`'s):
+        artifact: the bundle directory or fused file calibrated.
+        quantization: the artifact's mode (`"int8"`, `"float16"`, ...).
+        quantized_thresholds: for int8 artifacts, the integer each gate
+            compares its int8 confidence with (128: no sample leaves);
+            None for float artifacts.
+        exit_agreement: with `reference_model`, the share of validation
+            samples that leave at the same exit in the artifact and in the
+            float model, both gated by `thresholds` (else None).
+        class_agreement: the same for the predicted class.
+        reference_accuracy: the float model's gated accuracy with
+            `thresholds` on the validation data.
+        exit_class_agreement: per exit, the share of samples whose class
+            the artifact's exit predicts as the float model's does.
+    """
+
+    artifact: str = ""
+    quantization: str = ""
+    quantized_thresholds: list[int] | None = None
+    exit_agreement: float | None = None
+    class_agreement: float | None = None
+    reference_accuracy: float | None = None
+    exit_class_agreement: list[float] | None = None
+
+    def apply(self, target):
+        """Writes the thresholds into a bundle or fused file (a path, through
+        `kee.export.set_thresholds`, atomically) or sets them on a
+        `GatedInterpreter` / `FusedInterpreter`. Returns `target`."""
+        if isinstance(target, INTERPRETERS):
+            target.set_thresholds(self.thresholds)
+        elif isinstance(target, (str, os.PathLike)):
+            from keras_earlyexit.export.thresholds import set_thresholds
+
+            set_thresholds(target, self.thresholds)
+        else:
+            raise TypeError(
+                "apply takes the path of a bundle or fused .tflite file, or a "
+                "kee.runtime.GatedInterpreter / FusedInterpreter; received "
+                f"{type(target).__name__}. These thresholds were found on the "
+                "artifact's confidences: set them on a Keras model with "
+                "model.set_thresholds(result.thresholds) only knowingly."
+            )
+        return target
+
+    def __str__(self) -> str:
+        lines = [
+            super().__str__(),
+            f"  artifact:          {self.artifact} ({self.quantization})",
+        ]
+        if self.quantized_thresholds is not None:
+            lines.append(
+                f"  int8 thresholds:   {self.quantized_thresholds} "
+                "(compared with the int8 confidence; 128: never)"
+            )
+        if self.exit_agreement is not None:
+            per_exit = ", ".join(f"{a:.1%}" for a in self.exit_class_agreement)
+            lines += [
+                f"  vs float model:    same exit {self.exit_agreement:.1%}, same "
+                f"class {self.class_agreement:.1%}, float gated accuracy "
+                f"{self.reference_accuracy:.4f}",
+                f"  class agreement per exit: {per_exit}",
+            ]
+        return "\n".join(lines)
+
+
+def is_artifact(model) -> bool:
+    """Whether `calibrate` should treat `model` as an exported artifact."""
+    return isinstance(model, (str, os.PathLike, *INTERPRETERS))
+
+
+def open_artifact(source):
+    """The interpreter of `source`: itself, or a LiteRT one for a path."""
+    if isinstance(source, INTERPRETERS):
+        return source
+    path = os.fspath(source)
+    if path.endswith((".keras", ".h5")):
+        raise ValueError(
+            f"{path!r} is a Keras model file; calibrate takes the model itself "
+            "(keras.saving.load_model(path)) or an exported bundle directory / "
+            "fused .tflite file."
+        )
+    if not os.path.exists(path):
+        raise BundleError(
+            f"{path!r} does not exist. Give a bundle directory or a fused "
+            ".tflite file written by kee.export.to_tflite, or a "
+            "kee.runtime.GatedInterpreter."
+        )
+    return GatedInterpreter(path)  # a FusedInterpreter for a file
+
+
+@dataclass
+class _ExitSpec:
+    """What calibration needs to know of one exit of an artifact."""
+
+    cumulative_macs: int
+    scale: float | None  # the int8 confidence's, None for float artifacts
+    zero_point: int | None
+
+
+def _describe(interpreter) -> tuple[str, list, list[_ExitSpec]]:
+    """`(path, input tensors, exits)` of a bundle or fused interpreter."""
+    manifest = interpreter.manifest
+    if isinstance(interpreter, FusedInterpreter):
+        exits = [
+            _ExitSpec(e.cumulative_macs, e.confidence_scale, e.confidence_zero_point)
+            for e in manifest.exits
+        ]
+        return interpreter.path, manifest.inputs, exits
+    exits = []
+    for s in manifest.segments:
+        c = s.output("confidence")
+        exits.append(_ExitSpec(s.cumulative_macs, c.scale, c.zero_point))
+    return interpreter.directory, manifest.segments[0].inputs, exits
+
+
+def on_grid(threshold: float, spec: _ExitSpec) -> float:
+    """The int8 confidence value a threshold decides as (float artifacts:
+    itself). 1.0 where no int8 confidence reaches it."""
+    if spec.scale is None:
+        return threshold
+    q = quantize_threshold(threshold, spec.scale, spec.zero_point)
+    if q == NEVER_QUANTIZED:
+        return 1.0
+    value = float(np.float32(q - spec.zero_point) * np.float32(spec.scale))
+    return value if value < 1.0 else threshold  # 1.0 would mean "never"
+
+
+def artifact_outputs(
+    interpreter, x, labels, exits, verbose=0
+) -> tuple[_data.ExitOutputs, np.ndarray]:
+    """Every exit's class and confidence on `x`, from the interpreter
+    itself (see the module docstring); thresholds and stats restored.
+
+    Returns:
+        `(ExitOutputs, classes)`: `classes` is `(n, exits)`, each exit's
+        predicted class (`ExitOutputs` keeps only their correctness).
+    """
+    num_exits = len(exits)
+    saved_thresholds, saved_stats = interpreter.thresholds, interpreter.stats
+    classes, confidences = [], []
+    try:
+        interpreter.reset_stats()
+        for k in range(num_exits):
+            forced = [1.0] * (num_exits - 1)
+            if k < num_exits - 1:
+                forced[k] = 0.0
+            interpreter.set_thresholds(forced)
+            result = interpreter.predict(x, verbose=verbose)
+            stray = int(np.sum(result.exit_indices != k))
+            if stray:
+                raise ValueError(
+                    f"{stray} sample(s) did not leave exit {k} at threshold 0: "
+                    "their confidence is below 0 or NaN, which a gate cannot "
+                    "produce. The artifact is damaged: export it again."
+                )
+            classes.append(result.classes)
+            confidences.append(result.confidences.astype(np.float32))
+    finally:
+        interpreter.set_thresholds(saved_thresholds)
+        interpreter.stats = saved_stats
+    predictions = np.stack(classes, axis=1)  # (n, E)
+    outputs = _data.ExitOutputs(
+        # The runtimes return classes, not logits: no temperature refit.
+        logits=np.zeros((num_exits, len(labels), 0), np.float32),
+        confidences=np.stack(confidences, axis=1),  # (n, E)
+        correct=predictions == labels[:, None],
+        agrees=predictions == predictions[:, -1:],
+        labels=labels,
+        cumulative_macs=np.array([e.cumulative_macs for e in exits], np.float64),
+    )
+    return outputs, predictions
+
+
+def calibrate_artifact(
+    source,
+    x_val,
+    y_val,
+    target: str,
+    value: float,
+    reference_model=None,
+    temperature_scaling: bool = False,
+    apply: bool = False,
+    verbose: int = 0,
+    **search,
+) -> ArtifactCalibrationResult:
+    """`kee.calibrate` on a bundle or fused file (the target already checked).
+
+    Args:
+        source: a `GatedInterpreter` / `FusedInterpreter`, or a path.
+        x_val, y_val: validation data, checked before anything runs.
+        target, value: the checked target of `calibrate`.
+        reference_model: optional float `EarlyExitModel` the artifact was
+            exported from, for the exit agreement.
+        temperature_scaling: must be False: the temperatures are part of
+            the exported gates.
+        apply: write the thresholds into `source` (see
+            `ArtifactCalibrationResult.apply`).
+        verbose: 1 shows progress.
+        **search: `delta`, `guard`, `risk_bound`, `search_fraction`,
+            `num_candidates` and `seed` of `calibrate`.
+
+    Returns:
+        `ArtifactCalibrationResult`.
+    """
+    if temperature_scaling:
+        raise ValueError(
+            "temperature_scaling=True cannot apply to an exported artifact: "
+            "its gates' temperatures are compiled into the .tflite models. "
+            "Calibrate temperatures on the Keras model "
+            "(kee.calibrate(model, ..., temperature_scaling=True, apply=True)), "
+            "export again, then calibrate the artifact's thresholds."
+        )
+    interpreter = open_artifact(source)
+    path, input_specs, exits = _describe(interpreter)
+    try:
+        arrays = prepare_inputs(x_val, input_specs)
+    except ValueError as e:
+        raise ValueError(f"x_val does not fit the artifact {path}: {e}") from None
+    n = len(arrays[0])
+    if n < _MIN_SAMPLES:
+        raise ValueError(
+            f"calibrate received {n} validation samples; thresholds fitted on "
+            f"fewer than {_MIN_SAMPLES} mean nothing. Use a few hundred or more."
+        )
+    labels = check_labels(y_val, n, interpreter.manifest.num_classes, "y_val")
+    if reference_model is not None:
+        _check_reference(reference_model, x_val, len(exits), interpreter.manifest)
+    data, predictions = artifact_outputs(interpreter, x_val, labels, exits, verbose)
+    base = calibrate_outputs(data, target, value, verbose=verbose, **search)
+    result = ArtifactCalibrationResult(
+        **{
+            **vars(base),
+            "thresholds": [on_grid(t, e) for t, e in zip(base.thresholds, exits)],
+        },
+        artifact=path,
+        quantization=interpreter.manifest.quantization,
+    )
+    if exits[0].scale is not None:
+        result.quantized_thresholds = [
+            quantize_threshold(t, e.scale, e.zero_point)
+            for t, e in zip(result.thresholds, exits)
+        ]
+    if reference_model is not None:
+        _agreement(result, data, predictions, reference_model, x_val, y_val)
+    if apply:
+        result.apply(source)
+    return result
+
+
+def _check_reference(model, x, num_exits: int, manifest) -> None:
+    """The float model must match the artifact's exits, classes and inputs."""
+    _data.check_model(model)
+    if model.num_exits != num_exits or model.num_classes != manifest.num_classes:
+        raise ValueError(
+            f"reference_model has {model.num_exits} exits and "
+            f"{model.num_classes} classes; the artifact has {num_exits} exits "
+            f"and {manifest.num_classes} classes. Pass the model it was "
+            "exported from."
+        )
+    _data.num_samples(model, x)  # checks x against the model's inputs
+
+
+def _agreement(result, data, predictions, model, x, y) -> None:
+    """Exit decisions and classes of the artifact against the float model,
+    both gated by the calibrated thresholds."""
+    reference = _data.exit_outputs(model, x, y, cumulative_macs=data.cumulative_macs)
+    rows = np.arange(len(data.labels))
+    exits = select_exits(data.confidences, result.thresholds)
+    float_exits = select_exits(reference.confidences, result.thresholds)
+    float_predictions = np.argmax(reference.logits, axis=-1).T  # (n, E)
+    gated = predictions[rows, exits]
+    float_gated = float_predictions[rows, float_exits]
+    result.exit_agreement = float(np.mean(exits == float_exits))
+    result.class_agreement = float(np.mean(gated == float_gated))
+    result.reference_accuracy = float(reference.correct[rows, float_exits].mean())
+    same = predictions == float_predictions  # (n, E)
+    result.exit_class_agreement = [float(a) for a in same.mean(axis=0)]
