@@ -1,0 +1,283 @@
+"""calibrate on the exported artifact: a bundle directory, a fused file or
+their interpreters. Thresholds lie on the int8 confidence grid, the
+simulation equals the real gated run, the accuracy-drop promise holds on
+the test split, apply writes the thresholds, bad input fails before any
+inference."""
+
+import os
+import shutil
+
+import keras
+import numpy as np
+import pytest
+
+import keras_earlyexit as kee
+from keras_earlyexit import demo
+from keras_earlyexit.export.fused import fuse, model_sha256
+from keras_earlyexit.runtime import GatedInterpreter
+from keras_earlyexit.runtime.fused import FusedInterpreter, read_fused_manifest
+from keras_earlyexit.runtime.manifest import (
+    BundleError,
+    quantize_threshold,
+    read_manifest,
+    read_segment,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model(digits) -> kee.EarlyExitModel:
+    """The demo CNN at width 8, trained briefly (8 epochs)."""
+    keras.utils.set_random_seed(0)
+    model = demo.digits_cnn(width=8)
+    model.compile(keras.optimizers.Adam(3e-3), kee.EarlyExitLoss(label_smoothing=0.0))
+    model.fit(digits.x_train, digits.y_train, epochs=8, batch_size=32, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def artifacts(model, digits, tmp_path_factory) -> dict:
+    """The int8 bundle and the fused file assembled from it (what
+    `to_tflite(..., fused=True)` does after converting the bundle)."""
+    root = tmp_path_factory.mktemp("artifact")
+    bundle = kee.export.to_tflite(
+        model, str(root / "bundle"), representative_data=digits.x_val, verbose=0
+    )
+    manifest = read_manifest(bundle)
+    fused = str(root / "digits.tflite")
+    with open(fused, "wb") as f:
+        segments = [read_segment(bundle, s) for s in manifest.segments]
+        f.write(fuse(manifest, segments, model_sha256(model)))
+    return {"bundle": bundle, "fused": fused}
+
+
+@pytest.fixture(scope="module")
+def calibrated(artifacts, model, digits) -> dict:
+    return {
+        kind: kee.calibrate(
+            path,
+            digits.x_val,
+            digits.y_val,
+            max_accuracy_drop=0.01,
+            reference_model=model,
+        )
+        for kind, path in artifacts.items()
+    }
+
+
+def _confidence_params(path) -> list[tuple[float, int]]:
+    """Per exit, the scale and zero point of its int8 confidence."""
+    interpreter = GatedInterpreter(path)
+    if isinstance(interpreter, FusedInterpreter):
+        params = [
+            (e.confidence_scale, e.confidence_zero_point)
+            for e in interpreter.manifest.exits
+        ]
+    else:
+        params = [
+            (s.output("confidence").scale, s.output("confidence").zero_point)
+            for s in interpreter.manifest.segments
+        ]
+    return params
+
+
+@pytest.mark.parametrize("kind", ["bundle", "fused"])
+def test_thresholds_lie_on_the_int8_grid(artifacts, calibrated, kind):
+    result = calibrated[kind]
+    assert result.quantization == "int8"
+    params = _confidence_params(artifacts[kind])
+    for t, q, (scale, zero_point) in zip(
+        result.thresholds, result.quantized_thresholds, params
+    ):
+        grid = (np.arange(-128, 128) - zero_point).astype(np.float32) * np.float32(
+            scale
+        )
+        assert t == 1.0 or np.float32(t) in grid
+        assert q == quantize_threshold(t, scale, zero_point)
+    # The thresholds let samples leave early: the search had room.
+    assert result.exit_shares[-1] < 0.9
+    assert "int8 thresholds" in str(result)
+
+
+@pytest.mark.parametrize("kind", ["bundle", "fused"])
+def test_expected_figures_are_what_the_interpreter_does(
+    artifacts, calibrated, digits, kind
+):
+    result = calibrated[kind]
+    gated = GatedInterpreter(artifacts[kind], thresholds=result.thresholds)
+    run = gated.predict(digits.x_val)
+    assert np.mean(run.classes == digits.y_val) == pytest.approx(
+        result.expected_accuracy, abs=1e-12
+    )
+    shares = np.bincount(run.exit_indices, minlength=3) / len(digits.y_val)
+    np.testing.assert_allclose(shares, result.exit_shares, atol=1e-12)
+    final = GatedInterpreter(artifacts[kind], thresholds=[1.0, 1.0])
+    final_accuracy = np.mean(final.predict(digits.x_val).classes == digits.y_val)
+    assert final_accuracy == pytest.approx(result.final_accuracy, abs=1e-12)
+
+
+def test_bundle_and_fused_file_calibrate_alike(calibrated):
+    bundle, fused = calibrated["bundle"], calibrated["fused"]
+    assert bundle.thresholds == fused.thresholds
+    assert bundle.quantized_thresholds == fused.quantized_thresholds
+    assert bundle.expected_macs == fused.expected_macs
+
+
+@pytest.mark.parametrize("kind", ["bundle", "fused"])
+def test_accuracy_drop_holds_on_the_test_split(artifacts, calibrated, digits, kind):
+    result = calibrated[kind]
+    assert result.bound <= 0.01
+    gated = GatedInterpreter(artifacts[kind], thresholds=result.thresholds)
+    final = GatedInterpreter(artifacts[kind], thresholds=[1.0, 1.0])
+    drop = np.mean(final.predict(digits.x_test).classes == digits.y_test) - np.mean(
+        gated.predict(digits.x_test).classes == digits.y_test
+    )
+    # Measured with this setup over 12 seeds (training and split, 0-11):
+    # test-split drop at most 0.0194, mean 0.0032, above 0.01 in 3 of 12.
+    # The bound holds for the population with probability 0.9; 360 test
+    # samples add their own noise (one sample = 0.28 pt).
+    assert drop <= 0.01 + 0.01
+    # It does save compute (measured: 24% to 70% of the full MACs).
+    assert result.expected_share < 0.75
+
+
+def test_agreement_with_the_float_model(calibrated, model, digits):
+    result = calibrated["bundle"]
+    keras_run = model.predict_early(digits.x_val, thresholds=result.thresholds)
+    assert result.reference_accuracy == pytest.approx(
+        np.mean(keras_run.classes == digits.y_val), abs=2 / len(digits.y_val)
+    )
+    # int8 moves some exit decisions; most stay (measured over 12 seeds:
+    # 0.978 to 1.0).
+    assert 0.9 <= result.exit_agreement <= 1.0
+    assert result.class_agreement >= 0.95
+    assert all(a >= 0.95 for a in result.exit_class_agreement)
+    assert "same exit" in str(result)
+
+
+def test_risk_target_on_an_artifact(artifacts, digits):
+    result = kee.calibrate(artifacts["bundle"], digits.x_val, digits.y_val, risk=0.05)
+    assert result.bound <= 0.05
+    assert result.exit_agreement is None  # no reference_model given
+    gated = GatedInterpreter(artifacts["bundle"], thresholds=result.thresholds)
+    final = GatedInterpreter(artifacts["bundle"], thresholds=[1.0, 1.0])
+    disagreement = np.mean(
+        gated.predict(digits.x_test).classes != final.predict(digits.x_test).classes
+    )
+    # Measured over 12 seeds: test disagreement 0 to 0.044, mean 0.019.
+    assert disagreement <= 0.05 + 0.01
+
+
+@pytest.mark.parametrize("kind", ["bundle", "fused"])
+def test_apply_writes_the_artifact(artifacts, calibrated, digits, tmp_path, kind):
+    result = calibrated[kind]
+    source = artifacts[kind]
+    copy = str(tmp_path / os.path.basename(source))
+    (shutil.copytree if kind == "bundle" else shutil.copy)(source, copy)
+    assert result.apply(copy) == copy
+    reloaded = GatedInterpreter(copy)
+    assert reloaded.thresholds == result.thresholds
+    if kind == "bundle":
+        gates = [s.gate for s in read_manifest(copy).segments[:-1]]
+    else:
+        with open(copy, "rb") as f:
+            gates = [e.gate for e in read_fused_manifest(f.read()).exits[:-1]]
+    assert [g.threshold_quantized for g in gates] == result.quantized_thresholds
+    run = reloaded.predict(digits.x_val)
+    assert np.mean(run.classes == digits.y_val) == pytest.approx(
+        result.expected_accuracy, abs=1e-12
+    )
+
+
+def test_apply_to_an_interpreter_and_its_state_is_kept(artifacts, digits):
+    interpreter = GatedInterpreter(artifacts["fused"], thresholds=[0.3, 0.4])
+    interpreter.predict(digits.x_test[:5])
+    result = kee.calibrate(
+        interpreter, digits.x_val, digits.y_val, max_accuracy_drop=0.02
+    )
+    # Calibrating runs do not count, and the thresholds come back.
+    assert interpreter.thresholds == [0.3, 0.4]
+    assert interpreter.stats.samples == 5
+    assert result.apply(interpreter) is interpreter
+    assert interpreter.thresholds == result.thresholds
+    with pytest.raises(TypeError, match="path of a bundle"):
+        result.apply(object())
+
+
+def test_apply_true_writes_the_path(artifacts, digits, tmp_path):
+    copy = str(tmp_path / "bundle")
+    shutil.copytree(artifacts["bundle"], copy)
+    result = kee.calibrate(
+        copy, digits.x_val, digits.y_val, max_accuracy_drop=0.02, apply=True
+    )
+    assert read_manifest(copy).thresholds == result.thresholds
+
+
+def test_float_artifact_keeps_float_thresholds(model, digits, tmp_path):
+    bundle = kee.export.to_tflite(
+        model, str(tmp_path / "f16"), quantization="float16", verbose=0
+    )
+    result = kee.calibrate(bundle, digits.x_val, digits.y_val, max_accuracy_drop=0.01)
+    assert result.quantization == "float16"
+    assert result.quantized_thresholds is None
+    run = GatedInterpreter(bundle, thresholds=result.thresholds).predict(digits.x_val)
+    assert np.mean(run.classes == digits.y_val) == pytest.approx(
+        result.expected_accuracy, abs=1e-12
+    )
+
+
+def _bad_calls(digits, model):
+    x, y = digits.x_val, digits.y_val
+    return [
+        ((x[:, :7], y), {}, ValueError, r"x_val does not fit.*\(n, 8, 8, 1\)"),
+        (((x * 16).astype("uint8"), y), {}, ValueError, "takes floats"),
+        ((x.astype("float64")[:, :, :, 0], y), {}, ValueError, "shape"),
+        (
+            (np.where(np.arange(len(x))[:, None, None, None] == 3, np.nan, x), y),
+            {},
+            ValueError,
+            "NaN",
+        ),  # fmt: skip
+        ((x, y[:-1]), {}, ValueError, "labels but x has"),
+        ((x, y + 1), {}, ValueError, "y_val"),
+        ((x, y.astype("float32") + 0.5), {}, ValueError, "y_val"),
+        ((x[:5], y[:5]), {}, ValueError, "5 validation samples"),
+        ((x, y), {"temperature_scaling": True}, ValueError, "temperatures"),
+        (
+            (x, y),
+            {"reference_model": demo.digits_cnn(num_classes=5, width=2)},
+            ValueError,
+            "reference_model has 3 exits and 5 classes",
+        ),  # fmt: skip
+        ((x, y), {"reference_model": "model"}, TypeError, "EarlyExitModel"),
+        ((x, y), {"max_accuracy_drop": 2.0}, ValueError, "max_accuracy_drop"),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["bundle", "fused"])
+def test_bad_input_fails_before_any_inference(artifacts, model, digits, kind):
+    interpreter = GatedInterpreter(artifacts[kind])
+    written = artifacts[kind]
+    if kind == "bundle":
+        written = os.path.join(written, "manifest.json")
+    with open(written, "rb") as f:
+        before = f.read()
+    for args, kwargs, error, match in _bad_calls(digits, model):
+        kwargs = {"max_accuracy_drop": 0.01, **kwargs}
+        for source in (interpreter, artifacts[kind]):
+            with pytest.raises(error, match=match):
+                kee.calibrate(source, *args, apply=True, **kwargs)
+        assert interpreter.stats.samples == 0  # nothing ran
+    with open(written, "rb") as f:
+        assert f.read() == before  # nothing written
+
+
+def test_paths_that_are_not_artifacts(digits, model, tmp_path):
+    x, y = digits.x_val, digits.y_val
+    with pytest.raises(BundleError, match="does not exist"):
+        kee.calibrate(str(tmp_path / "missing"), x, y, max_accuracy_drop=0.01)
+    with pytest.raises(ValueError, match="Keras model file"):
+        kee.calibrate("model.keras", x, y, max_accuracy_drop=0.01)
+    with pytest.raises(ValueError, match="reference_model is for"):
+        kee.calibrate(model, x, y, max_accuracy_drop=0.01, reference_model=model)
