@@ -424,7 +424,9 @@ def convert_model(
         archive.track(keras_model)
         archive.add_endpoint(
             "serving_default",
-            lambda inputs: keras_model(inputs, training=False),
+            lambda inputs: _fixed_confidence_range(
+                keras_model(inputs, training=False), quantization
+            ),
             input_signature=[specs],
         )
         with native_output_captured():
@@ -451,6 +453,22 @@ def convert_model(
                 "every layer must map to an int8 TFLite builtin; try "
                 "'dynamic' or 'float16', or replace the layer named above."
             ) from e
+
+
+def _fixed_confidence_range(outputs, quantization: str):
+    """Gives an int8 `confidence` output the range of the int8 softmax,
+    [0, 255/256] (scale 1/256, zero point -128), whatever the calibration
+    data shows: a range calibrated on data whose confidences stay below,
+    say, 0.6 would make every higher threshold unreachable on the device."""
+    if quantization != "int8" or "confidence" not in outputs:
+        return outputs
+    import tensorflow as tf
+
+    outputs = dict(outputs)
+    outputs["confidence"] = tf.quantization.fake_quant_with_min_max_args(
+        outputs["confidence"], min=0.0, max=255.0 / 256.0, num_bits=8
+    )
+    return outputs
 
 
 @contextlib.contextmanager
