@@ -20,7 +20,7 @@ demo: install
 test: install
 	@for backend in $(BACKENDS); do \
 	  echo "== KERAS_BACKEND=$$backend"; \
-	  KERAS_BACKEND=$$backend $(PY) -m pytest -q -p no:cacheprovider || exit 1; \
+	  KERAS_BACKEND=$$backend $(PY) -m pytest -q -rs -p no:cacheprovider || exit 1; \
 	done
 
 lint: install
