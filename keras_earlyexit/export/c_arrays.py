@@ -11,8 +11,18 @@ Writes, for a bundle made by `to_tflite`:
   float and int8; MACs), the tensor arena size, the carry buffer size, and
   `EARLYEXIT_OPS(OP)`, the `MicroMutableOpResolver` ops the segments use.
 
-The arena size is, in order of preference: `arena_size` given by the
-caller; the arena measured at export in TFLite Micro (manifest field
+For a fused file (`to_tflite(..., fused=True)`; its embedded manifest is
+checked first, hash included), writes `fused_model_data.cc/.h`, the file
+as one aligned array, and `earlyexit_fused_config.h`: an
+`earlyexit::FusedConfig` for `tflite/micro/fused_runner.h` (inputs with
+positions, shapes, dtypes and int8 parameters; positions of the `class`,
+`exit_index` and `confidence` outputs), the exits' names, thresholds and
+MACs as the manifest holds them, the arena size (the arena measured at
+export plus `RUNTIME_ARENA_MARGIN`) and `EARLYEXIT_FUSED_OPS(OP)`, the
+ops of all subgraphs, IF included.
+
+The arena size of a bundle is, in order of preference: `arena_size`
+given by the caller; the arena measured at export in TFLite Micro (field
 `arena_bytes` of int8 bundles; one `MicroAllocator` shared by all segments:
 every segment's persistent part plus the largest activation plan, see
 `micro.shared_arena_bytes`); or `estimate_arena_size`, an upper bound from
@@ -50,11 +60,15 @@ from keras_earlyexit.export.micro import (
     resolver_ops,
     shared_arena_bytes,
 )
+from keras_earlyexit.runtime.manifest import RUNTIME_ARENA_MARGIN
 
 # Kept for callers of the former private name.
 _resolver_method = resolver_method
 
 CONFIG_NAME = "earlyexit_config.h"
+# Of a fused file: one model array and its config header.
+FUSED_STEM = "fused_model_data"
+FUSED_CONFIG_NAME = "earlyexit_fused_config.h"
 # TFLite Micro's tensor arena and flatbuffer alignment.
 ALIGNMENT = 16
 MAX_RANK = 6
@@ -70,9 +84,11 @@ def to_c_arrays(
     arena_size: int | None = None,
     namespace: str = "earlyexit_config",
 ) -> str:
-    """Writes a bundle's segments as C arrays plus the runner's config header.
+    """Writes a bundle's segments, or a fused file, as C arrays plus a config
+    header.
 
-    Each segment file is checked against the manifest's sha256 first. The
+    Each segment file is checked against the manifest's sha256 first; a
+    fused file against its embedded manifest. The
     sources are written to a temporary directory next to `out_dir` and
     renamed into place: a failure leaves no partial output, and a previous
     output at `out_dir` stays intact until the new one is complete. Only
@@ -81,7 +97,8 @@ def to_c_arrays(
 
     Args:
         directory: a bundle written by `kee.export.to_tflite` (int8 for
-            integer-only microcontrollers; float bundles also work).
+            integer-only microcontrollers; float bundles also work), or a
+            fused `.tflite` file (`to_tflite(..., fused=True)`).
         out_dir: directory to create or replace; not the bundle nor a
             directory holding it. An existing directory is replaced when it
             is empty or holds only a previous output. One that holds a
@@ -90,7 +107,9 @@ def to_c_arrays(
             removed and yours kept. Any other non-empty directory is
             refused. A symlink is kept and its target written.
         arena_size: TFLite Micro tensor arena bytes for all segments
-            together (they share one arena). Default: `bundle_arena_size`,
+            together (they share one arena), or for the fused model.
+            Default for a fused file: `fused_arena_size`. For a bundle:
+            `bundle_arena_size`,
             the arena measured at export (host, reference kernels; targets
             with optimized kernels such as CMSIS-NN may need scratch on
             top: check with `RecordingMicroAllocator`), or the conservative
@@ -105,6 +124,10 @@ def to_c_arrays(
     ```python
     bundle = kee.export.to_tflite(model, "digits_int8", representative_data=x)
     kee.export.to_c_arrays(bundle, "firmware/src/model")
+    fused = kee.export.to_tflite(
+        model, "digits.tflite", representative_data=x, fused=True
+    )
+    kee.export.to_c_arrays(fused, "firmware/src/fused_model")
     ```
     """
     if arena_size is not None and (not isinstance(arena_size, int) or arena_size <= 0):
@@ -114,17 +137,11 @@ def to_c_arrays(
     if not re.fullmatch(r"[A-Za-z_]\w*", namespace):
         raise ValueError(f"namespace must be a C++ identifier. Received: {namespace!r}")
     directory = os.path.abspath(directory)
-    manifest = read_manifest(directory, verify=False)
-    if not manifest.segments:
-        raise BundleError(f"The manifest in {directory} lists no segments.")
-    models = [read_segment(directory, s) for s in manifest.segments]
-    ops = resolver_ops(models)
-    if arena_size is None:
-        arena_size = bundle_arena_size(manifest) or estimate_arena_size(models)
     # Every value is checked or escaped here, before anything is written.
-    sources = _generate(
-        manifest, models, os.path.basename(directory), ops, arena_size, namespace
-    )
+    if os.path.isfile(directory):
+        sources = _fused_sources(directory, arena_size, namespace)
+    else:
+        sources = _bundle_sources(directory, arena_size, namespace)
 
     target = resolve_target(out_dir)
     merge = _check_out_dir(directory, target)
@@ -143,9 +160,50 @@ def to_c_arrays(
     return os.path.abspath(out_dir)
 
 
-# What `to_c_arrays` writes: these names, each file opening with the banner.
+def _bundle_sources(directory: str, arena_size: int | None, namespace: str) -> dict:
+    manifest = read_manifest(directory, verify=False)
+    if not manifest.segments:
+        raise BundleError(f"The manifest in {directory} lists no segments.")
+    models = [read_segment(directory, s) for s in manifest.segments]
+    ops = resolver_ops(models)
+    if arena_size is None:
+        arena_size = bundle_arena_size(manifest) or estimate_arena_size(models)
+    return _generate(
+        manifest, models, os.path.basename(directory), ops, arena_size, namespace
+    )
+
+
+def _fused_sources(path: str, arena_size: int | None, namespace: str) -> dict:
+    """The fused file's array and `earlyexit_fused_config.h`."""
+    from keras_earlyexit.runtime.fused import read_fused_manifest
+
+    with open(path, "rb") as f:
+        data = f.read()
+    # Checks the format, the file's own hash and the threshold constants.
+    manifest = read_fused_manifest(data, path)
+    ops = resolver_ops([data])
+    if arena_size is None:
+        arena_size = fused_arena_size(manifest) or estimate_arena_size([data])
+    name = os.path.basename(path)
+    return {
+        f"{FUSED_STEM}.h": _array_header(
+            FUSED_STEM, name, manifest.content_sha256, data
+        ),
+        f"{FUSED_STEM}.cc": _array_source(
+            FUSED_STEM, name, manifest.content_sha256, data
+        ),
+        FUSED_CONFIG_NAME: _fused_config_header(
+            manifest, name, ops, arena_size, namespace
+        ),
+    }
+
+
+# What `to_c_arrays` writes: these names, each file opening with the banner;
+# a config header marks a directory as a previous output.
+_CONFIG_NAMES = (CONFIG_NAME, FUSED_CONFIG_NAME)
 _GENERATED_NAME = re.compile(
-    r"segment_\d+_model_data\.(cc|h)|" + re.escape(CONFIG_NAME)
+    r"(segment_\d+|fused)_model_data\.(cc|h)|"
+    + "|".join(re.escape(n) for n in _CONFIG_NAMES)
 )
 _GENERATED_BANNER = b"// Generated by keras_earlyexit.export.to_c_arrays"
 
@@ -175,12 +233,13 @@ def _not_generated(directory: str) -> str | None:
 def _check_out_dir(bundle: str, out_dir: str) -> bool:
     """Refuses an output directory that would lose a file; returns whether
     to merge into it (a previous output beside the user's own files)
-    rather than replace it whole."""
+    rather than replace it whole. `bundle`: the bundle or fused file."""
+    kind = "fused model" if os.path.isfile(bundle) else "bundle"
     bundle = os.path.realpath(bundle)
     out = os.path.realpath(out_dir)
     if out == bundle or bundle.startswith(out + os.sep):
         raise ValueError(
-            f"out_dir {out_dir} is or contains the bundle {bundle} that "
+            f"out_dir {out_dir} is or contains the {kind} {bundle} that "
             "to_c_arrays reads. Write the C sources to a directory of their "
             f"own, e.g. {os.path.join(out_dir, 'model')}."
         )
@@ -209,10 +268,10 @@ def _check_out_dir(bundle: str, out_dir: str) -> bool:
             "have the names of generated files but were not generated by "
             f"to_c_arrays. Rename them, or {fix[0].lower()}{fix[1:]}"
         )
-    if not _is_generated(os.path.join(out_dir, CONFIG_NAME)):
+    if not any(_is_generated(os.path.join(out_dir, n)) for n in _CONFIG_NAMES):
         raise FileExistsError(
             f"Refusing to replace {out_dir}: {_not_generated(out_dir)}, and "
-            f"no previous output ({CONFIG_NAME}). {fix}"
+            f"no previous output ({' or '.join(_CONFIG_NAMES)}). {fix}"
         )
     return True
 
@@ -222,7 +281,7 @@ def _merge_generated(tmp: str, out_dir: str) -> None:
     the user's files: generated files are replaced one by one (the config
     header last), stale generated ones removed, the others kept."""
     os.remove(os.path.join(tmp, TEMP_MARKER))
-    new = sorted(os.listdir(tmp), key=lambda name: name == CONFIG_NAME)
+    new = sorted(os.listdir(tmp), key=lambda name: name in _CONFIG_NAMES)
     for name in new:
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     for name in os.listdir(out_dir):
@@ -279,6 +338,18 @@ def bundle_arena_size(manifest: Manifest) -> int | None:
     if not usages or len(usages) != len(manifest.segments):
         return None
     return _align(shared_arena_bytes(usages))
+
+
+def fused_arena_size(manifest) -> int | None:
+    """The tensor arena (bytes, a multiple of 16) of a fused file: the
+    arena measured at export in TFLite Micro plus `RUNTIME_ARENA_MARGIN`
+    (what `FusedInterpreter(backend="micro")` gives it), or None when the
+    file has no measurement (float files exported without `micro=True`)."""
+    measured = manifest.arena_bytes
+    if measured is None:
+        return None
+    _c_int(measured, "arena_bytes", 1, _INT32_MAX - RUNTIME_ARENA_MARGIN - 16)
+    return _align(measured + RUNTIME_ARENA_MARGIN)
 
 
 def estimate_arena_size(models: list[bytes]) -> int:
@@ -410,16 +481,17 @@ def _comment(value) -> str:
     return text[:200]
 
 
-def _check_tensor(segment: SegmentInfo, t: TensorInfo, field: str) -> None:
+def _check_tensor(owner: str, t: TensorInfo, field: str) -> None:
+    """`owner`: "Segment 2", "The fused model", for messages."""
     if t.dtype not in _DTYPES:
         raise BundleError(
-            f"Segment {segment.index + 1} tensor {_comment(t.name)!r} has dtype "
+            f"{owner} tensor {_comment(t.name)!r} has dtype "
             f"{_comment(t.dtype)}; the micro runner handles {sorted(_DTYPES)}. "
             "Convert with quantization='int8' (or 'float32')."
         )
     if not isinstance(t.shape, list) or not 1 <= len(t.shape) <= MAX_RANK:
         raise BundleError(
-            f"Segment {segment.index + 1} tensor {_comment(t.name)!r} has shape "
+            f"{owner} tensor {_comment(t.name)!r} has shape "
             f"{_comment(t.shape)}; the micro runner needs static shapes of rank "
             f"1 to {MAX_RANK}."
         )
@@ -427,14 +499,19 @@ def _check_tensor(segment: SegmentInfo, t: TensorInfo, field: str) -> None:
         _c_int(d, f"{field}.shape[{i}]", 1, _INT32_MAX)
     if _bytes(t) > _INT32_MAX:
         raise BundleError(
-            f"Segment {segment.index + 1} tensor {_comment(t.name)!r} of shape "
+            f"{owner} tensor {_comment(t.name)!r} of shape "
             f"{t.shape} is too large for a microcontroller."
         )
 
 
 def _tensor(segment: SegmentInfo, t: TensorInfo) -> str:
     field = f"segments[{segment.index}] tensor {_comment(t.name)!r}"
-    _check_tensor(segment, t, field)
+    return _tensor_config(f"Segment {segment.index + 1}", t, field)
+
+
+def _tensor_config(owner: str, t: TensorInfo, field: str) -> str:
+    """An `earlyexit::TensorConfig` initializer of `t`, every value checked."""
+    _check_tensor(owner, t, field)
     dims = ", ".join(str(d) for d in t.shape)
     if t.dtype == "int8":
         scale = _c_float(t.scale, f"{field}.scale", 0, math.inf, low_open=True)
@@ -449,31 +526,31 @@ def _tensor(segment: SegmentInfo, t: TensorInfo) -> str:
     )
 
 
-def _banner(source: str, segment: SegmentInfo | None = None) -> str:
+def _banner(source: str, sha256: str | None = None) -> str:
     line = f"// Generated by keras_earlyexit.export.to_c_arrays from {_comment(source)}"
-    if segment is not None:
-        line += f"\n// (sha256 {_comment(segment.sha256)})"
+    if sha256 is not None:
+        line += f"\n// (sha256 {_comment(sha256)})"
     return line + ".\n// Do not edit: export again.\n"
 
 
-def _array_header(stem: str, source: str, segment: SegmentInfo, data: bytes) -> str:
+def _array_header(stem: str, source: str, sha256: str, data: bytes) -> str:
     guard = f"EARLYEXIT_{stem.upper()}_H_"
     return (
-        f"{_banner(source, segment)}\n#ifndef {guard}\n#define {guard}\n\n"
+        f"{_banner(source, sha256)}\n#ifndef {guard}\n#define {guard}\n\n"
         f"extern const unsigned char g_{stem}[];\n"
         f"constexpr unsigned int g_{stem}_len = {len(data)};\n\n"
         f"#endif  // {guard}\n"
     )
 
 
-def _array_source(stem: str, source: str, segment: SegmentInfo, data: bytes) -> str:
+def _array_source(stem: str, source: str, sha256: str, data: bytes) -> str:
     rows = [
         "    " + ", ".join(f"0x{b:02x}" for b in data[i : i + 12]) + ","
         for i in range(0, len(data), 12)
     ]
     # Including the header gives the const array external linkage.
     return (
-        f'{_banner(source, segment)}\n#include "{stem}.h"\n\n'
+        f'{_banner(source, sha256)}\n#include "{stem}.h"\n\n'
         f"alignas({ALIGNMENT}) const unsigned char g_{stem}[] = {{\n"
         + "\n".join(rows)
         + "\n};\n"
@@ -502,8 +579,9 @@ def _generate(
         stem = _stem(k)
         # Relative to the bundle's parent: no local paths in sources.
         source = os.path.join(bundle_name, str(segment.file))
-        sources[f"{stem}.h"] = _array_header(stem, source, segment, data)
-        sources[f"{stem}.cc"] = _array_source(stem, source, segment, data)
+        sha256 = segment.sha256
+        sources[f"{stem}.h"] = _array_header(stem, source, sha256, data)
+        sources[f"{stem}.cc"] = _array_source(stem, source, sha256, data)
     sources[CONFIG_NAME] = _config_header(
         manifest, bundle_name, ops, arena_size, namespace
     )
@@ -640,6 +718,131 @@ def _config_header(
         f"}}  // namespace {namespace}",
         "",
         "#endif  // EARLYEXIT_CONFIG_H_",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _fused_config_header(
+    manifest, file_name: str, ops: list[str], arena_size: int, namespace: str
+) -> str:
+    """`earlyexit_fused_config.h`: an `earlyexit::FusedConfig` (see
+    tflite/micro/fused_runner.h) and the exits' names, thresholds and MACs,
+    every value checked or escaped."""
+    from keras_earlyexit.runtime.fused import OUTPUT_NAMES
+
+    if manifest.quantization not in QUANTIZATION_MODES:
+        raise BundleError(
+            f"manifest field quantization must be one of {list(QUANTIZATION_MODES)}; "
+            f"found {manifest.quantization!r}. Export the model again."
+        )
+    exits = manifest.exits
+    if not exits or [e.index for e in exits] != list(range(len(exits))):
+        raise BundleError(
+            f"manifest field exits of {_comment(file_name)} must list exits 0, "
+            "1, ... in order. Export the model again."
+        )
+    positions = {
+        name: _c_int(
+            manifest.output_position(name),
+            f"outputs[{name}]",
+            0,
+            _INT32_MAX,
+        )
+        for name in OUTPUT_NAMES[:3]
+    }
+    logits = "-1"
+    if OUTPUT_NAMES[3] in manifest.outputs:
+        logits = _c_int(
+            manifest.output_position(OUTPUT_NAMES[3]), "outputs[logits]", 0, _INT32_MAX
+        )
+    inputs = ",\n    ".join(
+        _tensor_config("The fused model", t, f"inputs[{i}] tensor {_comment(t.name)!r}")
+        for i, t in enumerate(manifest.inputs)
+    )
+    if not manifest.inputs:
+        raise BundleError(f"The manifest of {_comment(file_name)} lists no inputs.")
+    names, thresholds, quantized, macs, cumulative = [], [], [], [], []
+    for e in exits:
+        field = f"exits[{e.index}]"
+        names.append(_c_string(e.exit_name, f"{field}.exit_name"))
+        thresholds.append(_c_float(e.gate.threshold, f"{field}.gate.threshold", 0, 1))
+        q = e.gate.threshold_quantized
+        quantized.append(
+            _c_int(
+                0 if q is None else q, f"{field}.gate.threshold_quantized", -128, 128
+            )
+        )
+        macs.append(_c_int(e.macs, f"{field}.macs", 0, 2**63 - 1))
+        cumulative.append(
+            _c_int(e.cumulative_macs, f"{field}.cumulative_macs", 0, 2**63 - 1)
+        )
+    n = len(exits)
+
+    def array(ctype: str, name: str, values: list[str]) -> str:
+        return f"inline constexpr {ctype} {name}[{n}] = {{{', '.join(values)}}};"
+
+    lines = [
+        _banner(file_name, manifest.content_sha256),
+        f"// Model {_comment(manifest.model_name)}, quantization "
+        f"{manifest.quantization}, criterion {_comment(manifest.criterion)}, "
+        f"{n} exits.",
+        "",
+        "#ifndef EARLYEXIT_FUSED_CONFIG_H_",
+        "#define EARLYEXIT_FUSED_CONFIG_H_",
+        "",
+        "#include <cstddef>",
+        "#include <cstdint>",
+        "",
+        f'#include "{FUSED_STEM}.h"',
+        '#include "fused_runner.h"',
+        "",
+        "// The model's ops (IF runs the branches), for a",
+        "// MicroMutableOpResolver<kNumOps>:",
+        "//   #define ADD_OP(name) resolver.Add##name();",
+        "//   EARLYEXIT_FUSED_OPS(ADD_OP)",
+        "#define EARLYEXIT_FUSED_OPS(OP) " + " ".join(f"OP({op})" for op in ops),
+        "",
+        f"namespace {namespace} {{",
+        "",
+        f"inline constexpr int kNumExits = {n};",
+        "inline constexpr int kNumClasses = "
+        f"{_c_int(manifest.num_classes, 'num_classes', 1, _INT32_MAX)};",
+        f"inline constexpr int kNumOps = {len(ops)};",
+        f"inline constexpr int kNumInputs = {len(manifest.inputs)};",
+        "// Measured at export in TFLite Micro, plus a margin; FusedRunner",
+        "// refuses a smaller arena.",
+        "inline constexpr size_t kArenaSize = "
+        f"{_c_int(arena_size, 'arena_size', 1, _INT32_MAX)};",
+        "inline constexpr const char* kQuantization = "
+        f"{_c_string(manifest.quantization, 'quantization')};",
+        "",
+        "// Positions in the main subgraph's outputs (-1: no logits output).",
+        f"inline constexpr int kClassOutput = {positions['class']};",
+        f"inline constexpr int kExitIndexOutput = {positions['exit_index']};",
+        f"inline constexpr int kConfidenceOutput = {positions['confidence']};",
+        f"inline constexpr int kLogitsOutput = {logits};",
+        "",
+        "// Per exit, as in the embedded manifest. The thresholds are constants",
+        "// of the graph (change them with kee.export.set_thresholds and export",
+        "// the arrays again); the final exit's entries are unused.",
+        array("const char*", "kExitNames", names),
+        array("float", "kThresholds", thresholds),
+        array("int32_t", "kThresholdsQuantized", quantized),
+        array("int64_t", "kMacs", macs),
+        array("int64_t", "kCumulativeMacs", cumulative),
+        "",
+        "inline constexpr earlyexit::TensorConfig kInputs[] = {",
+        f"    {inputs}}};",
+        "",
+        "inline constexpr earlyexit::FusedConfig kFusedModel = {",
+        f"    g_{FUSED_STEM}, g_{FUSED_STEM}_len, kInputs, kNumInputs,",
+        "    kClassOutput, kExitIndexOutput, kConfidenceOutput, kNumExits,",
+        "    kNumClasses, kArenaSize};",
+        "",
+        f"}}  // namespace {namespace}",
+        "",
+        "#endif  // EARLYEXIT_FUSED_CONFIG_H_",
         "",
     ]
     return "\n".join(lines)
