@@ -50,35 +50,8 @@ int ArgMax(const TensorConfig& t, const void* data) {
   return best;
 }
 
-// The config's own consistency: rank and dims, byte size, quantization.
-bool TensorFits(const TensorConfig& t) {
-  if (t.position < 0 || t.rank < 0 || t.rank > kMaxRank) return false;
-  if (t.dtype != DType::kInt8 && t.dtype != DType::kFloat32) return false;
-  size_t elements = 1;
-  for (int d = 0; d < t.rank; ++d) {
-    if (t.dims[d] < 1) return false;
-    const size_t dim = static_cast<size_t>(t.dims[d]);
-    if (elements > SIZE_MAX / ElementSize(t.dtype) / dim) return false;
-    elements *= dim;
-  }
-  if (elements * ElementSize(t.dtype) != t.bytes) return false;
-  if (t.dtype == DType::kFloat32) return t.scale == 0.0f && t.zero_point == 0;
-  return ValidScale(t.scale) && t.zero_point >= -128 && t.zero_point <= 127;
-}
-
 bool SameScale(float a, float b) {
   return std::fabs(a - b) <= kScaleTolerance * std::fabs(b);
-}
-
-// The segment's tensor is the one the config describes.
-bool Matches(const TensorConfig& config, const TensorDesc& tensor) {
-  if (tensor.data == nullptr || tensor.bytes != config.bytes ||
-      tensor.dtype != config.dtype) {
-    return false;
-  }
-  return config.dtype != DType::kInt8 ||
-         (SameScale(tensor.scale, config.scale) &&
-          tensor.zero_point == config.zero_point);
 }
 
 // Same position, dtype and shape-derived size (quantization may differ:
@@ -101,6 +74,42 @@ bool ConfigShapeFits(const ModelConfig& config) {
 }
 
 }  // namespace
+
+bool TensorFits(const TensorConfig& t) {
+  if (t.position < 0 || t.rank < 0 || t.rank > kMaxRank) return false;
+  if (t.dtype != DType::kInt8 && t.dtype != DType::kFloat32) return false;
+  size_t elements = 1;
+  for (int d = 0; d < t.rank; ++d) {
+    if (t.dims[d] < 1) return false;
+    const size_t dim = static_cast<size_t>(t.dims[d]);
+    if (elements > SIZE_MAX / ElementSize(t.dtype) / dim) return false;
+    elements *= dim;
+  }
+  if (elements * ElementSize(t.dtype) != t.bytes) return false;
+  if (t.dtype == DType::kFloat32) return t.scale == 0.0f && t.zero_point == 0;
+  return ValidScale(t.scale) && t.zero_point >= -128 && t.zero_point <= 127;
+}
+
+bool TensorMatches(const TensorConfig& config, const TensorDesc& tensor) {
+  if (tensor.data == nullptr || tensor.bytes != config.bytes ||
+      tensor.dtype != config.dtype) {
+    return false;
+  }
+  return config.dtype != DType::kInt8 ||
+         (SameScale(tensor.scale, config.scale) &&
+          tensor.zero_point == config.zero_point);
+}
+
+bool AllFinite(const void* data, size_t bytes) {
+  // memcpy: the caller's bytes need not be float-aligned.
+  const uint8_t* p = static_cast<const uint8_t*>(data);
+  for (size_t b = 0; b + sizeof(float) <= bytes; b += sizeof(float)) {
+    float v;
+    std::memcpy(&v, p + b, sizeof(float));
+    if (!std::isfinite(v)) return false;
+  }
+  return true;
+}
 
 const char* StatusString(Status status) {
   switch (status) {
@@ -187,10 +196,10 @@ Status EarlyExitRunner::CheckSegment(int k) {
     for (int j = 0; j < i; ++j) {
       if (s.inputs[j].position == t.position) return Status::kBadConfig;
     }
-    if (!Matches(t, segment->input(t.position))) return Status::kTensorMismatch;
+    if (!TensorMatches(t, segment->input(t.position))) return Status::kTensorMismatch;
   }
-  if (!Matches(s.logits, segment->output(s.logits.position)) ||
-      !Matches(s.confidence, segment->output(s.confidence.position))) {
+  if (!TensorMatches(s.logits, segment->output(s.logits.position)) ||
+      !TensorMatches(s.confidence, segment->output(s.confidence.position))) {
     return Status::kTensorMismatch;
   }
   size_t carry_bytes = 0;
@@ -212,8 +221,8 @@ Status EarlyExitRunner::CheckSegment(int k) {
       if (s.carry[i].target.position == c.target.position) return Status::kBadConfig;
     }
     if (!listed) return Status::kBadConfig;
-    if (!Matches(c.source, segment->output(c.source.position)) ||
-        !Matches(c.target, segments_[k + 1]->input(c.target.position))) {
+    if (!TensorMatches(c.source, segment->output(c.source.position)) ||
+        !TensorMatches(c.target, segments_[k + 1]->input(c.target.position))) {
       return Status::kTensorMismatch;
     }
     carry_bytes += AlignUp(c.source.bytes);
@@ -351,14 +360,9 @@ Status EarlyExitRunner::Run(const void* const* inputs, Result* result) {
   if (inputs == nullptr || result == nullptr) return Status::kBadInput;
   for (int i = 0; i < first.num_inputs; ++i) {
     if (inputs[i] == nullptr) return Status::kBadInput;
-    if (first.inputs[i].dtype == DType::kFloat32) {
-      // memcpy: the caller's bytes need not be float-aligned.
-      const uint8_t* bytes = static_cast<const uint8_t*>(inputs[i]);
-      for (size_t b = 0; b < first.inputs[i].bytes; b += sizeof(float)) {
-        float v;
-        std::memcpy(&v, bytes + b, sizeof(float));
-        if (!std::isfinite(v)) return Status::kNonFiniteInput;
-      }
+    if (first.inputs[i].dtype == DType::kFloat32 &&
+        !AllFinite(inputs[i], first.inputs[i].bytes)) {
+      return Status::kNonFiniteInput;
     }
   }
   const int last = config_.num_segments - 1;

@@ -113,6 +113,14 @@ enum class Status : uint8_t {
 
 const char* StatusString(Status status);
 
+// The config's own consistency: rank and dims, byte size, quantization.
+bool TensorFits(const TensorConfig& t);
+// An interpreter's tensor is the one the config describes (bytes, dtype,
+// int8 scale within 1e-6 relative and zero-point).
+bool TensorMatches(const TensorConfig& config, const TensorDesc& tensor);
+// Whether `bytes` bytes of float32 values (any alignment) are all finite.
+bool AllFinite(const void* data, size_t bytes);
+
 struct Result {
   int label;
   int exit_index;    // 0-based

@@ -18,7 +18,9 @@ DType DTypeOf(TfLiteType type) {
   }
 }
 
-TensorDesc Describe(const TfLiteTensor* t) {
+}  // namespace
+
+TensorDesc DescribeTensor(const TfLiteTensor* t) {
   TensorDesc desc;
   if (t == nullptr) return desc;
   desc.data = t->data.raw;
@@ -29,8 +31,6 @@ TensorDesc Describe(const TfLiteTensor* t) {
   return desc;
 }
 
-}  // namespace
-
 Status CheckArena(const ModelConfig& config, const uint8_t* arena,
                   size_t arena_size) {
   if (config.arena_size == 0) {
@@ -39,7 +39,7 @@ Status CheckArena(const ModelConfig& config, const uint8_t* arena,
     return Status::kBadConfig;
   }
   if (arena == nullptr) {
-    MicroPrintf("The tensor arena is a null pointer; the segments need %u bytes "
+    MicroPrintf("The tensor arena is a null pointer; the model needs %u bytes "
                 "(kArenaSize)", static_cast<unsigned>(config.arena_size));
     return Status::kAllocationFailed;
   }
@@ -50,7 +50,7 @@ Status CheckArena(const ModelConfig& config, const uint8_t* arena,
   const size_t usable = arena_size < skipped ? 0 : arena_size - skipped;
   if (usable < config.arena_size) {
     MicroPrintf("Tensor arena of %u usable bytes (%u given, %u before the first "
-                "16-byte boundary); the segments need %u (kArenaSize)",
+                "16-byte boundary); the model needs %u (kArenaSize)",
                 static_cast<unsigned>(usable), static_cast<unsigned>(arena_size),
                 static_cast<unsigned>(skipped),
                 static_cast<unsigned>(config.arena_size));
@@ -93,14 +93,14 @@ TensorDesc TflmSegment::input(int position) {
   if (position < 0 || static_cast<size_t>(position) >= interpreter_.inputs_size()) {
     return TensorDesc();
   }
-  return Describe(interpreter_.input(position));
+  return DescribeTensor(interpreter_.input(position));
 }
 
 TensorDesc TflmSegment::output(int position) {
   if (position < 0 || static_cast<size_t>(position) >= interpreter_.outputs_size()) {
     return TensorDesc();
   }
-  return Describe(interpreter_.output(position));
+  return DescribeTensor(interpreter_.output(position));
 }
 
 bool TflmSegment::Invoke() { return interpreter_.Invoke() == kTfLiteOk; }

@@ -43,6 +43,9 @@ class TflmSegment : public Segment {
   tflite::MicroInterpreter interpreter_;
 };
 
+// A TFLite Micro tensor as the runners see it (empty for nullptr).
+TensorDesc DescribeTensor(const TfLiteTensor* t);
+
 // Checks done before TFLite Micro sees the arena or the model data, which
 // it trusts (a too-small arena or a damaged flatbuffer can crash it).
 // CheckArena: `arena_size` bytes at `arena`, once aligned to 16, hold at
