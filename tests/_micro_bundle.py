@@ -29,6 +29,24 @@ def small_int8_bundle(root: str) -> str:
 
 
 @functools.cache
+def small_int8_fused(root: str) -> str:
+    """The model of `small_int8_bundle` (same seed, thresholds and
+    calibration data) as an int8 fused file under `root`."""
+    keras.utils.set_random_seed(0)
+    model = demo.digits_cnn(width=4)
+    model.set_thresholds([0.12, 0.11])
+    x = demo.load_digits(seed=0).x_val[:64]
+    return kee.export.to_tflite(
+        model,
+        os.path.join(root, "fused_int8.tflite"),
+        representative_data=x,
+        quantization="int8",
+        fused=True,
+        verbose=0,
+    )
+
+
+@functools.cache
 def small_c_arrays(root: str) -> str:
     from keras_earlyexit.export.c_arrays import to_c_arrays
 

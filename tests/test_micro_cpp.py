@@ -7,7 +7,9 @@
   GEMMLOWP_DIR, RUY_DIR; `.ci/run` sets them when ../shared/third_party
   exists), the runner on real TFLite Micro: sample by sample equal to
   `GatedInterpreter(backend="micro")` on digits for several gate criteria,
-  its error paths, and the firmware example.
+  its error paths, and the firmware example; and a fused file in a plain
+  `MicroInterpreter` (FusedRunner), equal to `FusedInterpreter(backend=
+  "micro")` and to the segment bundle, with its error paths.
 
 The host TFLite Micro libraries are built once into build/tflite-micro/ of
 the project (make skips them when up to date). The C++ code does not depend
@@ -29,6 +31,7 @@ from _micro_bundle import (
     single_segment_bundle,
     small_c_arrays,
     small_int8_bundle,
+    small_int8_fused,
 )
 
 from keras_earlyexit import demo
@@ -373,3 +376,64 @@ def test_firmware_example_on_tflite_micro(
     assert int(match.group(1)) == expected.label
     assert int(match.group(2)) == expected.exit_index
     assert float(match.group(4)) == pytest.approx(expected.confidence, abs=1e-6)
+
+
+def test_fused_file_in_a_plain_micro_interpreter(
+    tflm, sanitize, build_root, tmp_path_factory
+):
+    """The int8 fused file of the digits CNN, as `to_c_arrays` writes it,
+    in a plain `MicroInterpreter` with the generated op list (IF included):
+    one Invoke per sample gives the classes, exits and confidences of
+    `FusedInterpreter(backend="micro")` and of the segment bundle's
+    `GatedInterpreter`, sample by sample, from quantized and from float
+    samples; FusedRunner's error paths return statuses; a NaN sample stops
+    the example with its status."""
+    pytest.importorskip("tflite_micro")
+    from keras_earlyexit.export.c_arrays import to_c_arrays
+    from keras_earlyexit.runtime import FusedInterpreter, GatedInterpreter
+    from keras_earlyexit.runtime.gated import quantize
+
+    root = str(tmp_path_factory.getbasetemp())
+    fused = small_int8_fused(root)
+    config = os.path.join(root, "c_arrays_fused")
+    if not os.path.isdir(config):
+        to_c_arrays(fused, config)
+    with open(os.path.join(config, "earlyexit_fused_config.h")) as f:
+        assert "OP(If)" in f.read()
+    build_dir = _build_dir(build_root, "fused", sanitize)
+    out = _make("fused_test", build_dir, sanitize, CONFIG_DIR=config, **tflm)
+    assert re.search(r"fused_test: all \d+ checks passed", out), out
+    _make("fused_main", build_dir, sanitize, CONFIG_DIR=config, **tflm)
+
+    interpreter = FusedInterpreter(fused, backend="micro")
+    expected = interpreter.predict(x := demo.load_digits(seed=0).x_test)
+    bundle = GatedInterpreter(small_int8_bundle(root), backend="micro").predict(x)
+    spec = interpreter.manifest.inputs[0]
+    samples = str(tmp_path_factory.mktemp("fused_samples"))
+    quantized = os.path.join(samples, "int8.bin")
+    floats = os.path.join(samples, "float32.bin")
+    quantize(x, spec.scale, spec.zero_point).tofile(quantized)
+    x.astype(np.float32).tofile(floats)
+    program = os.path.join(build_dir, "fused_main")
+    for command in ([program, quantized], [program, floats, "--float"]):
+        proc = _run(command)
+        got = np.array([line.split() for line in proc.stdout.splitlines()], float)
+        assert len(got) == len(x)
+        for reference in (expected, bundle):
+            np.testing.assert_array_equal(got[:, 0], reference.classes)
+            np.testing.assert_array_equal(got[:, 1], reference.exit_indices)
+            np.testing.assert_array_equal(
+                got[:, 2].astype(np.float32), reference.confidences
+            )
+    assert len(np.unique(expected.exit_indices)) == interpreter.num_exits
+
+    nan_sample = x[:2].astype(np.float32).copy()
+    nan_sample[1, 3, 4, 0] = np.nan
+    nan_path = os.path.join(samples, "nan.bin")
+    nan_sample.tofile(nan_path)
+    proc = subprocess.run(
+        [program, nan_path, "--float"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert len(proc.stdout.splitlines()) == 1  # the first sample ran
+    assert "run failed: " in proc.stderr and "NaN" in proc.stderr, proc.stderr
