@@ -431,15 +431,21 @@ def _upper_bound(values: np.ndarray, z: float) -> np.ndarray:
     return mean + z * np.sqrt(np.maximum(second - mean**2, 0.0) / n)
 
 
+# The largest float32 below 1: lets only saturated confidences (exactly 1.0
+# in float32) leave, since a threshold of 1.0 lets no sample leave.
+_SATURATED = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
+
+
 def _candidates(confidences: np.ndarray, num: int) -> list[np.ndarray]:
     """Per non-final exit: its distinct confidences (quantiles of them when
-    there are more than `num`), plus 0 and 1."""
+    there are more than `num`), plus 0, "saturated only" and 1 (none)."""
     columns = []
     for c in confidences[:, :-1].T:
         values = np.unique(c)
         if len(values) > num:
             values = np.quantile(c, np.linspace(0.0, 1.0, num))
-        columns.append(np.unique(np.concatenate([values, [0.0, 1.0]]).clip(0, 1)))
+        extra = [0.0, _SATURATED, 1.0]
+        columns.append(np.unique(np.concatenate([values, extra]).clip(0, 1)))
     return columns
 
 
