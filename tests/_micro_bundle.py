@@ -10,40 +10,35 @@ import keras_earlyexit as kee
 from keras_earlyexit import demo
 
 
-@functools.cache
-def small_int8_bundle(root: str) -> str:
-    """An untrained width-4 digits CNN as an int8 bundle under `root`. The
-    thresholds are low, so that int8 thresholds are reachable and both
-    exits and carries occur."""
+def _small_int8_export(path: str, fused: bool) -> str:
+    """An untrained width-4 digits CNN, exported int8 to `path`. The
+    thresholds are low, so that int8 thresholds are reachable and every
+    exit (and carry) occurs."""
     keras.utils.set_random_seed(0)
     model = demo.digits_cnn(width=4)
     model.set_thresholds([0.12, 0.11])
     x = demo.load_digits(seed=0).x_val[:64]
     return kee.export.to_tflite(
         model,
-        os.path.join(root, "bundle"),
+        path,
         representative_data=x,
         quantization="int8",
+        fused=fused,
         verbose=0,
     )
+
+
+@functools.cache
+def small_int8_bundle(root: str) -> str:
+    """The small int8 digits CNN as a bundle under `root`."""
+    return _small_int8_export(os.path.join(root, "bundle"), fused=False)
 
 
 @functools.cache
 def small_int8_fused(root: str) -> str:
-    """The model of `small_int8_bundle` (same seed, thresholds and
-    calibration data) as an int8 fused file under `root`."""
-    keras.utils.set_random_seed(0)
-    model = demo.digits_cnn(width=4)
-    model.set_thresholds([0.12, 0.11])
-    x = demo.load_digits(seed=0).x_val[:64]
-    return kee.export.to_tflite(
-        model,
-        os.path.join(root, "fused_int8.tflite"),
-        representative_data=x,
-        quantization="int8",
-        fused=True,
-        verbose=0,
-    )
+    """The same model (seed, thresholds, calibration data) as an int8
+    fused file under `root`."""
+    return _small_int8_export(os.path.join(root, "fused_int8.tflite"), fused=True)
 
 
 @functools.cache

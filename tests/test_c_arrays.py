@@ -11,14 +11,16 @@ import sys
 
 import numpy as np
 import pytest
-from _micro_bundle import small_c_arrays, small_int8_bundle
+from _micro_bundle import small_c_arrays, small_int8_bundle, small_int8_fused
 
 from keras_earlyexit.export import BundleError, list_ops, read_manifest
 from keras_earlyexit.export.c_arrays import (
     CONFIG_NAME,
+    FUSED_CONFIG_NAME,
     _resolver_method,
     bundle_arena_size,
     estimate_arena_size,
+    read_c_array,
     read_c_arrays,
     resolver_ops,
     to_c_arrays,
@@ -407,3 +409,60 @@ def test_single_segment_bundle_has_no_zero_length_array(root, tmp_path):
         'int main() { std::printf("%zu\\n", sizeof(g_carry)); }\n'
     )
     assert _compile_and_run(out, main).strip() == "16"
+
+
+def test_fused_file_as_one_array_and_its_config(root, bundle, tmp_path):
+    """A fused file: one array holding its exact bytes, a header with the
+    embedded manifest's values and the op list with IF; a tampered file is
+    refused before anything is written; a directory holding the file is
+    refused; a previous bundle output is replaced whole."""
+    from keras_earlyexit.runtime import FusedModelError
+    from keras_earlyexit.runtime.fused import read_fused_manifest
+    from keras_earlyexit.runtime.manifest import RUNTIME_ARENA_MARGIN
+
+    fused = small_int8_fused(root)
+    with open(fused, "rb") as f:
+        data = f.read()
+    manifest = read_fused_manifest(data)
+    out = str(tmp_path / "out")
+    to_c_arrays(bundle, out)  # a previous bundle output, replaced
+    to_c_arrays(fused, out)
+    assert sorted(os.listdir(out)) == sorted(
+        ["fused_model_data.cc", "fused_model_data.h", FUSED_CONFIG_NAME]
+    )
+    assert read_c_array(os.path.join(out, "fused_model_data.cc")) == data
+    with open(os.path.join(out, FUSED_CONFIG_NAME)) as f:
+        header = f.read()
+
+    def constant(name):
+        return re.search(rf"\b{name}(?:\[\d+\])? = \{{?([^;}}]*)\}}?;", header)[1]
+
+    ops = re.search(r"#define EARLYEXIT_FUSED_OPS\(OP\) (.*)", header)[1]
+    assert ops == " ".join(f"OP({op})" for op in resolver_ops([data]))
+    assert "OP(If)" in ops
+    assert int(constant("kNumOps")) == len(ops.split())
+    assert int(constant("kNumExits")) == manifest.num_exits
+    assert int(constant("kArenaSize")) >= manifest.arena_bytes + RUNTIME_ARENA_MARGIN
+    for name in ("class", "exit_index", "confidence"):
+        key = "k" + "".join(p.title() for p in name.split("_")) + "Output"
+        assert int(constant(key)) == manifest.output_position(name)
+    assert constant("kLogitsOutput") == "-1"
+    names = [e.exit_name for e in manifest.exits]
+    assert constant("kExitNames") == ", ".join(f'"{n}"' for n in names)
+    thresholds = [float(v.rstrip("f")) for v in constant("kThresholds").split(", ")]
+    assert thresholds == [
+        pytest.approx(e.gate.threshold, rel=1e-7) for e in manifest.exits
+    ]
+    quantized = [int(v) for v in constant("kThresholdsQuantized").split(", ")]
+    assert quantized == [e.gate.threshold_quantized for e in manifest.exits]
+    spec = manifest.inputs[0]
+    assert f'{{"{spec.name}", {spec.position}, earlyexit::DType::kInt8' in header
+
+    tampered = tmp_path / "tampered.tflite"
+    at = data.index(b'"exit_1"')
+    tampered.write_bytes(data[:at] + b'"exit_X"' + data[at + 8 :])
+    with pytest.raises(FusedModelError, match="modified after export"):
+        to_c_arrays(str(tampered), out)
+    assert read_c_array(os.path.join(out, "fused_model_data.cc")) == data
+    with pytest.raises(ValueError, match="contains the fused model"):
+        to_c_arrays(fused, os.path.dirname(fused))
