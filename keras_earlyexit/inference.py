@@ -1,8 +1,22 @@
 """Gated inference in Keras: segments run one after another and only the
-samples that have not exited go deeper."""
+samples that have not exited go deeper.
 
-import contextlib
-import logging
+The segments are called directly, compiled the backend's own way (not
+through `predict_on_batch`, which re-enters Keras' predict machinery and
+converts every output to NumPy once per segment):
+
+- TensorFlow: the whole gated batch is one graph (`tf.function` traced once
+  for any batch size: segments, gates, compaction and the results), so a
+  batch costs one call whatever the number of exits;
+- JAX: one `jax.jit` of each segment's stateless call. XLA compiles per
+  shape, so a batch is padded to the next *bucket* (`bucket_size`: exact up
+  to 4, then 4 sizes per octave, at most 25% padding): a run of any length
+  compiles a bounded set of shapes;
+- PyTorch: the eager calls under `torch.inference_mode`, exact batch sizes,
+  carries kept as tensors on their device.
+"""
+
+import weakref
 
 import keras
 import numpy as np
@@ -24,71 +38,254 @@ def select_exits(confidences: np.ndarray, thresholds) -> np.ndarray:
 def predict_early(model, x, thresholds, batch_size: int = 256) -> EarlyExitPrediction:
     """Runs `model`'s segments with per-sample exits; see
     `EarlyExitModel.predict_early`."""
-    segments = model.segments()
-    thresholds = list(thresholds) + [0.0]  # the final exit takes the rest
+    runner = gated_runner(model)
     x = check_inputs(model, x)
     n = len(x[0])
     result = EarlyExitPrediction(
         np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.float32)
     )
-    with _quiet_retracing():
-        for start in range(0, n, batch_size):
-            rows = np.arange(start, min(start + batch_size, n))
-            _predict_batch(segments, [v[rows] for v in x], rows, thresholds, result)
+    gates = _gate_values(thresholds)
+    for start in range(0, n, batch_size):
+        rows = slice(start, min(start + batch_size, n))
+        classes, exits, confidences = runner([v[rows] for v in x], gates)
+        result.classes[rows] = classes
+        result.exit_indices[rows] = exits
+        result.confidences[rows] = confidences
     return result
 
 
-def _predict_batch(segments, x, rows, thresholds, result) -> None:
-    """Gated inference on one batch; writes the results of samples `rows`."""
-    carry = {t.name: v for t, v in zip(segments[0].inputs, x)}
-    for k, segment in enumerate(segments):
-        out = _run_segment(segment, carry)
-        confidence = out["confidence"].astype(np.float32)
-        leave = gate_passes(confidence, thresholds[k])
-        if k == len(segments) - 1:
-            leave[:] = True
-        done = rows[leave]
-        result.classes[done] = np.argmax(out["logits"][leave], axis=-1)
-        result.exit_indices[done] = k
-        result.confidences[done] = confidence[leave]
-        stay = np.flatnonzero(~leave)
-        if stay.size == 0:
-            return
-        rows = rows[stay]
-        carry = {t.name: out[t.name][stay] for t in segments[k + 1].inputs}
+def _gate_values(thresholds) -> np.ndarray:
+    """Float32 thresholds for `confidence >= t`, one per non-final exit; a
+    gate that lets no sample leave (threshold 1.0, see `gate_passes`)
+    becomes +inf, which no confidence reaches."""
+    return np.array(
+        [np.float32(t) if t < 1.0 else np.inf for t in thresholds], np.float32
+    )
 
 
-class _RetracingFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "tf.function retracing" not in record.getMessage()
+def bucket_size(n: int) -> int:
+    """The padded batch size for `n` samples on backends that compile per
+    shape: `n` up to 4, then the next multiple of a quarter of the octave
+    (5, 6, 7, 8, 10, 12, 14, 16, 20, ...), so at most 25% of a call is
+    padding and batches up to 2**k use at most 4k shapes."""
+    if n <= 4:
+        return n
+    step = 1 << (n.bit_length() - 3)
+    return -(-n // step) * step
 
 
-@contextlib.contextmanager
-def _quiet_retracing():
-    """Segments see a few padded batch sizes by design; TensorFlow would
-    warn about each new trace."""
-    logger, quiet = logging.getLogger("tensorflow"), _RetracingFilter()
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
+_RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _run_segment(segment, carry: dict) -> dict:
-    """One compiled segment call. On backends that compile (TensorFlow,
-    JAX) the batch is padded to the next power of two, so they see a handful
-    of shapes instead of one per number of remaining samples (each new
-    shape would be a retrace); eager PyTorch runs the exact batch."""
-    n = len(next(iter(carry.values())))
-    size = 1 << max(0, n - 1).bit_length()
-    if size > n and keras.backend.backend() in ("tensorflow", "jax"):
-        carry = {
-            name: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)])
-            for name, v in carry.items()
-        }
-    out = segment.predict_on_batch(carry)
-    return {name: np.asarray(v)[:n] for name, v in out.items()}
+def gated_runner(model):
+    """The compiled gated inference of `model`, built once per set of
+    segments (the runner holds the segments, never the model)."""
+    segments = model.segments()
+    runner = _RUNNERS.get(model)
+    if runner is None or runner.segments is not segments:
+        backend = keras.backend.backend()
+        kind = {"tensorflow": _GraphRunner, "jax": _JaxRunner}.get(
+            backend, _EagerRunner
+        )
+        runner = kind(segments)
+        _RUNNERS[model] = runner
+    return runner
+
+
+class _LoopRunner:
+    """Segments called one after another from Python; after each exit the
+    samples that stay are gathered on the backend's device.
+
+    Subclasses define `_call(k, carry, n)` (segment k on a carry of `n`
+    samples, returning its outputs), `_to_numpy` and `_take`.
+    """
+
+    def __init__(self, segments: list):
+        self.segments = segments
+        self.input_names = [[t.name for t in s.inputs] for s in segments]
+
+    def __call__(self, x: list, gates: np.ndarray):
+        n = len(x[0])
+        classes = np.zeros(n, np.int64)
+        exits = np.zeros(n, np.int64)
+        confidences = np.zeros(n, np.float32)
+        rows = np.arange(n)
+        carry = dict(zip(self.input_names[0], x))
+        last = len(self.segments) - 1
+        for k in range(len(self.segments)):
+            out = self._call(k, carry, len(rows))
+            confidence = self._to_numpy(out["confidence"], len(rows))
+            confidence = confidence.astype(np.float32)
+            if k == last:
+                leave = np.ones(len(rows), bool)
+            else:
+                leave = confidence >= gates[k]
+            logits = self._to_numpy(out["logits"], len(rows))
+            done = rows[leave]
+            classes[done] = np.argmax(logits[leave], axis=-1)
+            exits[done] = k
+            confidences[done] = confidence[leave]
+            stay = np.flatnonzero(~leave)
+            if stay.size == 0:
+                break
+            carry = {name: out[name] for name in self.input_names[k + 1]}
+            if stay.size < len(rows):
+                carry = {name: self._take(v, stay) for name, v in carry.items()}
+                rows = rows[stay]
+        return classes, exits, confidences
+
+    def compiled_count(self) -> int:
+        """Compiled executables held (bounded whatever the batch sizes)."""
+        return 0
+
+
+class _EagerRunner(_LoopRunner):
+    """PyTorch (and any other eager backend): exact batch sizes, no
+    autograd bookkeeping, carries stay tensors on their device."""
+
+    def __call__(self, x: list, gates: np.ndarray):
+        import torch
+
+        with torch.inference_mode():
+            return super().__call__(x, gates)
+
+    def _call(self, k: int, carry: dict, n: int) -> dict:
+        carry = {name: keras.ops.convert_to_tensor(v) for name, v in carry.items()}
+        return self.segments[k](carry, training=False)
+
+    def _to_numpy(self, value, n: int) -> np.ndarray:
+        return keras.ops.convert_to_numpy(value)
+
+    def _take(self, value, rows: np.ndarray):
+        import torch
+
+        return value.index_select(0, torch.as_tensor(rows, device=value.device))
+
+
+class _JaxRunner(_LoopRunner):
+    """`jax.jit` of each segment's stateless call on batches padded to
+    `bucket_size`; the jit caches hold one executable per bucket reached.
+    Outputs keep their padded rows (sliced off when read); a carry that
+    loses no sample goes on unchanged."""
+
+    def __init__(self, segments: list):
+        super().__init__(segments)
+        import jax
+
+        def stateless(segment):
+            def call(trainable, non_trainable, inputs):
+                out, _ = segment.stateless_call(
+                    trainable, non_trainable, inputs, training=False
+                )
+                return out
+
+            return jax.jit(call)
+
+        self.functions = [stateless(s) for s in segments]
+
+    def _call(self, k: int, carry: dict, n: int) -> dict:
+        size = bucket_size(n)
+        carry = {name: _pad_rows(v, size) for name, v in carry.items()}
+        segment = self.segments[k]
+        return self.functions[k](
+            [v.value for v in segment.trainable_variables],
+            [v.value for v in segment.non_trainable_variables],
+            carry,
+        )
+
+    def _to_numpy(self, value, n: int) -> np.ndarray:
+        return np.asarray(value)[:n]
+
+    def _take(self, value, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(value)[rows]
+
+    def compiled_count(self) -> int:
+        return sum(f._cache_size() for f in self.functions)
+
+
+def _pad_rows(value, size: int):
+    """`value` with `size` rows: padding repeats the last row (finite
+    values; padded rows are never read)."""
+    if len(value) == size:
+        return value
+    value = np.asarray(value)
+    return np.concatenate([value, np.repeat(value[-1:], size - len(value), axis=0)])
+
+
+class _GraphRunner:
+    """TensorFlow: one graph per model runs a whole gated batch. Traced
+    once, on the first call, with a dynamic batch dimension (graph kernels
+    take any batch size, so nothing is padded); the thresholds are an
+    argument, so changing them does not retrace. A segment runs only if
+    some sample is still in play (`tf.cond`)."""
+
+    def __init__(self, segments: list):
+        self.segments = segments
+        self.input_names = [[t.name for t in s.inputs] for s in segments]
+        self.function = None
+
+    def __call__(self, x: list, gates: np.ndarray):
+        if self.function is None:
+            import tensorflow as tf
+
+            signature = [
+                [tf.TensorSpec((None,) + v.shape[1:], v.dtype) for v in x],
+                tf.TensorSpec(gates.shape, tf.float32),
+            ]
+            self.function = tf.function(self._gated, input_signature=signature)
+        return tuple(v.numpy() for v in self.function(x, gates))
+
+    def _gated(self, x, gates):
+        import tensorflow as tf
+
+        n = tf.shape(x[0])[0]
+        result = (
+            tf.zeros([n], tf.int64),
+            tf.zeros([n], tf.int64),
+            tf.zeros([n], tf.float32),
+        )
+        carry = dict(zip(self.input_names[0], x))
+        return self._from(0, carry, tf.range(n), gates, result)
+
+    def _from(self, k: int, carry: dict, rows, gates, result):
+        """Segments k and deeper on the samples `rows` (segment k's carry)."""
+        import tensorflow as tf
+
+        out = self.segments[k](carry, training=False)
+        confidence = tf.cast(out["confidence"], tf.float32)
+        if k == len(self.segments) - 1:
+            leave = tf.ones_like(confidence, tf.bool)
+        else:
+            leave = confidence >= gates[k]
+        done = tf.where(leave)[:, 0]
+        at = tf.gather(rows, done)[:, None]
+        classes, exits, confidences = result
+        result = (
+            tf.tensor_scatter_nd_update(
+                classes, at, tf.argmax(tf.gather(out["logits"], done), axis=-1)
+            ),
+            tf.tensor_scatter_nd_update(
+                exits, at, tf.fill(tf.shape(done), tf.constant(k, tf.int64))
+            ),
+            tf.tensor_scatter_nd_update(confidences, at, tf.gather(confidence, done)),
+        )
+        if k == len(self.segments) - 1:
+            return result
+        stay = tf.where(~leave)[:, 0]
+
+        def deeper():
+            carry = {
+                name: tf.gather(out[name], stay) for name in self.input_names[k + 1]
+            }
+            return self._from(k + 1, carry, tf.gather(rows, stay), gates, result)
+
+        return tf.cond(tf.size(stay) > 0, deeper, lambda: result)
+
+    def compiled_count(self) -> int:
+        """Traces made (one whatever the batch sizes)."""
+        if self.function is None:
+            return 0
+        return self.function.experimental_get_tracing_count()
 
 
 def check_inputs(model, x) -> list[np.ndarray]:
