@@ -44,8 +44,10 @@ def confidence(logits, criterion: str = "max_prob", temperature=1.0):
         is_top = ops.cast(probs >= top1[:, None], probs.dtype)  # (batch, classes)
         # Masking the maxima leaves the runner-up; a tie for first means 0.
         top2 = ops.max(probs - 2.0 * is_top, axis=-1)  # (batch,)
-        tie = ops.sum(is_top, axis=-1) > 1.5  # (batch,)
-        score = ops.where(tie, ops.zeros_like(top1), top1 - top2)
+        # 1 without a tie, 0 with one: a product rather than a select, since
+        # TFLite Micro has no kernel for the SELECT op `where` becomes.
+        unique = ops.cast(ops.sum(is_top, axis=-1) < 1.5, probs.dtype)  # (batch,)
+        score = (top1 - top2) * unique
     else:
         num_classes = logits.shape[-1]
         log_probs = ops.log_softmax(logits, axis=-1)  # (batch, classes)

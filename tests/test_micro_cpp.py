@@ -233,7 +233,6 @@ def _criterion_bundle(root: str, criterion: str, thresholds: list[float]) -> str
     """An untrained width-4 digits CNN as an int8 bundle with `criterion`
     and temperatures other than 1 (a MUL before each gate's softmax)."""
     import keras_earlyexit as kee
-    from keras_earlyexit.export.micro import UnsupportedOpError
 
     path = os.path.join(root, f"{criterion}_bundle")
     if os.path.isdir(path):
@@ -243,12 +242,9 @@ def _criterion_bundle(root: str, criterion: str, thresholds: list[float]) -> str
     model.set_temperatures([0.5, 0.8, 1.5])
     model.set_thresholds(thresholds)
     x = demo.load_digits(seed=0).x_val[:64]
-    try:
-        return kee.export.to_tflite(
-            model, path, representative_data=x, quantization="int8", verbose=0
-        )
-    except UnsupportedOpError as e:
-        pytest.xfail(f"{criterion} gates do not convert for TFLite Micro yet: {e}")
+    return kee.export.to_tflite(
+        model, path, representative_data=x, quantization="int8", verbose=0
+    )
 
 
 BUNDLES = {
