@@ -9,6 +9,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 3
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
+	@echo "Installing keras-earlyexit with all backends into $(VENV) (first run only: a few minutes, 3.7 GB)..."
 	$(PY) -m pip install --quiet --editable ".[dev]" --constraint constraints.txt
 	touch $@
 

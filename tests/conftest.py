@@ -13,6 +13,14 @@ import keras_earlyexit as kee
 from keras_earlyexit import demo
 
 
+if keras.backend.backend() == "torch":
+    import torch
+
+    # One thread: the same float reductions on every machine, and on a small
+    # shared CPU the tiny ops of these models run far faster than with two.
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     keras.utils.set_random_seed(0)
