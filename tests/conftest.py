@@ -12,7 +12,6 @@ import pytest
 import keras_earlyexit as kee
 from keras_earlyexit import demo
 
-
 if keras.backend.backend() == "torch":
     import torch
 
