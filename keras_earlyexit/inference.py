@@ -172,26 +172,23 @@ class _JaxRunner(_LoopRunner):
         super().__init__(segments)
         import jax
 
-        def stateless(segment):
-            def call(trainable, non_trainable, inputs):
-                out, _ = segment.stateless_call(
-                    trainable, non_trainable, inputs, training=False
-                )
-                return out
+        def stateless(segment, variables):
+            def call(values, inputs):
+                with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                    return segment(inputs, training=False)
 
             return jax.jit(call)
 
-        self.functions = [stateless(s) for s in segments]
+        # Walking the layers for their variables costs more than a small
+        # segment's call: the list is taken once, the values at each call
+        # (so weights changed later are used).
+        self.variables = [list(s.variables) for s in segments]
+        self.functions = [stateless(s, v) for s, v in zip(segments, self.variables)]
 
     def _call(self, k: int, carry: dict, n: int) -> dict:
         size = bucket_size(n)
         carry = {name: _pad_rows(v, size) for name, v in carry.items()}
-        segment = self.segments[k]
-        return self.functions[k](
-            [v.value for v in segment.trainable_variables],
-            [v.value for v in segment.non_trainable_variables],
-            carry,
-        )
+        return self.functions[k]([v.value for v in self.variables[k]], carry)
 
     def _to_numpy(self, value, n: int) -> np.ndarray:
         return np.asarray(value)[:n]

@@ -1,0 +1,149 @@
+"""predict_early's compiled paths (one TensorFlow graph per batch, jax.jit
+on padded buckets, PyTorch inference mode) against `predict` and the gate
+rule; the compiled-function cache stays bounded; bad input."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_earlyexit as kee
+from keras_earlyexit import demo
+from keras_earlyexit.inference import bucket_size, gated_runner, select_exits
+
+
+def _confidences(model, x) -> tuple[list, np.ndarray]:
+    logits = model.predict(x, verbose=0)
+    confidences = np.stack(
+        [ops.convert_to_numpy(g(z)) for g, z in zip(model.gates, logits)], 1
+    )
+    return logits, confidences.astype(np.float32)
+
+
+def _quantile_thresholds(confidences, shares) -> list[float]:
+    """Thresholds letting about `shares[k]` of all samples leave at exit k."""
+    thresholds, remaining = [], np.ones(len(confidences), bool)
+    for k, share in enumerate(shares):
+        quantile = 1.0 - share * len(confidences) / remaining.sum()
+        thresholds.append(float(np.quantile(confidences[remaining, k], quantile)))
+        remaining &= confidences[:, k] < np.float32(thresholds[-1])
+    return thresholds
+
+
+def _assert_equals_predict(model, x, thresholds, batch_size):
+    logits, confidences = _confidences(model, x)
+    exits = select_exits(confidences, thresholds)
+    rows = np.arange(len(x))
+    result = model.predict_early(x, thresholds, batch_size=batch_size)
+    # Samples within 1e-5 of a threshold may tip either way: a segment's
+    # batch size can change the last bits of a confidence.
+    # A threshold of 1.0 lets no sample leave, whatever the confidence.
+    gap = np.abs(confidences[:, :-1] - np.float32(thresholds))
+    near = (gap < 1e-5)[:, np.asarray(thresholds) < 1.0].any(axis=1)
+    assert near.mean() < 0.05
+    np.testing.assert_array_equal(result.exit_indices[~near], exits[~near])
+    chosen = np.stack(logits)[exits, rows]
+    np.testing.assert_array_equal(result.classes[~near], chosen.argmax(-1)[~near])
+    np.testing.assert_allclose(
+        result.confidences[~near], confidences[rows, exits][~near], atol=1e-5
+    )
+    return result
+
+
+@pytest.mark.parametrize("batch_size", [1, 13, 64, 360])
+def test_equals_predict_with_uneven_exits(trained_digits_model, digits, batch_size):
+    model = trained_digits_model
+    x = digits.x_test
+    _, confidences = _confidences(model, x)
+    thresholds = _quantile_thresholds(confidences, [0.4, 0.3])
+    result = _assert_equals_predict(model, x, thresholds, batch_size)
+    counts = result.exit_counts(3)
+    assert (counts > 0.2 * len(x)).all(), counts  # every exit takes a share
+
+
+@pytest.mark.parametrize(
+    "thresholds, exit_index", [([0.0, 0.0], 0), ([1.0, 0.0], 1), ([1.0, 1.0], 2)]
+)
+def test_every_sample_at_one_exit(trained_digits_model, digits, thresholds, exit_index):
+    result = _assert_equals_predict(
+        trained_digits_model, digits.x_test[:50], thresholds, batch_size=16
+    )
+    assert (result.exit_indices == exit_index).all()
+
+
+def test_gate_rule_at_the_threshold(trained_digits_model, digits):
+    """A sample leaves iff float32(confidence) >= float32(threshold): one
+    whose confidence equals the threshold leaves."""
+    model, x = trained_digits_model, digits.x_test[:64]
+    first = model.predict_early(x, [0.0, 0.0]).confidences  # all leave at exit 0
+    threshold = float(np.sort(first)[len(first) // 2])
+    result = model.predict_early(x, [threshold, 1.0])
+    np.testing.assert_array_equal(result.exit_indices == 0, first >= threshold)
+    assert (result.exit_indices[first < threshold] == 2).all()
+
+
+def test_integer_token_inputs(rng):
+    inputs = keras.Input((6,), dtype="int32", name="tokens")
+    x = keras.layers.Embedding(20, 8)(inputs)
+    exit_1 = kee.ExitBranch(3, name="exit_1")(x)
+    x = keras.layers.Conv1D(8, 3, padding="same")(x)
+    final = kee.ExitBranch(3, name="final")(x)
+    model = kee.EarlyExitModel(inputs, [exit_1, final])
+    model.set_temperatures([0.02, 1.0])  # spread the untrained confidences
+    tokens = rng.integers(0, 20, size=(40, 6))
+    _, confidences = _confidences(model, tokens)
+    threshold = float(np.median(confidences[:, 0]))
+    _assert_equals_predict(model, tokens, [threshold], batch_size=7)
+    with pytest.raises(ValueError, match=r"'tokens' is int32 .* dtype float"):
+        model.predict_early(tokens.astype("float32"))
+
+
+def test_bucket_sizes():
+    sizes = [bucket_size(n) for n in range(1, 1025)]
+    assert sizes[:8] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert all(s >= n and s <= 1.25 * n for n, s in zip(range(1, 1025), sizes))
+    assert sizes == sorted(sizes)
+    assert len(set(sizes)) <= 4 * 10  # 4 per octave up to 2**10
+
+
+def test_compiled_cache_stays_bounded(digits):
+    model = demo.digits_cnn(width=4)
+    model.set_temperatures([0.05, 0.05, 1.0])
+    x = digits.x_test[:96]
+    _, confidences = _confidences(model, x)
+    thresholds = _quantile_thresholds(confidences, [0.4, 0.3])
+    runner = gated_runner(model)
+    for n in range(1, 97, 3):  # 32 distinct batch sizes, uneven exits
+        model.predict_early(x[:n], thresholds, batch_size=n)
+    counts = [runner.compiled_count()]
+    for n in range(2, 97, 3):
+        model.predict_early(x[:n], thresholds, batch_size=n)
+    counts.append(runner.compiled_count())
+    assert gated_runner(model) is runner
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        assert counts == [1, 1]  # one graph for every batch size
+    elif backend == "jax":
+        buckets = len({bucket_size(n) for n in range(1, 97)})
+        assert counts[1] <= model.num_exits * buckets
+        # New batch sizes fall into the buckets already compiled, mostly.
+        assert counts[1] - counts[0] <= model.num_exits * 4
+    else:
+        assert counts == [0, 0]  # eager: nothing compiled
+
+
+def test_bad_input_leaves_the_compiled_path_usable(digits):
+    model = demo.digits_cnn(width=4)
+    x = digits.x_test[:8]
+    expected = model.predict_early(x, [0.5, 0.5])
+    with pytest.raises(ValueError, match="Expected 2 thresholds"):
+        model.predict_early(x, [0.5])
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        model.predict_early(x, batch_size=0)
+    with pytest.raises(ValueError, match=r"'image' is float32 .* dtype int64"):
+        model.predict_early(np.zeros((2, 8, 8, 1), np.int64))
+    with pytest.raises(ValueError, match=r"expects samples of shape \(8, 8, 1\)"):
+        model.predict_early(np.zeros((2, 8, 9, 1), np.float32))
+    again = model.predict_early(x, [0.5, 0.5])
+    np.testing.assert_array_equal(again.classes, expected.classes)
+    np.testing.assert_array_equal(again.exit_indices, expected.exit_indices)
