@@ -83,12 +83,13 @@ def test_gate_rule_at_the_threshold(trained_digits_model, digits):
 
 
 def test_integer_token_inputs(rng):
-    inputs = keras.Input((6,), dtype="int32", name="tokens")
-    x = keras.layers.Embedding(20, 8)(inputs)
-    exit_1 = kee.ExitBranch(3, name="exit_1")(x)
-    x = keras.layers.Conv1D(8, 3, padding="same")(x)
-    final = kee.ExitBranch(3, name="final")(x)
-    model = kee.EarlyExitModel(inputs, [exit_1, final])
+    tokens_in = keras.Input((6,), dtype="int32", name="tokens")
+    embedded = keras.layers.Embedding(20, 4)(tokens_in)
+    deeper = keras.layers.Dense(8, activation="relu")(embedded)
+    model = kee.EarlyExitModel(
+        tokens_in,
+        [kee.ExitBranch(3, name="exit_1")(embedded), kee.ExitBranch(3)(deeper)],
+    )
     model.set_temperatures([0.02, 1.0])  # spread the untrained confidences
     tokens = rng.integers(0, 20, size=(40, 6))
     _, confidences = _confidences(model, tokens)
