@@ -20,6 +20,33 @@ if keras.backend.backend() == "torch":
     torch.set_num_threads(1)
 
 
+# Modules whose subject does not depend on the Keras backend (the runtimes,
+# TFLite files, generated code, file safety) run in the TensorFlow pass of
+# `make test` only; conversion from JAX and PyTorch models is covered by
+# test_export.py in every pass.
+TENSORFLOW_PASS_ONLY = frozenset(
+    {
+        "test_c_arrays.py",
+        "test_calibrate_artifact.py",
+        "test_export_safety.py",
+        "test_fused.py",
+        "test_runtime.py",
+        "test_runtime_standalone.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if keras.backend.backend() == "tensorflow":
+        return
+    skip = pytest.mark.skip(
+        reason="backend-independent; runs with KERAS_BACKEND=tensorflow"
+    )
+    for item in items:
+        if item.path.name in TENSORFLOW_PASS_ONLY:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     keras.utils.set_random_seed(0)

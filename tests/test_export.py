@@ -32,6 +32,12 @@ if keras.backend.backend() == "tensorflow":
     MODES = ("float32", "float16", "dynamic", "int8")
 else:
     MODES = ("float32", "int8")
+# What conversion does with a graph does not depend on the backend that
+# trained the model: these run in the TensorFlow pass only.
+tensorflow_only = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="backend-independent conversion detail; runs with KERAS_BACKEND=tensorflow",
+)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +129,7 @@ def gate_bundles(trained_digits_model, digits, tmp_path_factory) -> dict:
     return out
 
 
+@tensorflow_only
 @pytest.mark.parametrize("name", GATES)
 def test_int8_exits_agree_with_keras_for_every_gate(name, gate_bundles, digits):
     """The int8 gate inside each segment takes the exit Keras takes.
@@ -178,6 +185,7 @@ def concat_bundle(digits, tmp_path_factory):
     return model, bundle
 
 
+@tensorflow_only
 def test_int8_boundary_patch_moves_the_tensors_tied_to_the_carry(concat_bundle):
     """Segment 1's carry scale differs from segment 2's calibrated input by
     float rounding: the patch gives the input and every max-pool and
@@ -216,6 +224,7 @@ def test_int8_boundary_patch_moves_the_tensors_tied_to_the_carry(concat_bundle):
     interpreter.invoke()
 
 
+@tensorflow_only
 def test_int8_bundle_with_a_concatenation_across_an_exit_agrees_with_keras(
     concat_bundle, digits
 ):
@@ -308,6 +317,7 @@ def test_int8_bundles_carry_measured_arenas(bundles):
                 assert segment.arena_bytes is segment.arena_head_bytes is None
 
 
+@tensorflow_only
 def test_op_without_tflite_micro_kernel_names_segment_and_layer(tmp_path, rng):
     """GELU converts to an int8 TFLite builtin that TFLite Micro lacks: an
     int8 export fails naming the op, the segment and the Keras layer; with
@@ -369,6 +379,7 @@ def _snapshot(directory) -> dict:
     }
 
 
+@tensorflow_only
 def test_interrupted_conversion_keeps_the_previous_bundle(
     bundles, trained_digits_model, tmp_path
 ):
@@ -415,6 +426,7 @@ def test_interrupted_conversion_keeps_the_previous_bundle(
     assert _snapshot(bundle) == before  # the same model converts the same
 
 
+@tensorflow_only
 def test_non_finite_calibration_data_is_refused(trained_digits_model, tmp_path):
     # The converter would silently fall back to float kernels on a NaN range.
     x = np.full((4, 8, 8, 1), np.nan, np.float32)
@@ -431,6 +443,7 @@ def test_quantize_threshold_edges():
     assert manifest_lib.quantize_threshold(0.5, 1 / 256, -128) == 0
 
 
+@tensorflow_only
 def test_conversion_is_quiet_and_labelled_when_verbose(digits, tmp_path, capfd):
     """The converter's MLIR/absl logs and `fully_quantize` lines never reach
     the terminal; verbose=1 prints a label and a progress bar only."""
