@@ -30,7 +30,7 @@ reach when each segment costs what it costs here per sample (time of each
 segment on a full batch, weighted by the share of samples reaching it):
 segments of MobileNetV2 cost very different times per MAC on a CPU.
 
-Run: `python benchmarks/predict_early_speed.py` (all backends, about 8
+Run: `python benchmarks/predict_early_speed.py` (all backends, about 9
 minutes on 2 cores) or `KERAS_BACKEND=jax python
 benchmarks/predict_early_speed.py --one`. Writes
 `benchmarks/results/predict_early_speed.{md,json}`.
