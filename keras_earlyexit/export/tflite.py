@@ -61,6 +61,7 @@ from keras_earlyexit.export.manifest import (
     sha256_of,
     write_manifest,
 )
+from keras_earlyexit.runtime.gated import gather_inputs
 
 # Relative scale difference below which two int8 boundary parameters are
 # the same calibration up to float rounding.
@@ -216,20 +217,7 @@ def input_dict(model, x) -> dict[str, np.ndarray]:
     """
     specs = model.segments()[0].inputs
     names = [t.name for t in specs]
-    if isinstance(x, dict):
-        missing = set(names) - set(x)
-        if missing:
-            raise ValueError(
-                f"Input data lacks {sorted(missing)}; the model's inputs are {names}."
-            )
-        arrays = [x[n] for n in names]
-    else:
-        arrays = list(x) if isinstance(x, (list, tuple)) else [x]
-    if len(arrays) != len(names):
-        raise ValueError(
-            f"The model takes {len(names)} input(s) {names}; received "
-            f"{len(arrays)} array(s)."
-        )
+    arrays = gather_inputs(x, names)
     out = {}
     for name, array, spec in zip(names, arrays, specs):
         array = np.asarray(array)

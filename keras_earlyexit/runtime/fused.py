@@ -37,9 +37,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from keras_earlyexit.runtime.gated import (
-    BACKENDS,
     RuntimeStats,
     SampleResult,
+    check_arguments,
     prepare_inputs,
 )
 from keras_earlyexit.runtime.manifest import (
@@ -512,21 +512,7 @@ class FusedInterpreter:
         thresholds=None,
         arena_size: int | None = None,
     ):
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"Unknown backend {backend!r}. Use one of "
-                f"{', '.join(map(repr, BACKENDS))}."
-            )
-        if not isinstance(num_threads, int) or num_threads < 1:
-            raise ValueError(
-                f"num_threads must be an int >= 1. Received: {num_threads!r}"
-            )
-        if arena_size is not None and (
-            not isinstance(arena_size, int) or arena_size < 1
-        ):
-            raise ValueError(
-                f"arena_size must be an int >= 1. Received: {arena_size!r}"
-            )
+        check_arguments(backend, num_threads, arena_size)
         self.path = os.path.abspath(path)
         if not os.path.isfile(self.path):
             raise FusedModelError(

@@ -185,10 +185,9 @@ def prepare_input(array: np.ndarray, spec: TensorInfo) -> np.ndarray:
     return array.astype(spec.dtype, copy=False)
 
 
-def prepare_inputs(x, specs: list[TensorInfo]) -> list[np.ndarray]:
-    """A model's input batches from `x` (an array, a list in input order, or
-    a dict by input name), each checked by `prepare_input`."""
-    names = [t.name for t in specs]
+def gather_inputs(x, names: list[str]) -> list:
+    """The arrays of `x` in input order: `x` is one array (a single-input
+    model), a list in input order, or a dict by input name."""
     if isinstance(x, dict):
         missing = set(names) - set(x)
         if missing:
@@ -198,15 +197,50 @@ def prepare_inputs(x, specs: list[TensorInfo]) -> list[np.ndarray]:
         arrays = [x[name] for name in names]
     else:
         arrays = list(x) if isinstance(x, (list, tuple)) else [x]
-    if len(arrays) != len(specs):
+    if len(arrays) != len(names):
         raise ValueError(
-            f"The model takes {len(specs)} input(s) {names}; received "
+            f"The model takes {len(names)} input(s) {names}; received "
             f"{len(arrays)} array(s)."
         )
+    return arrays
+
+
+def prepare_inputs(x, specs: list[TensorInfo]) -> list[np.ndarray]:
+    """A model's input batches from `x` (an array, a list in input order, or
+    a dict by input name), each checked by `prepare_input`."""
+    arrays = gather_inputs(x, [t.name for t in specs])
     prepared = [prepare_input(np.asarray(a), spec) for a, spec in zip(arrays, specs)]
     if len({len(a) for a in prepared}) > 1:
         raise ValueError("All inputs must hold the same number of samples.")
     return prepared
+
+
+def check_arguments(backend: str, num_threads, arena_size) -> None:
+    """Checks the arguments every interpreter takes (bundle or fused file),
+    and that the backend's interpreter package is installed."""
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"Unknown backend {backend!r}. Use one of {', '.join(map(repr, BACKENDS))}."
+        )
+    if type(num_threads) is not int or num_threads < 1:
+        raise ValueError(f"num_threads must be an int >= 1. Received: {num_threads!r}")
+    if arena_size is not None:
+        if backend != "micro":
+            raise ValueError(
+                "arena_size is the TFLite Micro arena: it applies to "
+                f"backend='micro' only. Received backend={backend!r}."
+            )
+        if type(arena_size) is not int or arena_size <= 0:
+            raise ValueError(
+                "arena_size must be a positive int (bytes per segment), or "
+                f"None for the size measured at export. Received: {arena_size!r}"
+            )
+    package, extra = _PACKAGES[backend]
+    if importlib.util.find_spec(package) is None:
+        raise ImportError(
+            f"backend={backend!r} needs the {package} package: pip install "
+            f"'keras-earlyexit[{extra}]'."
+        )
 
 
 class SampleResult(NamedTuple):
@@ -358,32 +392,7 @@ class GatedInterpreter:
         thresholds=None,
         arena_size: int | None = None,
     ):
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"Unknown backend {backend!r}. Use one of "
-                f"{', '.join(map(repr, BACKENDS))}."
-            )
-        if type(num_threads) is not int or num_threads < 1:
-            raise ValueError(
-                f"num_threads must be an int >= 1. Received: {num_threads!r}"
-            )
-        if arena_size is not None:
-            if backend != "micro":
-                raise ValueError(
-                    "arena_size is the TFLite Micro arena: it applies to "
-                    f"backend='micro' only. Received backend={backend!r}."
-                )
-            if type(arena_size) is not int or arena_size <= 0:
-                raise ValueError(
-                    "arena_size must be a positive int (bytes per segment), or "
-                    f"None for the size measured at export. Received: {arena_size!r}"
-                )
-        package, extra = _PACKAGES[backend]
-        if importlib.util.find_spec(package) is None:
-            raise ImportError(
-                f"backend={backend!r} needs the {package} package: pip install "
-                f"'keras-earlyexit[{extra}]'."
-            )
+        check_arguments(backend, num_threads, arena_size)
         self.directory = os.path.abspath(directory)
         self.backend = backend
         self.num_threads = num_threads
