@@ -20,7 +20,7 @@ _EXPORTS = {
     "profile": "keras_earlyexit.evaluation",
     "EarlyExitPrediction": "keras_earlyexit.runtime.prediction",
     "ExitBranch": "keras_earlyexit.layers",
-    "ExitGate": "keras_earlyexit.layers",
+    "ExitGate": "keras_earlyexit.gate",
     "EarlyExitLoss": "keras_earlyexit.losses",
     "ExitCurriculum": "keras_earlyexit.losses",
     "exit_weights": "keras_earlyexit.losses",

@@ -7,7 +7,8 @@ import keras
 from keras import ops
 
 from keras_earlyexit import graph, inference
-from keras_earlyexit.layers import ExitBranch, ExitGate, check_threshold
+from keras_earlyexit.gate import ExitGate, check_threshold
+from keras_earlyexit.layers import ExitBranch
 from keras_earlyexit.losses import EarlyExitLoss, one_hot_targets
 
 _PACKAGE = "keras_earlyexit"

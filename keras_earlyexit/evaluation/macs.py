@@ -46,7 +46,8 @@ import keras
 import numpy as np
 
 from keras_earlyexit import graph as graph_lib
-from keras_earlyexit.layers import ExitBranch, ExitGate
+from keras_earlyexit.gate import ExitGate
+from keras_earlyexit.layers import ExitBranch
 
 _CONV = (
     keras.layers.Conv1D,

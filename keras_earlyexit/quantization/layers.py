@@ -21,7 +21,8 @@ the TFLite converter takes as the int8 parameters of the tensors.
 import keras
 from keras import ops
 
-from keras_earlyexit.layers import ExitBranch, ExitGate
+from keras_earlyexit.gate import ExitGate
+from keras_earlyexit.layers import ExitBranch
 
 _PACKAGE = "keras_earlyexit"
 
