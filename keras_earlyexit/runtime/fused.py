@@ -22,6 +22,14 @@ confidence, cast to int32, with the quantized threshold (128: never);
 float files compare the float32 confidence with float32(threshold), or with
 `FLOAT_NEVER` (2.0) for a threshold of 1.0, which no sample reaches.
 
+Criterion `"patience"` (the manifest's `patience` is p, as in a bundle's
+manifest): the graph keeps each sample's class (ARG_MAX of the exit's
+logits) and streak (float32: the exits in a row with that class) from
+segment to segment, through the IF inputs, and a sample leaves exit k when
+its streak >= p and its confidence passes the floor threshold. p is a
+float32 constant of each non-final exit's gate (`patience_buffer`), so that
+`kee.export.set_thresholds` can rewrite it too.
+
 Imports neither Keras nor TensorFlow: NumPy, the flatbuffer schema of
 `ai_edge_litert` (or of `tflite_micro`) and the interpreter of the backend.
 """
@@ -84,6 +92,9 @@ class FusedExit:
             parameters inside the graph (None for float files).
         threshold_buffer: index of the buffer holding the threshold
             constant (None for the final exit, which has no gate).
+        patience_buffer: criterion `"patience"`: index of the buffer
+            holding p (float32) that the exit's streak is compared with
+            (None for other criteria and for the final exit).
     """
 
     index: int
@@ -94,6 +105,7 @@ class FusedExit:
     confidence_scale: float | None = None
     confidence_zero_point: int | None = None
     threshold_buffer: int | None = None
+    patience_buffer: int | None = None
 
     @property
     def quantized(self) -> bool:
@@ -114,6 +126,7 @@ class FusedManifest:
     outputs: list[str]
     exits: list[FusedExit]
     source_sha256: str
+    patience: int | None = None
     arena_bytes: int | None = None
     arena_head_bytes: int | None = None
     content_sha256: str = HASH_PLACEHOLDER

@@ -13,6 +13,7 @@ Schema (`format_version` 1):
   "format_version": 1,
   "quantization": "int8" | "float16" | "dynamic" | "float32",
   "model_name": str, "num_classes": int, "criterion": str,
+  "patience": int | null,              # criterion "patience" only, see below
   "exit_names": [str, ...],
   "boundary": str,                     # how int8 carries cross segments
   "segments": [{
@@ -29,7 +30,8 @@ Schema (`format_version` 1):
   }, ...]
 }
 TENSOR = {"name": str, "position": int, "shape": [int, ...], "dtype": str,
-          "scale": float | null, "zero_point": int | null}
+          "scale": float | null, "zero_point": int | null,
+          "value_range": [int, int] | null}  # optional, see below
 ```
 
 Tensors are matched by `name` (the TFLite signature name); `position` is the
@@ -46,6 +48,26 @@ allocates and invokes with on its own, measured at export (int8 bundles,
 holds activations, which segments on one shared `MicroAllocator` reuse.
 Both are optional additions to version 1: they are null, or absent in
 bundles written before them, when not measured.
+
+`criterion` is the criterion of every gate. With `"patience"` (PABEE,
+`runtime.patience`), the top-level `patience` is the number p of exits in
+a row that must predict the same class: a sample leaves non-final exit k
+when its streak (exits in a row, ending at k, whose class, the argmax of
+their `logits`, is the same; 1 at exit 0) reaches p and its `confidence`
+(the top-1 probability) passes the gate's `threshold`, a confidence floor
+(0.0: none; int8 segments compare `threshold_quantized` as for any
+criterion). The loop that runs the segments keeps the class and streak of
+each sample; the segments are those of any criterion. `patience` is an
+integer in [1, number of exits] for `"patience"`, and null (or absent, in
+bundles written before it) for every other criterion: an optional
+addition to version 1.
+
+`value_range` (optional addition to version 1) is the inclusive range
+`[low, high]` of the values an integer model input may take, where the
+exporter knows it (token ids that feed an embedding of `n` rows:
+`[0, n - 1]`); runtimes refuse values outside it before a segment runs.
+Null or absent: only the dtype's range applies. Integer inputs (token ids,
+padding masks) are never quantized: they have no `scale`.
 
 A bundle may come from elsewhere, so reading checks every field (type,
 range, consistency with the other fields) and raises `BundleError` naming
@@ -90,6 +112,8 @@ class TensorInfo:
     dtype: str
     scale: float | None = None
     zero_point: int | None = None
+    # Integer inputs: the inclusive range of valid values, where known.
+    value_range: list[int] | None = None
 
     @property
     def quantized(self) -> bool:
@@ -147,6 +171,8 @@ class Manifest:
     exit_names: list[str]
     boundary: str
     segments: list[SegmentInfo] = field(default_factory=list)
+    # Criterion "patience" only (see the module docstring).
+    patience: int | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -307,6 +333,9 @@ def _inside(directory: str, name: str, what: str) -> str:
 _MAX_MANIFEST_BYTES = 16 << 20
 _MAX_ARENA_BYTES = 1 << 30  # the runtime allocates what the manifest says
 DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool")
+INTEGER_DTYPES = ("int8", "uint8", "int16", "int32", "int64")
+# The criterion whose gates also need the streak of equal classes.
+PATIENCE = "patience"
 # Names end up in messages and generated sources: printable, no quotes,
 # backslashes or control characters.
 _NAME = re.compile(r"[^\x00-\x1f\x7f\"'\\`]{1,256}")
@@ -417,7 +446,30 @@ def _parse_tensor(value, path: str) -> TensorInfo:
         )
     if tensor.quantized and tensor.dtype != "int8":
         f.fail("dtype", "'int8' for a tensor with a scale and zero-point")
+    tensor.value_range = _parse_value_range(f, tensor)
     return tensor
+
+
+def _parse_value_range(f: "_Fields", tensor: TensorInfo) -> list[int] | None:
+    value = f.get("value_range", optional=True)
+    if value is None:
+        return None
+    if tensor.quantized or tensor.dtype not in INTEGER_DTYPES:
+        kind = "quantized int8" if tensor.quantized else tensor.dtype
+        f.fail("value_range", f"null for a {kind} tensor")
+    info = np.iinfo(tensor.dtype)
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(type(v) is int and info.min <= v <= info.max for v in value)
+        or value[0] > value[1]
+    ):
+        f.fail(
+            "value_range",
+            f"[low, high], integers with low <= high in the range of "
+            f"{tensor.dtype} [{info.min}, {info.max}], or null",
+        )
+    return list(value)
 
 
 def _parse_tensors(f: _Fields, key: str, non_empty: bool) -> list[TensorInfo]:
@@ -512,6 +564,21 @@ def _parse_segment(value, k: int, num_classes: int) -> SegmentInfo:
     return segment
 
 
+def check_patience_field(f: "_Fields", criterion: str, num_exits: int) -> int | None:
+    """The top-level `patience` of a bundle or fused manifest: an integer in
+    [1, num_exits] for the patience criterion, null for any other."""
+    if criterion == PATIENCE:
+        if f.get("patience", optional=True) is None:
+            raise BundleError(
+                f"manifest field {f.name('patience')} is missing: criterion "
+                f"{PATIENCE!r} needs an integer in [1, {num_exits}]"
+            )
+        return f.integer("patience", 1, num_exits)
+    if f.get("patience", optional=True) is not None:
+        f.fail("patience", f"null for criterion {criterion!r}")
+    return None
+
+
 def _check_carry(previous: SegmentInfo, segment: SegmentInfo) -> None:
     """Segment k's `carry_out` feeds exactly segment k+1's inputs, tensor
     by tensor of the same dtype and shape."""
@@ -543,14 +610,16 @@ def _parse_manifest(data) -> Manifest:
     segments = [
         _parse_segment(s, k, num_classes) for k, s in enumerate(f.items("segments"))
     ]
+    criterion = f.string("criterion")
     manifest = Manifest(
         quantization=f.string("quantization", choices=QUANTIZATION_MODES),
         model_name=f.string("model_name"),
         num_classes=num_classes,
-        criterion=f.string("criterion"),
+        criterion=criterion,
         exit_names=f.strings("exit_names"),
         boundary=f.string("boundary"),
         segments=segments,
+        patience=check_patience_field(f, criterion, len(segments)),
         format=f.string("format", choices=(FORMAT,)),
         format_version=f.integer("format_version", FORMAT_VERSION, FORMAT_VERSION),
     )
