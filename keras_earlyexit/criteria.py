@@ -4,13 +4,17 @@ Defined once here and used by `ExitGate`, so the Keras model, the exported
 TFLite segments and every runtime compare the same number with a threshold.
 Only ops that convert to TFLite builtins with int8 kernels are used (no
 top-k, no log of a probability).
+
+`"patience"` (PABEE) decides by agreement between consecutive exits, kept
+by the loop that runs the segments (`keras_earlyexit.runtime.patience`);
+its confidence is the top-1 probability, compared with a confidence floor.
 """
 
 import math
 
 from keras import ops
 
-CRITERIA = ("max_prob", "margin", "entropy")
+CRITERIA = ("max_prob", "margin", "entropy", "patience")
 
 
 def check_criterion(criterion: str) -> str:
@@ -28,7 +32,8 @@ def confidence(logits, criterion: str = "max_prob", temperature=1.0):
     Args:
         logits: `(batch, num_classes)` tensor.
         criterion: `"max_prob"` (top-1 probability), `"margin"` (top-1 minus
-            top-2 probability) or `"entropy"` (1 - entropy / log(classes)).
+            top-2 probability), `"entropy"` (1 - entropy / log(classes)) or
+            `"patience"` (top-1 probability, the floor of a patience gate).
         temperature: logits are divided by it before the softmax.
 
     Returns:
@@ -38,7 +43,7 @@ def confidence(logits, criterion: str = "max_prob", temperature=1.0):
     logits = logits / temperature  # (batch, classes)
     probs = ops.softmax(logits, axis=-1)  # (batch, classes)
     top1 = ops.max(probs, axis=-1)  # (batch,)
-    if criterion == "max_prob":
+    if criterion in ("max_prob", "patience"):
         score = top1
     elif criterion == "margin":
         is_top = ops.cast(probs >= top1[:, None], probs.dtype)  # (batch, classes)

@@ -1,12 +1,16 @@
 """`ExitGate`: an exit's confidence (logits -> one number per sample) and
 the threshold it must reach."""
 
+import numbers
+
 import keras
 from keras import ops
 
 from keras_earlyexit import criteria
 
 _PACKAGE = "keras_earlyexit"
+# Patience of a patience gate built without one: two exits in a row agree.
+DEFAULT_PATIENCE = 2
 
 
 def check_threshold(value, what: str = "threshold") -> float:
@@ -26,6 +30,24 @@ def check_threshold(value, what: str = "threshold") -> float:
     return value
 
 
+def check_patience(value, num_exits: int | None = None) -> int:
+    """An int >= 1 (and <= `num_exits` when given), or a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(
+            "patience must be an int >= 1 (the number of exits in a row that "
+            f"must agree on the class). Received: patience={value!r}"
+        )
+    value = int(value)
+    if num_exits is not None and value > num_exits:
+        raise ValueError(
+            f"patience={value} is larger than the number of exits "
+            f"({num_exits}): no {value} exits in a row can agree. Use "
+            f"1 <= patience <= {num_exits} (patience={num_exits} lets no "
+            "sample leave before the final exit)."
+        )
+    return value
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class ExitGate(keras.layers.Layer):
     """Confidence of an exit's prediction, and the threshold it must reach.
@@ -38,12 +60,24 @@ class ExitGate(keras.layers.Layer):
     (`keras_earlyexit.runtime.manifest.gate_passes`, shared by
     `predict_early`, `profile`, `calibrate` and every runtime).
 
+    With `criterion="patience"` (PABEE, Zhou et al. 2020) a sample leaves
+    when the last `patience` exits, this one included, predict the same
+    class and its confidence (the top-1 probability) reaches the threshold,
+    a confidence floor (0.0: patience alone). The agreement count is kept
+    by the loop that runs the segments
+    (`keras_earlyexit.runtime.patience.patience_passes`); the gate itself
+    computes the confidence only. `patience` is a non-trainable weight too.
+
     Args:
-        criterion: `"max_prob"`, `"margin"` or `"entropy"` (see
-            `keras_earlyexit.criteria.confidence`).
+        criterion: `"max_prob"`, `"margin"`, `"entropy"` or `"patience"`
+            (see `keras_earlyexit.criteria.confidence`).
         threshold: float in [0, 1]; 1.0 means no sample leaves here.
+            Default 0.9, or 0.0 (no floor) for `"patience"`.
         temperature: float > 0 dividing the logits before the softmax (set
             by calibration).
+        patience: for `criterion="patience"` only: how many exits in a row
+            must agree, an int >= 1 (default 2). PABEE's patience t is
+            `patience = t + 1`.
 
     Call arguments:
         logits: `(batch, num_classes)` tensor.
@@ -59,18 +93,29 @@ class ExitGate(keras.layers.Layer):
     gate = ExitGate("margin", threshold=0.6)
     confidence = gate(logits)
     exits_here = gate_passes(confidence, gate.threshold)
+
+    pabee = ExitGate("patience", patience=3)  # 3 exits in a row agree
     ```
     """
 
     def __init__(
         self,
         criterion: str = "max_prob",
-        threshold: float = 0.9,
+        threshold: float | None = None,
         temperature: float = 1.0,
+        patience: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.criterion = criteria.check_criterion(criterion)
+        if criterion != "patience" and patience is not None:
+            raise ValueError(
+                f"patience={patience!r} applies only to criterion='patience'; "
+                f"this gate's criterion is {criterion!r}. Pass "
+                "criterion='patience' or leave patience unset."
+            )
+        if threshold is None:
+            threshold = 0.0 if criterion == "patience" else 0.9
         threshold = check_threshold(threshold)
         temperature = self._check_temperature(temperature)
         # Scalars that depend on no input shape: created here so that
@@ -87,6 +132,17 @@ class ExitGate(keras.layers.Layer):
             trainable=False,
             name="temperature",
         )
+        self.patience_variable = None
+        if criterion == "patience":
+            self.patience_variable = self.add_weight(
+                shape=(),
+                initializer=keras.initializers.Constant(
+                    check_patience(DEFAULT_PATIENCE if patience is None else patience)
+                ),
+                dtype="int32",
+                trainable=False,
+                name="patience",
+            )
         self.built = True
 
     @staticmethod
@@ -112,6 +168,22 @@ class ExitGate(keras.layers.Layer):
     def temperature(self, value):
         self.temperature_variable.assign(self._check_temperature(value))
 
+    @property
+    def patience(self) -> int | None:
+        """Exits in a row that must agree (None unless `"patience"`)."""
+        if self.patience_variable is None:
+            return None
+        return int(ops.convert_to_numpy(self.patience_variable))
+
+    @patience.setter
+    def patience(self, value):
+        if self.patience_variable is None:
+            raise ValueError(
+                f"This gate's criterion is {self.criterion!r}; patience "
+                "applies only to criterion='patience'."
+            )
+        self.patience_variable.assign(check_patience(value))
+
     def call(self, logits):
         temperature = ops.cast(self.temperature_variable, logits.dtype)
         return criteria.confidence(logits, self.criterion, temperature)
@@ -128,4 +200,6 @@ class ExitGate(keras.layers.Layer):
                 "temperature": self.temperature,
             }
         )
+        if self.patience_variable is not None:
+            config["patience"] = self.patience
         return config

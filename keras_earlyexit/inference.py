@@ -14,6 +14,11 @@ converts every output to NumPy once per segment):
   compiles a bounded set of shapes;
 - PyTorch: the eager calls under `torch.inference_mode`, exact batch sizes,
   carries kept as tensors on their device.
+
+A patience gate (PABEE) also needs each sample's class at the previous exit
+and its streak: the loops keep them per sample still in play and compact
+them with the carries (NumPy on JAX and PyTorch, in the graph on
+TensorFlow), by the rule of `keras_earlyexit.runtime.patience`.
 """
 
 import weakref
@@ -22,22 +27,38 @@ import keras
 import numpy as np
 
 from keras_earlyexit.runtime.manifest import gate_passes
+from keras_earlyexit.runtime.patience import next_streak, patience_passes
 from keras_earlyexit.runtime.prediction import EarlyExitPrediction
 
 
-def select_exits(confidences: np.ndarray, thresholds) -> np.ndarray:
+def select_exits(
+    confidences: np.ndarray,
+    thresholds,
+    streaks: np.ndarray | None = None,
+    patience: int | None = None,
+) -> np.ndarray:
     """Exit each sample takes given all exits' confidences `(n, exits)`:
-    the first whose confidence reaches its threshold, else the last."""
+    the first whose confidence reaches its threshold, else the last. With
+    `patience`, the first whose streak (`(n, exits)`, see
+    `runtime.patience.streaks`) also reaches it."""
     n, num_exits = confidences.shape
     passes = np.ones((n, num_exits), bool)  # the final exit takes the rest
     for k, threshold in enumerate(thresholds):
-        passes[:, k] = gate_passes(confidences[:, k], threshold)
+        if patience is None:
+            passes[:, k] = gate_passes(confidences[:, k], threshold)
+        else:
+            passes[:, k] = patience_passes(
+                streaks[:, k], patience, confidences[:, k], threshold
+            )
     return np.argmax(passes, axis=1)
 
 
-def predict_early(model, x, thresholds, batch_size: int = 256) -> EarlyExitPrediction:
+def predict_early(
+    model, x, thresholds, batch_size: int = 256, patience: int | None = None
+) -> EarlyExitPrediction:
     """Runs `model`'s segments with per-sample exits; see
-    `EarlyExitModel.predict_early`."""
+    `EarlyExitModel.predict_early`. `patience`: None, or the patience of a
+    `"patience"` model (checked by the caller)."""
     runner = gated_runner(model)
     x = check_inputs(model, x)
     n = len(x[0])
@@ -47,7 +68,7 @@ def predict_early(model, x, thresholds, batch_size: int = 256) -> EarlyExitPredi
     gates = _gate_values(thresholds)
     for start in range(0, n, batch_size):
         rows = slice(start, min(start + batch_size, n))
-        classes, exits, confidences = runner([v[rows] for v in x], gates)
+        classes, exits, confidences = runner([v[rows] for v in x], gates, patience)
         result.classes[rows] = classes
         result.exit_indices[rows] = exits
         result.confidences[rows] = confidences
@@ -104,30 +125,37 @@ class _LoopRunner:
         self.segments = segments
         self.input_names = [[t.name for t in s.inputs] for s in segments]
 
-    def __call__(self, x: list, gates: np.ndarray):
+    def __call__(self, x: list, gates: np.ndarray, patience: int | None = None):
         n = len(x[0])
         classes = np.zeros(n, np.int64)
         exits = np.zeros(n, np.int64)
         confidences = np.zeros(n, np.float32)
         rows = np.arange(n)
+        # Patience: class at the previous exit and streak, per row in play.
+        previous = np.full(n, -1, np.int64)
+        streak = np.zeros(n, np.int64)
         carry = dict(zip(self.input_names[0], x))
         last = len(self.segments) - 1
         for k in range(len(self.segments)):
             out = self._call(k, carry, len(rows))
             confidence = self._to_numpy(out["confidence"], len(rows))
             confidence = confidence.astype(np.float32)
+            predicted = np.argmax(self._to_numpy(out["logits"], len(rows)), axis=-1)
             if k == last:
                 leave = np.ones(len(rows), bool)
-            else:
+            elif patience is None:
                 leave = confidence >= gates[k]
-            logits = self._to_numpy(out["logits"], len(rows))
+            else:
+                streak = next_streak(previous, streak, predicted)
+                leave = patience_passes(streak, patience, confidence, gates[k])
             done = rows[leave]
-            classes[done] = np.argmax(logits[leave], axis=-1)
+            classes[done] = predicted[leave]
             exits[done] = k
             confidences[done] = confidence[leave]
             stay = np.flatnonzero(~leave)
             if stay.size == 0:
                 break
+            previous, streak = predicted[stay], streak[stay]
             carry = {name: out[name] for name in self.input_names[k + 1]}
             if stay.size < len(rows):
                 carry = {name: self._take(v, stay) for name, v in carry.items()}
@@ -143,11 +171,11 @@ class _EagerRunner(_LoopRunner):
     """PyTorch (and any other eager backend): exact batch sizes, no
     autograd bookkeeping, carries stay tensors on their device."""
 
-    def __call__(self, x: list, gates: np.ndarray):
+    def __call__(self, x: list, gates: np.ndarray, patience: int | None = None):
         import torch
 
         with torch.inference_mode():
-            return super().__call__(x, gates)
+            return super().__call__(x, gates, patience)
 
     def _call(self, k: int, carry: dict, n: int) -> dict:
         carry = {name: keras.ops.convert_to_tensor(v) for name, v in carry.items()}
@@ -212,27 +240,32 @@ def _pad_rows(value, size: int):
 class _GraphRunner:
     """TensorFlow: one graph per model runs a whole gated batch. Traced
     once, on the first call, with a dynamic batch dimension (graph kernels
-    take any batch size, so nothing is padded); the thresholds are an
-    argument, so changing them does not retrace. A segment runs only if
-    some sample is still in play (`tf.cond`)."""
+    take any batch size, so nothing is padded); the thresholds (and the
+    patience) are arguments, so changing them does not retrace. A segment
+    runs only if some sample is still in play (`tf.cond`). A patience
+    model's graph also carries each sample's previous class and streak."""
 
     def __init__(self, segments: list):
         self.segments = segments
         self.input_names = [[t.name for t in s.inputs] for s in segments]
-        self.function = None
+        self.functions = {}  # tracks the patience streak or not -> tf.function
 
-    def __call__(self, x: list, gates: np.ndarray):
-        if self.function is None:
+    def __call__(self, x: list, gates: np.ndarray, patience: int | None = None):
+        track = patience is not None
+        if track not in self.functions:
             import tensorflow as tf
 
             signature = [
                 [tf.TensorSpec((None,) + v.shape[1:], v.dtype) for v in x],
                 tf.TensorSpec(gates.shape, tf.float32),
+                tf.TensorSpec((), tf.int64),
             ]
-            self.function = tf.function(self._gated, input_signature=signature)
-        return tuple(v.numpy() for v in self.function(x, gates))
+            gated = self._gated_patience if track else self._gated
+            self.functions[track] = tf.function(gated, input_signature=signature)
+        patience = np.int64(patience if track else 0)
+        return tuple(v.numpy() for v in self.functions[track](x, gates, patience))
 
-    def _gated(self, x, gates):
+    def _gated(self, x, gates, patience, track=False):
         import tensorflow as tf
 
         n = tf.shape(x[0])[0]
@@ -242,25 +275,39 @@ class _GraphRunner:
             tf.zeros([n], tf.float32),
         )
         carry = dict(zip(self.input_names[0], x))
-        return self._from(0, carry, tf.range(n), gates, result)
+        # Class at the previous exit and streak (read only with `track`).
+        agreement = (tf.fill([n], tf.constant(-1, tf.int64)), tf.zeros([n], tf.int64))
+        return self._from(
+            0, carry, tf.range(n), gates, result, agreement, patience, track
+        )
 
-    def _from(self, k: int, carry: dict, rows, gates, result):
-        """Segments k and deeper on the samples `rows` (segment k's carry)."""
+    def _gated_patience(self, x, gates, patience):
+        return self._gated(x, gates, patience, track=True)
+
+    def _from(
+        self, k: int, carry: dict, rows, gates, result, agreement, patience, track
+    ):
+        """Segments k and deeper on the samples `rows` (segment k's carry);
+        with `track`, `agreement` holds their previous class and streak."""
         import tensorflow as tf
 
         out = self.segments[k](carry, training=False)
         confidence = tf.cast(out["confidence"], tf.float32)
+        predicted = tf.argmax(out["logits"], axis=-1)
+        previous, streak = agreement
         if k == len(self.segments) - 1:
             leave = tf.ones_like(confidence, tf.bool)
+        elif track:
+            # runtime.patience.next_streak and patience_passes, in the graph.
+            streak = tf.where(predicted == previous, streak + 1, tf.ones_like(streak))
+            leave = (streak >= patience) & (confidence >= gates[k])
         else:
             leave = confidence >= gates[k]
         done = tf.where(leave)[:, 0]
         at = tf.gather(rows, done)[:, None]
         classes, exits, confidences = result
         result = (
-            tf.tensor_scatter_nd_update(
-                classes, at, tf.argmax(tf.gather(out["logits"], done), axis=-1)
-            ),
+            tf.tensor_scatter_nd_update(classes, at, tf.gather(predicted, done)),
             tf.tensor_scatter_nd_update(
                 exits, at, tf.fill(tf.shape(done), tf.constant(k, tf.int64))
             ),
@@ -274,15 +321,23 @@ class _GraphRunner:
             carry = {
                 name: tf.gather(out[name], stay) for name in self.input_names[k + 1]
             }
-            return self._from(k + 1, carry, tf.gather(rows, stay), gates, result)
+            kept = (tf.gather(predicted, stay), tf.gather(streak, stay))
+            return self._from(
+                k + 1,
+                carry,
+                tf.gather(rows, stay),
+                gates,
+                result,
+                kept,
+                patience,
+                track,
+            )
 
         return tf.cond(tf.size(stay) > 0, deeper, lambda: result)
 
     def compiled_count(self) -> int:
         """Traces made (one whatever the batch sizes)."""
-        if self.function is None:
-            return 0
-        return self.function.experimental_get_tracing_count()
+        return sum(f.experimental_get_tracing_count() for f in self.functions.values())
 
 
 def check_inputs(model, x) -> list[np.ndarray]:

@@ -7,7 +7,7 @@ import keras
 from keras import ops
 
 from keras_earlyexit import graph, inference
-from keras_earlyexit.gate import ExitGate, check_threshold
+from keras_earlyexit.gate import ExitGate, check_patience, check_threshold
 from keras_earlyexit.layers import ExitBranch
 from keras_earlyexit.losses import EarlyExitLoss, one_hot_targets
 
@@ -121,9 +121,13 @@ class EarlyExitModel(keras.Model):
         outputs: list of exit logits `(batch, num_classes)`, shallow to deep;
             the last is the final classifier.
         name: model name.
-        criterion: confidence criterion of the gates (`"max_prob"`,
-            `"margin"` or `"entropy"`).
-        thresholds: one threshold per non-final exit (default 0.9 each).
+        criterion: criterion of the gates (`"max_prob"`, `"margin"`,
+            `"entropy"` or `"patience"`, see `ExitGate`).
+        thresholds: one threshold per non-final exit (default 0.9 each;
+            0.0, no confidence floor, for `"patience"`).
+        patience: with `criterion="patience"`, how many exits in a row must
+            agree on the class before a sample leaves, in
+            `[1, num_exits]` (default 2).
         **kwargs: passed to `keras.Model`.
 
     Example:
@@ -133,21 +137,35 @@ class EarlyExitModel(keras.Model):
     model.compile("adam", EarlyExitLoss("linear"), metrics=["accuracy"])
     model.fit(x_train, y_train, epochs=10)
     model.set_thresholds([0.95, 0.9])
+
+    # PABEE: leave when 3 exits in a row agree (with no confidence floor).
+    pabee = EarlyExitModel(inputs, exits, criterion="patience", patience=3)
     ```
     """
 
     def __init__(self, inputs, outputs, name=None, **kwargs):
         criterion = kwargs.pop("criterion", "max_prob")
         thresholds = kwargs.pop("thresholds", None)
+        patience = kwargs.pop("patience", None)
         outputs = _check_exit_outputs(inputs, outputs)
+        if patience is not None:
+            if criterion != "patience":
+                raise ValueError(
+                    f"patience={patience!r} applies only to "
+                    f"criterion='patience'; received criterion={criterion!r}. "
+                    "Pass criterion='patience' or leave patience unset."
+                )
+            check_patience(patience, len(outputs))
         super().__init__(inputs, outputs, name=name, **kwargs)
         self._hidden = _Hidden()
         self.exit_names = [_producer(t).name for t in outputs]
         self.criterion = criterion
+        floor = 0.0 if criterion == "patience" else 0.9
         self.gates = [
             ExitGate(
                 criterion,
-                threshold=0.0 if k == len(outputs) - 1 else 0.9,
+                threshold=0.0 if k == len(outputs) - 1 else floor,
+                patience=patience,
                 name=f"{exit_name}_gate",
             )
             for k, exit_name in enumerate(self.exit_names)
@@ -197,6 +215,27 @@ class EarlyExitModel(keras.Model):
             for k, t in enumerate(thresholds)
         ]
 
+    @property
+    def patience(self) -> int | None:
+        """Exits in a row that must agree before a sample leaves (criterion
+        `"patience"`), else None."""
+        return self.gates[0].patience
+
+    def set_patience(self, patience: int) -> None:
+        """Sets the patience of a `criterion="patience"` model: a sample
+        leaves non-final exit k when exits k - patience + 1 to k predict the
+        same class (and its confidence reaches exit k's threshold, the
+        confidence floor). In `[1, num_exits]`; `num_exits` lets no sample
+        leave early. Saved with the model."""
+        if self.criterion != "patience":
+            raise ValueError(
+                f"set_patience applies to criterion='patience' models; this "
+                f"model's criterion is {self.criterion!r}."
+            )
+        patience = check_patience(patience, self.num_exits)
+        for gate in self.gates:
+            gate.patience = patience
+
     def set_temperatures(self, temperatures: Sequence[float]) -> None:
         """Sets the gates' softmax temperatures, one per exit."""
         temperatures = list(temperatures)
@@ -224,17 +263,24 @@ class EarlyExitModel(keras.Model):
             ]
         return self._hidden.segments
 
-    def predict_early(self, x, thresholds=None, batch_size: int = 256):
+    def predict_early(
+        self, x, thresholds=None, batch_size: int = 256, patience: int | None = None
+    ):
         """Gated inference with real per-sample exits.
 
         Runs segment by segment; after each exit, samples whose confidence
         reaches the threshold leave and the batch is compacted, so deeper
-        segments compute only the samples still in play.
+        segments compute only the samples still in play. With
+        `criterion="patience"`, the loop also keeps each sample's class and
+        streak (exits in a row agreeing on it): a sample leaves when its
+        streak reaches the patience and its confidence the threshold.
 
         Args:
             x: input array(s).
             thresholds: one per non-final exit; default `self.thresholds`.
             batch_size: samples entering the first segment at once.
+            patience: for a `"patience"` model, overrides `self.patience`
+                for this call.
 
         Returns:
             `EarlyExitPrediction` with NumPy arrays `.classes`,
@@ -244,6 +290,15 @@ class EarlyExitModel(keras.Model):
             thresholds = self.thresholds
         else:
             thresholds = self._check_thresholds(thresholds)
+        if patience is None:
+            patience = self.patience
+        elif self.criterion != "patience":
+            raise ValueError(
+                f"patience={patience!r} applies only to criterion='patience' "
+                f"models; this model's criterion is {self.criterion!r}."
+            )
+        else:
+            patience = check_patience(patience, self.num_exits)
         if (
             isinstance(batch_size, bool)
             or not isinstance(batch_size, numbers.Integral)
@@ -252,7 +307,7 @@ class EarlyExitModel(keras.Model):
             raise ValueError(
                 f"batch_size must be an int >= 1. Received: {batch_size!r}"
             )
-        return inference.predict_early(self, x, thresholds, int(batch_size))
+        return inference.predict_early(self, x, thresholds, int(batch_size), patience)
 
     # Training: one loss over all exits, per-exit metrics.
 
@@ -334,6 +389,8 @@ class EarlyExitModel(keras.Model):
     def get_config(self):
         config = super().get_config()
         config["criterion"] = self.criterion
+        if self.criterion == "patience":
+            config["patience"] = self.patience
         return config
 
 

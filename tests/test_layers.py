@@ -80,7 +80,7 @@ def test_exit_branch_rejects_rank_5():
 
 def _numpy_confidence(z, criterion, temperature=1.0):
     p = _softmax(z / temperature)
-    if criterion == "max_prob":
+    if criterion in ("max_prob", "patience"):  # patience: top-1, the floor's
         return p.max(-1)
     if criterion == "margin":
         s = np.sort(p, -1)

@@ -9,19 +9,37 @@ from keras import ops
 from keras_earlyexit import criteria, inference
 from keras_earlyexit.inference import select_exits
 from keras_earlyexit.labels import check_labels
+from keras_earlyexit.runtime.patience import streaks as patience_streaks
+
+# The confidence of a sample a patience gate holds back: below every
+# threshold in [0, 1], so the threshold search and simulation need no rule
+# of their own for patience.
+HELD_BACK = -1.0
 
 
 @dataclass
 class ExitOutputs:
     """Every exit's outputs on a data set, for simulating thresholds.
 
+    For a patience model the gate rule also needs each exit's streak: at
+    non-final exits where the streak is below `patience`, `confidences`
+    holds `HELD_BACK` (-1, reaching no threshold), so that the plain rule
+    "first exit whose confidence reaches its threshold" is the patience
+    rule (`runtime.patience.patience_passes`).
+
     Attributes:
         logits: `(exits, n, classes)` float32.
-        confidences: `(n, exits)` confidences from the model's gates.
+        confidences: `(n, exits)` confidences from the model's gates (held
+            back by `patience`, see above).
         correct: `(n, exits)` bool, exit k predicts the label.
         agrees: `(n, exits)` bool, exit k predicts what the final exit does.
         labels: `(n,)` int labels.
         cumulative_macs: `(exits,)` MACs to reach each exit.
+        streaks: `(n, exits)` int streaks (`runtime.patience.streaks`), for
+            a patience model; else None.
+        patience: the patience `confidences` are held back by, or None.
+        raw_confidences: `(n, exits)` confidences before holding back (for
+            a patience model; else None).
     """
 
     logits: np.ndarray
@@ -30,6 +48,9 @@ class ExitOutputs:
     agrees: np.ndarray
     labels: np.ndarray
     cumulative_macs: np.ndarray
+    streaks: np.ndarray | None = None
+    patience: int | None = None
+    raw_confidences: np.ndarray | None = None
 
     @property
     def num_exits(self) -> int:
@@ -43,17 +64,45 @@ class ExitOutputs:
             self.agrees[rows],
             self.labels[rows],
             self.cumulative_macs,
+            None if self.streaks is None else self.streaks[rows],
+            self.patience,
+            None if self.raw_confidences is None else self.raw_confidences[rows],
         )
 
     def with_temperatures(self, model, temperatures) -> "ExitOutputs":
         confidences = gate_confidences(model, self.logits, temperatures)
-        return ExitOutputs(
+        result = ExitOutputs(
             self.logits,
             confidences,
             self.correct,
             self.agrees,
             self.labels,
             self.cumulative_macs,
+        )
+        if self.streaks is None:
+            return result
+        result.streaks = self.streaks
+        return result.with_patience(self.patience)
+
+    def with_patience(self, patience: int) -> "ExitOutputs":
+        """These outputs gated by patience `patience` (a patience model's)."""
+        if self.streaks is None:
+            raise ValueError("Patience applies only to a patience model's outputs.")
+        confidences = (
+            self.confidences if self.raw_confidences is None else self.raw_confidences
+        )
+        held = self.streaks < patience
+        held[:, -1] = False  # the final exit takes every sample left
+        return ExitOutputs(
+            self.logits,
+            np.where(held, np.float32(HELD_BACK), confidences),
+            self.correct,
+            self.agrees,
+            self.labels,
+            self.cumulative_macs,
+            self.streaks,
+            int(patience),
+            confidences,
         )
 
     def simulate(self, thresholds) -> tuple[float, float, float, np.ndarray]:
@@ -101,7 +150,9 @@ def gate_confidences(model, logits: np.ndarray, temperatures=None) -> np.ndarray
 def exit_outputs(
     model, x, y, batch_size: int = 256, verbose: int = 0, cumulative_macs=None
 ) -> ExitOutputs:
-    """Runs the model once (all exits) and gathers what simulation needs."""
+    """Runs the model once (all exits) and gathers what simulation needs;
+    a patience model's outputs are gated by its own patience (see
+    `ExitOutputs.with_patience` for another)."""
     check_model(model)
     inputs = inference.check_inputs(model, x)
     labels = check_labels(y, len(inputs[0]), model.num_classes)
@@ -113,7 +164,7 @@ def exit_outputs(
     outputs = model.predict(x, batch_size=batch_size, verbose=verbose)
     logits = np.stack([np.asarray(o, np.float32) for o in outputs])  # (E, n, C)
     predictions = np.argmax(logits, axis=-1).T  # (n, E)
-    return ExitOutputs(
+    outputs = ExitOutputs(
         logits=logits,
         confidences=gate_confidences(model, logits),
         correct=predictions == labels[:, None],
@@ -121,3 +172,8 @@ def exit_outputs(
         labels=labels,
         cumulative_macs=np.asarray(cumulative_macs, np.float64),
     )
+    patience = getattr(model, "patience", None)
+    if patience is None:
+        return outputs
+    outputs.streaks = patience_streaks(predictions)
+    return outputs.with_patience(patience)

@@ -2,13 +2,15 @@
 or a risk guarantee."""
 
 import math
+import numbers
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from keras_earlyexit.evaluation import _data
+from keras_earlyexit.gate import check_patience
 from keras_earlyexit.inference import select_exits
 
 _MIN_SAMPLES = 10
@@ -39,6 +41,8 @@ class CalibrationResult:
             same target and guard (None for `risk`), for comparison.
         shared_macs: average MACs of `shared_threshold` on the validation data.
         num_samples: validation samples used.
+        patience: for a `criterion="patience"` model, the patience chosen
+            (the thresholds are then its confidence floors); else None.
     """
 
     thresholds: list[float]
@@ -56,12 +60,16 @@ class CalibrationResult:
     shared_threshold: float | None = None
     shared_macs: float | None = None
     num_samples: int = 0
+    patience: int | None = None
 
     def apply(self, model):
-        """Sets the model's thresholds (and fitted temperatures); returns it.
-        Both are gate weights, so they are saved with the model."""
+        """Sets the model's thresholds (and fitted temperatures, and
+        patience); returns it. All are gate weights, so they are saved with
+        the model."""
         if self.temperatures is not None:
             model.set_temperatures(self.temperatures)
+        if self.patience is not None:
+            model.set_patience(self.patience)
         model.set_thresholds(self.thresholds)
         return model
 
@@ -69,6 +77,10 @@ class CalibrationResult:
         lines = [
             f"Calibrated for {self.target}={self.target_value} "
             f"on {self.num_samples} samples (delta={self.delta})",
+        ]
+        if self.patience is not None:
+            lines.append(f"  patience:          {self.patience}")
+        lines += [
             f"  thresholds:        [{', '.join(f'{t:.4f}' for t in self.thresholds)}]",
         ]
         if self.temperatures is not None:
@@ -109,6 +121,8 @@ def calibrate(
     batch_size: int = 256,
     verbose: int = 0,
     reference_model=None,
+    patience: int | Iterable[int] | None = None,
+    confidence_floor: bool = True,
 ) -> CalibrationResult:
     """Per-exit thresholds for one target, found on validation data.
 
@@ -146,6 +160,17 @@ def calibrate(
     before the first failure (fixed-sequence testing controls the error at
     `delta`; Angelopoulos et al., 2021).
 
+    A `criterion="patience"` model (PABEE) is calibrated in its patience p
+    and, per non-final exit, its confidence floor (the threshold). Each
+    candidate p is searched as above, with the samples whose streak at an
+    exit is below p held back there; the p kept is the one with the fewest
+    average MACs meeting the target (for `macs_budget`: the best accuracy).
+    For `risk`, each p is certified at `delta / len(candidates)` (Bonferroni),
+    so the p kept holds at `delta`. With `confidence_floor=False`, floors stay
+    0.0 (patience alone, as in PABEE) and only p is chosen; `risk` then tests
+    the candidates from the largest p down on all the validation data
+    (fixed-sequence testing, no split) and keeps the cheapest certified.
+
     Args:
         model: an `EarlyExitModel` (its gates' criterion is used), or an
             exported artifact: a `kee.runtime.GatedInterpreter` /
@@ -175,10 +200,16 @@ def calibrate(
         reference_model: for an artifact only, the float `EarlyExitModel`
             it was exported from: the result then reports how often both
             take the same exit and class.
+        patience: for a `criterion="patience"` model, the patience values
+            to try: an int, a list of ints, or None (default) for every p
+            in `[1, num_exits]`.
+        confidence_floor: for a patience model, also calibrate the
+            per-exit confidence floors (default); False keeps them at 0.0.
 
     Returns:
         `CalibrationResult` with `.thresholds`, `.expected_accuracy`,
-        `.expected_macs` (per sample), `.exit_shares` and `.apply(model)`.
+        `.expected_macs` (per sample), `.exit_shares`, `.patience` (patience
+        models) and `.apply(model)`.
 
     Example:
 
@@ -186,6 +217,10 @@ def calibrate(
     result = kee.calibrate(model, x_val, y_val, max_accuracy_drop=0.01)
     model.set_thresholds(result.thresholds)
     model.save("calibrated.keras")  # thresholds are saved with the model
+
+    # A criterion="patience" model: p in 2..4, and confidence floors.
+    result = kee.calibrate(pabee, x_val, y_val, risk=0.05, patience=[2, 3, 4])
+    result.apply(pabee)  # sets the patience and the floors
     ```
 
     Reference:
@@ -226,6 +261,11 @@ def calibrate(
         seed=seed,
     )
     if artifact.is_artifact(model):
+        if patience is not None or not confidence_floor:
+            raise ValueError(
+                "patience and confidence_floor calibrate a Keras model with "
+                "criterion='patience'; calibrate that model, then export it."
+            )
         return artifact.calibrate_artifact(
             model,
             x_val,
@@ -245,6 +285,13 @@ def calibrate(
             "is its own reference."
         )
     _data.check_model(model)
+    patience_values = _patience_values(model, patience, confidence_floor)
+    if patience_values is not None and temperature_scaling and not confidence_floor:
+        raise ValueError(
+            "temperature_scaling=True changes only the confidences the floors "
+            "compare with; with confidence_floor=False there are none. Drop "
+            "one of the two."
+        )
     n = _data.num_samples(model, x_val)
     if n < _MIN_SAMPLES:
         raise ValueError(
@@ -253,10 +300,173 @@ def calibrate(
         )
     data = _data.exit_outputs(model, x_val, y_val, batch_size, verbose)
     temperatures_of = model if temperature_scaling else None
-    result = calibrate_outputs(data, target, value, temperatures_of, verbose, **search)
+    if patience_values is None:
+        result = calibrate_outputs(
+            data, target, value, temperatures_of, verbose, **search
+        )
+    elif confidence_floor:
+        result = _calibrate_patience(
+            data, patience_values, target, value, temperatures_of, verbose, **search
+        )
+    else:
+        result = _calibrate_patience_only(
+            data, patience_values, target, value, **search
+        )
     if apply:
         result.apply(model)
     return result
+
+
+def _patience_values(model, patience, confidence_floor) -> list[int] | None:
+    """The checked patience candidates of a patience model (None for
+    another model, which takes neither argument)."""
+    if getattr(model, "criterion", None) != "patience":
+        if patience is not None or not confidence_floor:
+            raise ValueError(
+                "patience and confidence_floor apply to models with "
+                "criterion='patience'; this model's criterion is "
+                f"{getattr(model, 'criterion', None)!r}."
+            )
+        return None
+    if patience is None:
+        return list(range(1, model.num_exits + 1))
+    if isinstance(patience, numbers.Integral) and not isinstance(patience, bool):
+        values = [patience]
+    elif isinstance(patience, Iterable) and not isinstance(patience, (str, bytes)):
+        values = list(patience)
+    else:
+        values = [patience]  # refused below, with check_patience's message
+    if not values:
+        raise ValueError(
+            "patience must be an int, a non-empty list of ints or None (every "
+            f"patience in [1, {model.num_exits}]). Received an empty list."
+        )
+    return sorted({check_patience(p, model.num_exits) for p in values})
+
+
+def _calibrate_patience(
+    data, patience_values, target, value, temperatures_of, verbose, **search
+) -> CalibrationResult:
+    """`calibrate_outputs` for each patience (samples held back by their
+    streak, see `_data.ExitOutputs`); keeps the cheapest result meeting the
+    target (best accuracy for `macs_budget`). For `risk` each is certified
+    at `delta / len(patience_values)`, so the choice holds at `delta`."""
+    delta = search["delta"]
+    each = dict(search)
+    if target == "risk":
+        each["delta"] = delta / len(patience_values)
+    found, failures = [], []
+    for p in patience_values:
+        try:
+            result = calibrate_outputs(
+                data.with_patience(p), target, value, temperatures_of, verbose, **each
+            )
+        except ValueError as e:
+            failures.append(f"patience={p}: {e}")
+            continue
+        result.patience, result.delta = p, delta
+        found.append(result)
+    if not found:
+        raise ValueError(
+            f"No patience in {patience_values} reaches {target}={value} on this "
+            "validation data. " + " ".join(failures)
+        )
+    return min(found, key=_patience_rank(target))
+
+
+def _patience_rank(target: str) -> Callable:
+    if target == "macs_budget":
+        return lambda r: (-r.expected_accuracy, r.expected_macs, r.patience)
+    return lambda r: (r.expected_macs, -r.expected_accuracy, r.patience)
+
+
+def _calibrate_patience_only(
+    data,
+    patience_values,
+    target,
+    value,
+    delta,
+    guard,
+    risk_bound,
+    search_fraction,
+    num_candidates,
+    seed,
+) -> CalibrationResult:
+    """Patience alone (every floor 0.0): the best p meeting the target.
+
+    `max_accuracy_drop` / `macs_budget` are checked on the same guarded
+    bounds as the threshold search. `risk` tests the candidates in a fixed
+    order, largest p (most cautious) first, on all the validation data, and
+    stops at the first that is not certified (fixed-sequence testing
+    controls the error at `delta`); the cheapest certified one is kept.
+    """
+    n = len(data.labels)
+    num_early = data.num_exits - 1
+    floors = (0.0,) * num_early
+    results = []
+    if target == "risk":
+        for p in sorted(patience_values, reverse=True):
+            stats = _Stats(data.with_patience(p), 0.0)(floors)
+            errors = int(round(stats.disagreement * n))
+            if _p_value(errors, n, value, risk_bound) > delta:
+                break
+            results.append((p, _risk_upper_bound(errors, n, delta, risk_bound)))
+        if not results:
+            p = max(patience_values)
+            errors = int(
+                round(_Stats(data.with_patience(p), 0.0)(floors).disagreement * n)
+            )
+            reachable = _risk_upper_bound(errors, n, delta, risk_bound)
+            raise ValueError(
+                f"risk={value} cannot be certified with delta={delta} from {n} "
+                f"samples: the most cautious patience ({p}) certifies at best "
+                f"risk={reachable:.4f}. Use risk >= {reachable:.4f}, more "
+                "validation data, or a larger delta."
+            )
+    else:
+        z = statistics.NormalDist().inv_cdf(1.0 - delta) if guard else 0.0
+        bounds = {}
+        for p in patience_values:
+            s = _Stats(data.with_patience(p), z)(floors)
+            bounds[p] = s.drop_bound if target == "max_accuracy_drop" else s.share_bound
+        results = [(p, b) for p, b in bounds.items() if b <= value + 1e-12]
+        if not results:
+            what = "upper confidence bound of the " if guard else ""
+            quantity = (
+                "accuracy drop" if target == "max_accuracy_drop" else "MACs share"
+            )
+            best = min(bounds.values())
+            raise ValueError(
+                f"{target}={value} is not reachable with patience alone on this "
+                f"validation data: the smallest {what}{quantity} over patience "
+                f"{patience_values} is {best:.4f}. Use {target} >= {best:.4f}, "
+                "or confidence_floor=True" + (", or guard=False" if guard else "") + "."
+            )
+    candidates = []
+    for p, bound in results:
+        gated = data.with_patience(p)
+        accuracy, macs, _, exits = gated.simulate(floors)
+        full = float(gated.cumulative_macs[-1])
+        candidates.append(
+            CalibrationResult(
+                thresholds=list(floors),
+                expected_accuracy=accuracy,
+                expected_macs=macs,
+                expected_share=macs / full,
+                exit_shares=[
+                    float(s) for s in np.bincount(exits, minlength=data.num_exits) / n
+                ],
+                final_accuracy=float(data.correct[:, -1].mean()),
+                full_macs=int(full),
+                target=target,
+                target_value=value,
+                bound=float(bound),
+                delta=delta,
+                num_samples=n,
+                patience=p,
+            )
+        )
+    return min(candidates, key=_patience_rank(target))
 
 
 def calibrate_outputs(

@@ -22,6 +22,9 @@ class SweepPoint:
         average_macs: MACs per sample, averaged over the samples.
         share: `average_macs` as a fraction of the full model's MACs.
         exit_shares: fraction of samples leaving at each exit.
+        patience: for a patience model, the patience of this setting (the
+            thresholds are its confidence floors); else None. Apply with
+            `model.set_patience(point.patience)`.
     """
 
     thresholds: tuple[float, ...]
@@ -29,6 +32,12 @@ class SweepPoint:
     average_macs: float
     share: float
     exit_shares: tuple[float, ...]
+    patience: int | None = None
+
+    def setting(self) -> str:
+        """The thresholds (and patience) as short text."""
+        floors = _fmt_list(self.thresholds, "{:.3f}")
+        return floors if self.patience is None else f"p={self.patience} {floors}"
 
 
 @dataclass
@@ -46,13 +55,18 @@ class ProfileReport:
         oracle_macs: average MACs per sample of that oracle: the least
             compute any gate could spend for that accuracy.
         oracle_exit_shares: fraction of samples the oracle sends to each exit.
-        current: the model's own thresholds, simulated.
-        sweep: one shared threshold for every exit, from 0 to 1.
-        pareto_front: the settings (shared and per-exit thresholds) that no
-            other setting beats in both accuracy and average MACs, by
-            increasing MACs.
+        current: the model's own thresholds (and patience), simulated.
+        sweep: one shared threshold for every exit, from 0 to 1 (for a
+            patience model: a shared confidence floor, at every patience
+            from 1 to the number of exits).
+        pareto_front: the settings (shared and per-exit thresholds, and
+            every patience) that no other setting beats in both accuracy
+            and average MACs, by increasing MACs.
         num_samples: samples profiled.
         criterion: the gates' confidence criterion.
+        patience: the model's patience (criterion `"patience"`), else None.
+        patience_sweep: for a patience model, patience alone (floors 0.0)
+            at each patience from 1 to the number of exits; else empty.
     """
 
     exit_names: list[str]
@@ -68,6 +82,8 @@ class ProfileReport:
     pareto_front: list[SweepPoint] = field(default_factory=list)
     num_samples: int = 0
     criterion: str = ""
+    patience: int | None = None
+    patience_sweep: list[SweepPoint] = field(default_factory=list)
 
     @property
     def full_macs(self) -> int:
@@ -114,7 +130,7 @@ class ProfileReport:
                 _fmt_list(self.oracle_exit_shares, "{:.0%}"),
             ),
             (
-                f"thresholds {_fmt_list(self.current.thresholds, '{:.3f}')}",
+                f"thresholds {self.current.setting()}",
                 f"{self.current.accuracy:.4f}",
                 f"{self.current.average_macs:,.0f}",
                 f"{self.current.share:.1%}",
@@ -123,7 +139,7 @@ class ProfileReport:
         ]
         front = [
             (
-                _fmt_list(p.thresholds, "{:.3f}"),
+                p.setting(),
                 f"{p.accuracy:.4f}",
                 f"{p.average_macs:,.0f}",
                 f"{p.share:.1%}",
@@ -134,11 +150,15 @@ class ProfileReport:
         ]
         return exits, summary, front
 
+    def _patience_text(self) -> str:
+        return "" if self.patience is None else f", patience {self.patience}"
+
     def __str__(self) -> str:
         exits, summary, front = self._rows()
         title = (
             f"Early-exit profile on {self.num_samples} samples "
-            f"(criterion {self.criterion!r}, full model {self.full_macs:,} MACs)"
+            f"(criterion {self.criterion!r}{self._patience_text()}, "
+            f"full model {self.full_macs:,} MACs)"
         )
         parts = [
             title,
@@ -164,7 +184,8 @@ class ProfileReport:
         return "\n".join(
             [
                 f"Profile on {self.num_samples} samples, criterion "
-                f"`{self.criterion}`, full model {self.full_macs:,} MACs.",
+                f"`{self.criterion}`{self._patience_text()}, full model "
+                f"{self.full_macs:,} MACs.",
                 "",
                 _md_table(
                     ("exit", "accuracy", "segment MACs", "cumulative MACs", "share"),
@@ -209,13 +230,26 @@ class ProfileReport:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-        ax.plot(
-            [p.average_macs for p in self.sweep],
-            [p.accuracy for p in self.sweep],
-            color="0.6",
-            lw=1,
-            label="one shared threshold",
-        )
+        for patience in dict.fromkeys(p.patience for p in self.sweep):
+            points = [p for p in self.sweep if p.patience == patience]
+            ax.plot(
+                [p.average_macs for p in points],
+                [p.accuracy for p in points],
+                color="0.6",
+                lw=1,
+                label="one shared threshold"
+                if patience is None
+                else f"patience {patience}, one shared floor",
+            )
+        if self.patience_sweep:
+            ax.plot(
+                [p.average_macs for p in self.patience_sweep],
+                [p.accuracy for p in self.patience_sweep],
+                color="C4",
+                marker="o",
+                lw=1,
+                label="patience alone (p = 1, 2, ...)",
+            )
         ax.step(
             [p.average_macs for p in self.pareto_front],
             [p.accuracy for p in self.pareto_front],
@@ -279,7 +313,9 @@ def profile(
     All exits' logits are computed once with `model.predict`; confidences
     come from the model's own gates; thresholds are then simulated in NumPy
     with the same rule as `predict_early` (leave at the first exit whose
-    confidence reaches its threshold).
+    confidence reaches its threshold). For a `criterion="patience"` model
+    the sweeps and the Pareto front also range over the patience, from 1 to
+    the number of exits, with the confidence floors as thresholds.
 
     Args:
         model: an `EarlyExitModel`.
@@ -309,9 +345,10 @@ def profile(
     )
     num_exits = data.num_exits
     full = float(macs.total_macs)
+    patience = getattr(model, "patience", None)
 
-    def point(thresholds) -> SweepPoint:
-        acc, avg, _, exits = data.simulate(thresholds)
+    def point(thresholds, gated=data) -> SweepPoint:
+        acc, avg, _, exits = gated.simulate(thresholds)
         shares = np.bincount(exits, minlength=num_exits) / len(exits)
         return SweepPoint(
             tuple(float(t) for t in thresholds),
@@ -319,6 +356,7 @@ def profile(
             avg,
             avg / full,
             tuple(float(s) for s in shares),
+            gated.patience,
         )
 
     # Oracle: first exit that is right, else the final one.
@@ -326,22 +364,36 @@ def profile(
     oracle_exits = np.argmax(right, axis=1)
     oracle_shares = np.bincount(oracle_exits, minlength=num_exits) / len(oracle_exits)
 
-    early = data.confidences[:, :-1]
-    shared = np.unique(
-        np.concatenate(
-            [
-                np.linspace(0.0, 1.0, num_thresholds),
-                np.quantile(early, np.linspace(0, 1, num_thresholds)),
-            ]
-        ).clip(0.0, 1.0)
+    # One gating per patience (a single one for other criteria).
+    settings = (
+        [data]
+        if patience is None
+        else [data.with_patience(p) for p in range(1, num_exits + 1)]
     )
-    sweep = [point([t] * (num_exits - 1)) for t in shared]
-    per_exit = max(2, int(_MAX_COMBINATIONS ** (1 / max(num_exits - 1, 1))))
-    grids = [
-        np.unique(np.append(np.quantile(early[:, k], np.linspace(0, 1, per_exit)), 1.0))
-        for k in range(num_exits - 1)
-    ]
-    candidates = sweep + [point(c) for c in itertools.product(*grids)]
+    combinations = _MAX_COMBINATIONS / len(settings)
+    per_exit = max(2, int(combinations ** (1 / max(num_exits - 1, 1))))
+    sweep, candidates = [], []
+    for gated in settings:
+        early = gated.confidences[:, :-1]
+        shared = np.unique(
+            np.concatenate(
+                [
+                    np.linspace(0.0, 1.0, num_thresholds),
+                    _quantiles(early.ravel(), num_thresholds),
+                ]
+            ).clip(0.0, 1.0)
+        )
+        shared_points = [point([t] * (num_exits - 1), gated) for t in shared]
+        grids = [
+            np.unique(np.append(_quantiles(early[:, k], per_exit), 1.0))
+            for k in range(num_exits - 1)
+        ]
+        sweep += shared_points
+        candidates += shared_points
+        candidates += [point(c, gated) for c in itertools.product(*grids)]
+    patience_sweep = []
+    if patience is not None:
+        patience_sweep = [point([0.0] * (num_exits - 1), gated) for gated in settings]
     return ProfileReport(
         exit_names=list(model.exit_names),
         accuracy=[float(a) for a in data.correct.mean(axis=0)],
@@ -356,7 +408,18 @@ def profile(
         pareto_front=pareto_front(candidates),
         num_samples=len(data.labels),
         criterion=str(model.gates[0].criterion),
+        patience=patience,
+        patience_sweep=patience_sweep,
     )
+
+
+def _quantiles(confidences: np.ndarray, num: int) -> np.ndarray:
+    """`num` quantiles of the confidences a threshold can let through
+    (those a patience gate holds back are below every threshold)."""
+    values = confidences[confidences >= 0.0]
+    if values.size == 0:
+        return np.array([1.0])
+    return np.quantile(values, np.linspace(0, 1, num))
 
 
 def pareto_front(points: list[SweepPoint]) -> list[SweepPoint]:
