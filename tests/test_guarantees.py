@@ -1,0 +1,168 @@
+"""Guarantees of calibrated thresholds, measured on a large generated
+population: over many small calibration draws, the high-probability promise
+fails in at most about delta of them and the expectation promise holds on
+average; both still let samples leave early."""
+
+import math
+
+import numpy as np
+import pytest
+
+from keras_earlyexit.evaluation import guarantees
+from keras_earlyexit.inference import select_exits
+
+POPULATION = 200_000
+EXITS = 4
+CLASSES = 10
+TARGET = 0.01
+DELTA = 0.1
+DRAWS = 400
+DRAW_SIZE = 600
+PATH = np.linspace(1.0, 0.0, 101)  # one shared threshold, cautious first
+
+
+def generated_population(n: int, seed: int) -> dict:
+    """Per-exit logits of a 10-class task: a per-sample ease shared by all
+    exits, a signal that grows with depth, Gaussian noise. Exit accuracies
+    0.70, 0.86, 0.93, 0.99 (like the digits and signals CNNs); max-prob
+    confidences, correctness, and MACs shares (0.1, 0.25, 0.5, 1)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, n)
+    ease = 0.5 + rng.gamma(2.0, 1.0, n)  # (n,)
+    logits = rng.normal(0.0, 1.0, (EXITS, n, CLASSES))
+    strength = np.array([1.0, 1.6, 2.2, 3.5])
+    logits[:, np.arange(n), labels] += strength[:, None] * ease[None, :]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return {
+        "confidences": probs.max(-1).T.astype(np.float32),  # (n, exits)
+        "correct": (logits.argmax(-1) == labels).T,  # (n, exits)
+        "macs_share": np.array([0.1, 0.25, 0.5, 1.0]),
+    }
+
+
+def path_losses(population: dict, rows: np.ndarray):
+    """Per setting of the shared-threshold path: drop losses `(settings, n)`
+    of the samples `rows`, and their MACs shares."""
+    conf, correct = population["confidences"][rows], population["correct"][rows]
+    exits = np.stack([select_exits(conf, [t] * (EXITS - 1)) for t in PATH])
+    taken = np.take_along_axis(correct.T[None], exits[:, None, :], 1)[:, 0]
+    losses = correct[:, -1][None, :].astype(int) - taken.astype(int)
+    return losses, population["macs_share"][exits].mean(axis=1)
+
+
+@pytest.fixture(scope="module")
+def population():
+    pop = generated_population(POPULATION, seed=0)
+    losses, shares = path_losses(pop, np.arange(POPULATION))
+    pop["true_drop"], pop["true_share"] = losses.mean(axis=1), shares
+    return pop
+
+
+def _binomial_quantile(n: int, p: float, q: float) -> int:
+    """Smallest k with P[Binomial(n, p) <= k] >= q."""
+    cdf = 0.0
+    for k in range(n + 1):
+        cdf += math.comb(n, k) * p**k * (1 - p) ** (n - k)
+        if cdf >= q:
+            return k
+    return n
+
+
+def _draws(population):
+    rng = np.random.default_rng(1)
+    for _ in range(DRAWS):
+        yield path_losses(population, rng.integers(0, POPULATION, DRAW_SIZE))[0]
+
+
+def test_population_is_a_real_trade_off(population):
+    drop, share = population["true_drop"], population["true_share"]
+    assert drop[0] == 0.0 and share[0] == 1.0
+    assert drop[-1] > 0.2  # every sample at the first exit loses a lot
+    ok = drop <= TARGET
+    assert 0.3 < share[ok].min() < 0.6  # the target allows a real saving
+
+
+def test_high_probability_fails_at_most_delta(population):
+    drop, share = population["true_drop"], population["true_share"]
+    failures = naive_failures = 0
+    shares = []
+    for losses in _draws(population):
+        p = guarantees.betting_p_values(losses[1:], TARGET, DELTA)
+        chosen = guarantees.fixed_sequence(p, DELTA) + 1  # row 0 needs no test
+        failures += drop[chosen] > TARGET
+        shares.append(share[chosen])
+        naive = np.flatnonzero(losses.mean(axis=1) <= TARGET)[-1]
+        naive_failures += drop[naive] > TARGET
+    # P[Binomial(400, 0.1) > 58] < 0.001: more failures than that would
+    # mean the promise does not hold. Measured: 19 failures (naive: 208),
+    # mean MACs share 0.42 (the population's best within target: 0.36).
+    assert failures <= _binomial_quantile(DRAWS, DELTA, 0.999)
+    assert naive_failures > 0.3 * DRAWS  # the check can tell a broken promise
+    assert np.mean(shares) < 0.75  # and samples do leave early
+    best = share[drop <= TARGET].min()
+    assert np.mean(shares) > best  # no calibration beats the population
+
+
+def test_expectation_holds_on_average(population):
+    drop, share = population["true_drop"], population["true_share"]
+    drops, shares, hp_shares = [], [], []
+    for losses in _draws(population):
+        chosen, adjusted = guarantees.conformal_risk_control(losses, TARGET)
+        assert adjusted[chosen] <= TARGET or chosen == 0
+        drops.append(drop[chosen])
+        shares.append(share[chosen])
+        p = guarantees.betting_p_values(losses[1:], TARGET, DELTA)
+        hp_shares.append(share[guarantees.fixed_sequence(p, DELTA) + 1])
+    # Measured: mean drop 0.0066 (spread 0.0002), largest 0.018; mean MACs
+    # share 0.38 against 0.42 for the high-probability promise.
+    spread = np.std(drops) / math.sqrt(DRAWS)
+    assert np.mean(drops) <= TARGET + 3 * spread
+    assert np.mean(shares) < np.mean(hp_shares)  # the weaker promise saves more
+    assert np.max(drops) > TARGET  # one calibration may overshoot
+
+
+def test_betting_p_values_are_valid_at_the_boundary():
+    # Losses with mean exactly the target (1.5% lost, 0.5% gained answers):
+    # a valid p-value rejects at most delta of the time.
+    rng = np.random.default_rng(2)
+    u = rng.uniform(size=(2000, 400))
+    losses = np.where(u < 0.015, 1, np.where(u < 0.02, -1, 0))
+    p = guarantees.betting_p_values(losses, 0.01, DELTA)
+    assert np.mean(p <= DELTA) <= DELTA
+    # All-zero losses are certified below any positive target with enough
+    # samples, and never below a negative one.
+    zeros = np.zeros(1000)
+    assert guarantees.betting_p_values(zeros, 0.01)[0] <= DELTA
+    assert guarantees.betting_p_values(zeros, -0.01)[0] == 1.0
+    bound = guarantees.betting_upper_bound(zeros, DELTA)[0]
+    assert 0.0 < bound < 0.01
+    assert guarantees.betting_p_values(zeros, bound + 1e-4)[0] <= DELTA
+
+
+def test_fixed_sequence_stops_at_the_first_failure():
+    assert guarantees.fixed_sequence([0.01, 0.05, 0.2, 0.01], 0.1) == 1
+    assert guarantees.fixed_sequence([0.5, 0.01], 0.1) == -1
+    assert guarantees.fixed_sequence([0.01, 0.02], 0.1) == 1
+
+
+def test_conformal_risk_control_by_hand():
+    losses = np.array([[0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 1, -1], [1, 1, 1, 1]])
+    chosen, adjusted = guarantees.conformal_risk_control(losses, 0.5)
+    # Monotone losses: rows [0000], [1000], [1010] (the -1 and the 1 that
+    # went back to 0 keep the worst so far), [1111].
+    np.testing.assert_allclose(adjusted, [0.2, 0.4, 0.6, 1.0])
+    assert chosen == 1
+    assert guarantees.min_samples_for_expectation(0.01) == 99
+    assert guarantees.conformal_risk_control(np.zeros((3, 10)), 0.01)[0] == 0
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="in \\[-1, 1\\]"):
+        guarantees.betting_p_values(np.array([2.0]), 0.01)
+    with pytest.raises(ValueError, match="target must be in"):
+        guarantees.betting_p_values(np.zeros(5), 1.5)
+    with pytest.raises(ValueError, match="delta must be in"):
+        guarantees.fixed_sequence([0.1], 0.0)
+    with pytest.raises(ValueError, match="Row 0"):
+        guarantees.conformal_risk_control(np.ones((2, 3)), 0.5)
