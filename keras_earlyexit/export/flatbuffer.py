@@ -204,3 +204,81 @@ def pack_model(model) -> bytes:
     finally:
         model.buffers = buffers
     return bytes(builder.Output())
+
+
+def without_index_wrap(data: bytes, input_names: list[str]) -> bytes:
+    """`data` without the wrap of negative ids in front of an embedding
+    lookup of the named (signature) inputs, which then feed the lookup
+    directly.
+
+    Keras's `Embedding` (through `ops.take`) maps an id `i < 0` to
+    `i + rows` with `SELECT(LESS(ids, 0), ADD(ids, rows), ids)`. TFLite
+    Micro's SELECT_V2 has no int32 kernel, so the segment could not run
+    there. The wrap changes nothing for ids in `[0, rows - 1]`: drop it
+    only for inputs whose values the runtimes check against the manifest's
+    `value_range` before a segment runs.
+
+    Args:
+        data: the model's bytes (one signature, on subgraph 0).
+        input_names: signature names of the inputs holding checked ids.
+
+    Returns:
+        The model's bytes, repacked (`pack_model`) if anything changed.
+    """
+    schema = _schema()
+    codes = schema.BuiltinOperator
+    model = schema.ModelT.InitFromPackedBuf(data, 0)
+    signature = model.signatureDefs[0]
+    graph = model.subgraphs[signature.subgraphIndex]
+    ids = {
+        int(t.tensorIndex)
+        for t in signature.inputs
+        if (t.name.decode() if isinstance(t.name, bytes) else t.name) in input_names
+    }
+
+    def code(op) -> int:
+        c = model.operatorCodes[op.opcodeIndex]
+        return max(c.builtinCode, c.deprecatedBuiltinCode)
+
+    def constant(i: int):
+        buffer = model.buffers[graph.tensors[i].buffer].data
+        return None if buffer is None or not len(buffer) else np.asarray(buffer)
+
+    producer = {int(o): op for op in graph.operators for o in op.outputs}
+    replaced: dict[int, int] = {}
+    removable = []  # the wrap's ops: SELECT, LESS, ADD
+    for op in graph.operators:
+        if code(op) not in (codes.SELECT, codes.SELECT_V2) or len(op.inputs) != 3:
+            continue
+        condition, wrapped, plain = (int(i) for i in op.inputs)
+        less, add = producer.get(condition), producer.get(wrapped)
+        zero = None if less is None else constant(int(less.inputs[1]))
+        if (
+            plain in ids
+            and less is not None
+            and code(less) == codes.LESS
+            and int(less.inputs[0]) == plain
+            and zero is not None
+            and not zero.any()
+            and add is not None
+            and code(add) == codes.ADD
+            and int(add.inputs[0]) == plain
+        ):
+            replaced[int(op.outputs[0])] = plain
+            removable += [op, less, add]
+    if not replaced:
+        return data
+    for op in graph.operators:
+        op.inputs = np.array(
+            [replaced.get(int(i), int(i)) for i in op.inputs], np.int32
+        )
+    graph.outputs = np.array(
+        [replaced.get(int(i), int(i)) for i in graph.outputs], np.int32
+    )
+    # The SELECT first, then the LESS and ADD if nothing else reads them.
+    for op in removable:
+        read = {int(i) for other in graph.operators for i in other.inputs}
+        read.update(int(i) for i in graph.outputs)
+        if op in graph.operators and not any(int(o) in read for o in op.outputs):
+            graph.operators.remove(op)
+    return pack_model(model)

@@ -24,9 +24,16 @@ the quantized threshold (128: never), which `set_thresholds` rewrites
 without reconverting. Float models compare the float32 confidence with
 float32(threshold), or with 2.0 for 1.0.
 
+With criterion `"patience"`, each gate also computes its exit's class
+(ARG_MAX) and streak (EQUAL with the previous class, CAST to float32, MUL,
+ADD), compares the streak with p (GREATER_EQUAL) and joins both compares
+(LOGICAL_AND); class and streak go to the next segment as IF inputs,
+between the confidence and the carry.
+
 The converter cannot make this graph itself: its int8 quantization leaves
 the branches of a `tf.cond` in float. Every op used (IF, CAST,
-GREATER_EQUAL, ARG_MAX, DEQUANTIZE) has a TFLite Micro kernel, and an
+GREATER_EQUAL, ARG_MAX, DEQUANTIZE; for patience EQUAL, MUL, ADD and
+LOGICAL_AND, in float32 and int32) has a TFLite Micro kernel, and an
 offline memory plan (`add_arena_plan`) lets TFLite Micro run the nested
 branches in no more activation memory than the largest segment needs.
 Internal tensors carry no names (flash); the inputs and outputs carry
@@ -238,6 +245,7 @@ def fuse(
         outputs=list(OUTPUT_NAMES if logits else OUTPUT_NAMES[:3]),
         exits=exits,
         source_sha256=source_sha256,
+        patience=manifest.patience,
     )
     data = finish(graph.model, fused)
     if micro:
@@ -556,12 +564,63 @@ class _Graph:
         self.op(subgraph, "GREATER_EQUAL", [confidence, threshold], [leaves])
         return leaves
 
+    def patience_gate(self, subgraph, logits, leaves, previous, exit, patience):
+        """The patience rule (`runtime.patience`) after the floor's compare
+        `leaves`: this exit's class (ARG_MAX of its logits, int32) and
+        streak (float32: 1 at exit 0, else `same * previous streak + 1`),
+        from `previous` = [] at exit 0, [class] at exit 1, [class, streak]
+        later. Sets `exit.patience_buffer` to the buffer of p (float32).
+
+        Returns:
+            The bool tensor "floor passed and streak >= p", and the state
+            handed on: [class] after exit 0, [class, streak] later.
+        """
+        types = self.types
+        label = self.tensor(subgraph, [1], types.INT32)
+        axis = self.constant(subgraph, np.array([1], np.int32))
+        options = self.schema.ArgMaxOptionsT()
+        options.outputType = types.INT32
+        version = _INT8_VERSIONS["ARG_MAX"] if self.is_int8(subgraph, logits) else 1
+        self.op(subgraph, "ARG_MAX", [logits, axis], [label], options, version)
+        one = self.constant(subgraph, np.array([1.0], np.float32))
+        if not previous:
+            streak = one
+        else:
+            same = self.tensor(subgraph, [1], types.BOOL)
+            self.op(subgraph, "EQUAL", [label, previous[0]], [same])
+            counted = self.tensor(subgraph, [1], types.FLOAT32)
+            options = self.schema.CastOptionsT()
+            options.inDataType, options.outDataType = types.BOOL, types.FLOAT32
+            self.op(subgraph, "CAST", [same], [counted], options)
+            if len(previous) == 2:
+                grown = self.tensor(subgraph, [1], types.FLOAT32)
+                self.op(
+                    subgraph,
+                    "MUL",
+                    [counted, previous[1]],
+                    [grown],
+                    self.schema.MulOptionsT(),
+                )
+                counted = grown
+            streak = self.tensor(subgraph, [1], types.FLOAT32)
+            self.op(
+                subgraph, "ADD", [counted, one], [streak], self.schema.AddOptionsT()
+            )
+        exit.patience_buffer = self.buffer(np.array([patience], np.float32).tobytes())
+        required = self.tensor(subgraph, [1], types.FLOAT32, exit.patience_buffer)
+        enough = self.tensor(subgraph, [1], types.BOOL)
+        self.op(subgraph, "GREATER_EQUAL", [streak, required], [enough])
+        both = self.tensor(subgraph, [1], types.BOOL)
+        self.op(subgraph, "LOGICAL_AND", [leaves, enough], [both])
+        return both, [label] if not previous else [label, streak]
+
     def build(self, manifest: Manifest, segments: list[bytes]) -> list[FusedExit]:
         """Fills the model; returns the manifest's exits."""
         n = len(segments)
         self.model.subgraphs = [None] * (2 * n - 1)
         exits = []
         handed: list[int] = []  # the previous IF's inputs, in its subgraph
+        kept: list[int] = []  # the patience state among them, in this one
         parent = None
         for k, (info, data) in enumerate(zip(manifest.segments, segments)):
             subgraph, inputs, outputs = self.import_segment(data, info.file)
@@ -570,14 +629,16 @@ class _Graph:
                 entry = [inputs[t.name] for t in info.inputs]
             else:
                 # Both branches take the IF's inputs: the previous exit's
-                # logits and confidence, which this branch ignores, then
-                # the carry.
+                # logits and confidence, which this branch ignores, the
+                # patience state (class and streak), then the carry.
                 ignored = [
                     self.like(subgraph, parent.tensors[i], quantized=False)
                     for i in handed[:2]
                 ]
                 carry = manifest.segments[k - 1].carry_out
-                entry = ignored + [inputs[name] for name in carry]
+                state = handed[2 : len(handed) - len(carry)]
+                kept = [self.like(subgraph, parent.tensors[i]) for i in state]
+                entry = ignored + kept + [inputs[name] for name in carry]
             subgraph.inputs = np.array(entry, np.int32)
             confidence_info = info.output("confidence")
             exit = FusedExit(
@@ -596,7 +657,13 @@ class _Graph:
                 results = self.exit_results(subgraph, logits, confidence, k)
             else:
                 leaves = self.gate(subgraph, confidence, exit, k)
-                handed = [logits, confidence] + [outputs[c] for c in info.carry_out]
+                state = []
+                if manifest.patience is not None:
+                    leaves, state = self.patience_gate(
+                        subgraph, logits, leaves, kept, exit, manifest.patience
+                    )
+                handed = [logits, confidence] + state
+                handed += [outputs[c] for c in info.carry_out]
                 then = self._then_branch(subgraph, handed, k)
                 self.model.subgraphs[2 * k + 1] = then
                 results = [self.like(subgraph, then.tensors[i]) for i in then.outputs]

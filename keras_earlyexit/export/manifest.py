@@ -23,7 +23,9 @@ from typing import Callable
 from keras_earlyexit.runtime.manifest import (  # noqa: F401  (re-exported)
     FORMAT,
     FORMAT_VERSION,
+    INTEGER_DTYPES,
     MANIFEST_NAME,
+    PATIENCE,
     QUANTIZATION_MODES,
     BundleError,
     GateInfo,

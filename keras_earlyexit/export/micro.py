@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from keras_earlyexit.export.flatbuffer import OpInfo, list_ops
 from keras_earlyexit.runtime.manifest import RUNTIME_ARENA_MARGIN  # noqa: F401
+from keras_earlyexit.runtime.micro_arena import ZERO_INPUTS
 
 # `MicroMutableOpResolver::Add<Name>` methods of builtin ops (tflite-micro
 # 90b983c, micro_mutable_op_resolver.h). An op's method name is its builtin
@@ -47,6 +48,16 @@ RESOLVER_SPELLING = {
     "CUMSUM": "CumSum",
     "PADV2": "PadV2",
     "UNIDIRECTIONAL_SEQUENCE_LSTM": "UnidirectionalSequenceLSTM",
+}
+
+
+# What to write instead of a layer whose op TFLite Micro lacks.
+MICRO_REPLACEMENTS = {
+    "GELU": "use activation='relu' instead of 'gelu'",
+    "ERF": "use activation='relu' instead of an exact 'gelu'",
+    "SELECT": "an Embedding with an input that broadcasts; give it ids of one shape",
+    "SIGN": "avoid ops.sign",
+    "LOG": "avoid logarithms in int8 models",
 }
 
 
@@ -101,27 +112,39 @@ def check_micro_ops(
         UnsupportedOpError: naming the op, the segment and, where found, the
             Keras layer.
     """
+    blocking: dict[str, list[str]] = {}  # op -> Keras layers
     for op in list_ops(data):
         if op.is_builtin and resolver_method(op.name) in TFLM_BUILTINS:
             continue
+        layers = blocking.setdefault(op.name, [])
         layer = layer_of(op, layer_names or [])
-        where = f"Segment {segment_index + 1}"
-        if exit_name:
-            where += f" (exit {exit_name!r})"
+        if layer and layer not in layers:
+            layers.append(layer)
+        elif not layer and not layers:
+            layers.append("")
+    if not blocking:
+        return
+    where = f"Segment {segment_index + 1}"
+    if exit_name:
+        where += f" (exit {exit_name!r})"
+    found = []
+    for name, layers in blocking.items():
+        sources = [repr(layer) for layer in layers if layer]
         source = (
-            f"Keras layer {layer!r}"
-            if layer
-            else "a layer that could not be identified from the tensor names "
-            f"{op.output_names}"
+            f"Keras layer {', '.join(sources)}"
+            if sources
+            else "a layer that could not be identified from the tensor names"
         )
-        raise UnsupportedOpError(
-            f"{where} uses the TFLite op {op.name}, from {source}; TFLite "
-            "Micro has no kernel for it, so the segment cannot run on a "
-            "microcontroller. Rewrite that layer with ops TFLite Micro "
-            "supports (e.g. activation='relu' instead of 'gelu'; the list is "
-            "keras_earlyexit.export.micro.TFLM_BUILTINS), or, for LiteRT "
-            "(Android) only, export with micro=False."
-        )
+        hint = MICRO_REPLACEMENTS.get(name)
+        found.append(f"{name} (from {source}" + (f"; {hint})" if hint else ")"))
+    raise UnsupportedOpError(
+        f"{where} uses the TFLite op{'s' if len(found) > 1 else ''} "
+        f"{'; '.join(found)}; TFLite Micro has no kernel for "
+        f"{'them' if len(found) > 1 else 'it'}, so the segment cannot run on a "
+        "microcontroller. Rewrite those layers with ops TFLite Micro supports "
+        "(the list is keras_earlyexit.export.micro.TFLM_BUILTINS), or, for "
+        "LiteRT (Android) only, export with micro=False."
+    )
 
 
 def layer_of(op: OpInfo, layer_names: list[str]) -> str | None:
@@ -171,12 +194,17 @@ def shared_arena_bytes(usages: list[ArenaUsage]) -> int:
 # Run in a fresh interpreter with only `tflite_micro` imported (no
 # TensorFlow, no Keras: fast to start, safe to fork). Each trial arena runs
 # in a forked child, since a too-small arena can crash TFLite Micro.
-_CHILD = r"""
+_CHILD = (
+    r"""
 import ctypes, json, os, re, sys, tempfile
 sys.path[:] = [p for p in sys.path if p not in ("", ".")]  # no local shadowing
 from tflite_micro.python.tflite_micro import runtime
 
 libc = ctypes.CDLL(None)
+
+"""
+    + ZERO_INPUTS
+    + r"""
 
 def trial(data, size, report=None):
     pid = os.fork()
@@ -187,6 +215,7 @@ def trial(data, size, report=None):
             os.dup2(out, 1)
             os.dup2(out, 2)
             interpreter = runtime.Interpreter.from_bytes(data, arena_size=size)
+            zero_inputs(interpreter)
             interpreter.invoke()
             if report:
                 interpreter.print_allocations()
@@ -227,6 +256,7 @@ def measure(data):
 for path in sys.argv[1:]:
     print(json.dumps(measure(open(path, "rb").read())), flush=True)
 """
+)
 
 
 def measure_arena(models: list[bytes], timeout: float = 600) -> list[ArenaUsage]:

@@ -46,6 +46,8 @@ import numpy as np
 from keras_earlyexit.export import flatbuffer
 from keras_earlyexit.export import micro as micro_lib
 from keras_earlyexit.export.manifest import (
+    INTEGER_DTYPES,
+    PATIENCE,
     QUANTIZATION_MODES,
     GateInfo,
     Manifest,
@@ -96,9 +98,12 @@ def to_tflite(
             written by `to_tflite` (its `manifest.json` and segment files,
             nothing else); a symlink is kept and the bundle it points to
             replaced. Leftovers of a killed export are removed.
-        representative_data: model inputs (array, list or dict of arrays,
-            float) to calibrate int8 activations; required for `"int8"`,
-            unused otherwise. A few hundred samples suffice.
+        representative_data: model inputs (array, list or dict of arrays)
+            to calibrate int8 activations; required for `"int8"`, unused
+            otherwise. A few hundred samples suffice. Float inputs take
+            floats; integer inputs (token ids, padding masks) integers,
+            which stay integers in every mode (only float tensors are
+            quantized; int64 inputs become int32).
         quantization: `"int8"` (full integer: int8 inputs, outputs and
             kernels, for microcontrollers), `"float16"` (float16 weights),
             `"dynamic"` (int8 weights, float activations) or `"float32"`.
@@ -205,7 +210,11 @@ def to_tflite(
 
 
 def input_dict(model, x) -> dict[str, np.ndarray]:
-    """Model inputs as `{name: float32 array}`, named like segment 1's inputs.
+    """Model inputs as `{name: array}`, named like segment 1's inputs.
+
+    Float inputs become float32 (finite values only); integer inputs
+    (token ids, padding masks) stay integers, at the dtype of the exported
+    graph (`graph_dtype`: int64 becomes int32).
 
     Args:
         model: an `EarlyExitModel`.
@@ -213,7 +222,7 @@ def input_dict(model, x) -> dict[str, np.ndarray]:
             or a dict by input name.
 
     Returns:
-        Dict of float32 arrays with the same number of samples.
+        Dict of arrays with the same number of samples.
     """
     specs = model.segments()[0].inputs
     names = [t.name for t in specs]
@@ -226,21 +235,63 @@ def input_dict(model, x) -> dict[str, np.ndarray]:
                 f"Input {name!r} expects samples of shape {tuple(spec.shape[1:])}; "
                 f"received an array of shape {array.shape}."
             )
-        if not np.issubdtype(array.dtype, np.floating):
-            raise ValueError(
-                f"Input {name!r} must hold floats (the model's input scale); "
-                f"received {array.dtype}. Convert with x.astype('float32')."
-            )
-        array = array.astype(np.float32)
-        if not np.all(np.isfinite(array)):
-            raise ValueError(
-                f"Input {name!r} holds NaN or infinite values; calibration and "
-                "inference need finite inputs."
-            )
-        out[name] = array
+        out[name] = _checked_input(array, spec)
     if len({len(a) for a in out.values()}) > 1 or len(arrays[0]) == 0:
         raise ValueError("Input arrays must hold the same, non-zero number of samples.")
     return out
+
+
+def graph_dtype(dtype: str) -> str:
+    """The dtype a Keras tensor of `dtype` has in an exported graph: int64
+    becomes int32 (TFLite Micro's GATHER and most integer kernels take
+    int32; token ids and masks fit), every other dtype stays."""
+    return "int32" if dtype == "int64" else dtype
+
+
+def _checked_input(array: np.ndarray, spec) -> np.ndarray:
+    """One representative input, checked by the rule of `predict_early`
+    (floats for float inputs, finite; integers in range for integer ones),
+    at the dtype the exported graph takes."""
+    from keras_earlyexit.inference import _cast_input
+
+    array = _cast_input(array, spec)
+    if array.dtype.kind == "f":
+        return array.astype(np.float32)
+    target = graph_dtype(array.dtype.name)
+    if target != array.dtype.name and array.size:
+        info = np.iinfo(target)
+        if array.min() < info.min or array.max() > info.max:
+            raise ValueError(
+                f"Input {spec.name!r} holds values in [{array.min()}, "
+                f"{array.max()}], outside the range of {target} that the "
+                "exported model takes."
+            )
+    return array.astype(target)
+
+
+def value_ranges(keras_model) -> dict[str, list[int]]:
+    """`{input name: [low, high]}`: the valid values of integer inputs that
+    feed embedding lookups (`keras.layers.Embedding` and its subclasses, or
+    a layer with an integer `vocabulary_size`, such as keras-hub's
+    `TokenAndPositionEmbedding`): `[0, rows - 1]` of the smallest table."""
+    ranges = {}
+    for tensor in keras_model.inputs:
+        if keras.backend.standardize_dtype(tensor.dtype) not in INTEGER_DTYPES:
+            continue
+        rows = []
+        for layer in keras_model.layers:
+            if isinstance(layer, keras.layers.Embedding):
+                size = layer.input_dim
+            else:
+                size = getattr(layer, "vocabulary_size", None)
+            if type(size) is not int or size < 1:
+                continue
+            for node in layer._inbound_nodes:
+                if any(t is tensor for t in node.input_tensors):
+                    rows.append(size)
+        if rows:
+            ranges[tensor.name] = [0, min(rows) - 1]
+    return ranges
 
 
 def _convert_in_subprocess(
@@ -311,7 +362,14 @@ def _convert(
         unmatched: list[str] = []
         for k, (segment, gate) in enumerate(zip(segments, model.gates)):
             data = convert_model(segment, quantization, carry)
+            ranges = value_ranges(segment) if k == 0 else {}
+            # Checked ids need no wrap of negative ids (see the function).
+            data = flatbuffer.without_index_wrap(
+                data, [name for name, (low, _) in ranges.items() if low >= 0]
+            )
             inputs, outputs = tensor_infos(data)
+            for t in inputs:
+                t.value_range = ranges.get(t.name)
             if micro:
                 micro_lib.check_micro_ops(
                     data,
@@ -372,6 +430,7 @@ def _convert(
             exit_names=list(model.exit_names),
             boundary=boundary,
             segments=infos,
+            patience=_patience(model),
         )
         write_manifest(manifest, tmp)
         replace_directory(tmp, directory)
@@ -392,15 +451,19 @@ def convert_model(
         keras_model: the model; its input names become signature input names
             and its output dict keys signature output names.
         quantization: one of `QUANTIZATION_MODES`.
-        representative_data: `{input name: float array}` for `"int8"`.
+        representative_data: `{input name: array}` for `"int8"` (float
+            arrays, and integer arrays for integer inputs).
 
     Returns:
         The `.tflite` bytes.
     """
     import tensorflow as tf
 
+    dtypes = {
+        t.name: keras.backend.standardize_dtype(t.dtype) for t in keras_model.inputs
+    }
     specs = {
-        t.name: tf.TensorSpec((1, *t.shape[1:]), t.dtype, name=t.name)
+        t.name: tf.TensorSpec((1, *t.shape[1:]), graph_dtype(dtypes[t.name]), t.name)
         for t in keras_model.inputs
     }
     with tempfile.TemporaryDirectory(prefix="kee-savedmodel-") as saved_model:
@@ -413,7 +476,10 @@ def convert_model(
         archive.add_endpoint(
             "serving_default",
             lambda inputs: _fixed_confidence_range(
-                keras_model(inputs, training=False), quantization
+                _graph_outputs(
+                    keras_model(_keras_inputs(inputs, dtypes), training=False)
+                ),
+                quantization,
             ),
             input_signature=[specs],
         )
@@ -441,6 +507,28 @@ def convert_model(
                 "every layer must map to an int8 TFLite builtin; try "
                 "'dynamic' or 'float16', or replace the layer named above."
             ) from e
+
+
+def _keras_inputs(inputs: dict, dtypes: dict) -> dict:
+    """The graph's inputs at the Keras model's dtypes (int32 ids back to
+    int64 where the model takes int64)."""
+    import tensorflow as tf
+
+    return {
+        name: value if value.dtype == dtypes[name] else tf.cast(value, dtypes[name])
+        for name, value in inputs.items()
+    }
+
+
+def _graph_outputs(outputs: dict) -> dict:
+    """int64 outputs (an int64 carry, such as a padding mask) as int32, the
+    dtype the next segment's graph takes (`graph_dtype`)."""
+    import tensorflow as tf
+
+    return {
+        name: tf.cast(value, tf.int32) if value.dtype == tf.int64 else value
+        for name, value in outputs.items()
+    }
 
 
 def _fixed_confidence_range(outputs, quantization: str):
@@ -676,6 +764,21 @@ def _add_arena_sizes(directory: str, infos: list[SegmentInfo]) -> None:
     for info, usage in zip(infos, usages):
         info.arena_bytes = usage.arena_bytes
         info.arena_head_bytes = usage.head_bytes
+
+
+def _patience(model) -> int | None:
+    """The patience of a model whose gates have criterion `"patience"`
+    (one for all exits), else None."""
+    if model.criterion != PATIENCE:
+        return None
+    values = {int(g.patience) for g in model.gates}
+    if len(values) != 1:
+        raise ValueError(
+            f"The gates of '{model.name}' have different patience values "
+            f"{sorted(values)}; an exported model has one. Set it with "
+            "model.set_patience(p)."
+        )
+    return values.pop()
 
 
 def _gate_info(gate, outputs: list, is_final: bool) -> GateInfo:

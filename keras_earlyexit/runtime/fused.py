@@ -48,9 +48,11 @@ from keras_earlyexit.runtime.gated import (
     RuntimeStats,
     SampleResult,
     check_arguments,
+    check_patience,
     prepare_inputs,
 )
 from keras_earlyexit.runtime.manifest import (
+    PATIENCE,
     QUANTIZATION_MODES,
     RUNTIME_ARENA_MARGIN,
     BundleError,
@@ -367,27 +369,67 @@ def read_fused_manifest(data, source: str = "the model") -> FusedManifest:
                 f"but its manifest threshold {threshold} gives "
                 f"{gate_constant(exit, threshold)}. Export the model again."
             )
+    _check_patience(data, manifest, source)
     return manifest
+
+
+def _check_patience(data, manifest: FusedManifest, source: str) -> None:
+    """The manifest's patience: an int in [1, exits] for criterion
+    `"patience"`, compared with by every non-final gate; else None."""
+    if manifest.criterion != PATIENCE:
+        if manifest.patience is not None or any(
+            e.patience_buffer is not None for e in manifest.exits
+        ):
+            raise FusedModelError(
+                f"{source} has criterion {manifest.criterion!r} but a patience; "
+                "its manifest was altered. Export the model again."
+            )
+        return
+    p = manifest.patience
+    if type(p) is not int or not 1 <= p <= manifest.num_exits:
+        raise FusedModelError(
+            f"{source} has criterion {PATIENCE!r} and patience {p!r}; an int in "
+            f"[1, {manifest.num_exits}] was expected. Export the model again."
+        )
+    for exit in manifest.exits[:-1]:
+        stored = _read_constant(data, exit, patience=True)
+        if stored != p:
+            raise FusedModelError(
+                f"Exit {exit.index}'s gate in {source} requires a streak of "
+                f"{stored}, but the manifest's patience is {p}. Export the "
+                "model again."
+            )
 
 
 def _constant_dtype(exit: FusedExit) -> np.dtype:
     return np.dtype(np.int32 if exit.quantized else np.float32)
 
 
-def _read_constant(data, exit: FusedExit) -> int | float:
-    start, length = buffer_span(data, exit.threshold_buffer)
-    dtype = _constant_dtype(exit)
+def _read_constant(data, exit: FusedExit, patience: bool = False) -> int | float:
+    """The threshold constant of an exit's gate, or with `patience` its
+    patience constant (float32)."""
+    buffer = exit.patience_buffer if patience else exit.threshold_buffer
+    dtype = np.dtype(np.float32) if patience else _constant_dtype(exit)
+    if type(buffer) is not int:
+        raise FusedModelError(
+            f"Exit {exit.index}'s gate names no constant buffer ({buffer!r}). "
+            "Export the model again."
+        )
+    start, length = buffer_span(data, buffer)
     if length != dtype.itemsize:
         raise FusedModelError(
-            f"Exit {exit.index}'s threshold buffer holds {length} bytes; a "
+            f"Exit {exit.index}'s constant buffer {buffer} holds {length} bytes; a "
             f"{dtype.name} scalar was expected. Export the model again."
         )
     return np.frombuffer(bytes(data[start : start + length]), dtype)[0].item()
 
 
-def with_thresholds(data, manifest: FusedManifest, thresholds) -> bytes:
-    """The model bytes with the gates' threshold constants replaced in
-    place (every other byte unchanged).
+def with_thresholds(
+    data, manifest: FusedManifest, thresholds, patience: int | None = None
+) -> bytes:
+    """The model bytes with the gates' threshold constants (and, for
+    criterion `"patience"`, their patience) replaced in place (every other
+    byte unchanged).
 
     The embedded manifest is not updated, so the result is for an
     interpreter in memory; `kee.export.set_thresholds` rewrites a file with
@@ -399,6 +441,9 @@ def with_thresholds(data, manifest: FusedManifest, thresholds) -> bytes:
         start, length = buffer_span(patched, exit.threshold_buffer)
         value = np.array([gate_constant(exit, threshold)], _constant_dtype(exit))
         patched[start : start + length] = value.tobytes()
+        if patience is not None:
+            start, length = buffer_span(patched, exit.patience_buffer)
+            patched[start : start + length] = np.float32(patience).tobytes()
     return bytes(patched)
 
 
@@ -507,6 +552,9 @@ class FusedInterpreter:
             file is changed only by `kee.export.set_thresholds`.
         arena_size: TFLite Micro tensor arena bytes. Default: the arena
             measured at export plus `RUNTIME_ARENA_MARGIN`, or 1 MiB.
+        patience: for files exported with criterion `"patience"`, the
+            patience to run with (written into the copy in memory, as
+            thresholds are); default: the file's.
 
     Example:
 
@@ -524,6 +572,7 @@ class FusedInterpreter:
         num_threads: int = 1,
         thresholds=None,
         arena_size: int | None = None,
+        patience: int | None = None,
     ):
         check_arguments(backend, num_threads, arena_size)
         self.path = os.path.abspath(path)
@@ -539,6 +588,11 @@ class FusedInterpreter:
         self.num_threads = num_threads
         self.arena_size = arena_size
         self._thresholds = self.manifest.thresholds
+        self._patience = self.manifest.patience
+        if patience is not None:
+            self._patience = check_patience(
+                patience, self.manifest.criterion, self.num_exits
+            )
         self._model = None
         self.set_thresholds(self._thresholds if thresholds is None else thresholds)
         self.reset_stats()
@@ -560,8 +614,11 @@ class FusedInterpreter:
         if self._model is not None and thresholds == self._thresholds:
             return
         data = self._data
-        if thresholds != self.manifest.thresholds:
-            data = with_thresholds(data, self.manifest, thresholds)
+        if (thresholds, self._patience) != (
+            self.manifest.thresholds,
+            self.manifest.patience,
+        ):
+            data = with_thresholds(data, self.manifest, thresholds, self._patience)
         if self.backend == "litert":
             self._model = _LiteRTModel(data, self.manifest, self.num_threads)
         else:
@@ -571,6 +628,22 @@ class FusedInterpreter:
                 arena = measured + RUNTIME_ARENA_MARGIN if measured else 1 << 20
             self._model = _MicroModel(data, self.manifest, arena)
         self._thresholds = thresholds
+
+    @property
+    def patience(self) -> int | None:
+        """Criterion `"patience"`: how many exits in a row must predict a
+        sample's class before it leaves (None for other criteria)."""
+        return self._patience
+
+    def set_patience(self, patience: int) -> None:
+        """Sets the patience (an int in [1, number of exits]) of a file
+        exported with criterion `"patience"`, in the model in memory;
+        reloads the interpreter if it changes."""
+        patience = check_patience(patience, self.manifest.criterion, self.num_exits)
+        if patience != self._patience:
+            self._patience = patience
+            self._model = None
+            self.set_thresholds(self._thresholds)
 
     def reset_stats(self) -> None:
         self.stats = FusedStats(list(self.manifest.exit_names))

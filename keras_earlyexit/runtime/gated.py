@@ -27,6 +27,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from keras_earlyexit.runtime.manifest import (
+    PATIENCE,
     RUNTIME_ARENA_MARGIN,
     BundleError,
     Manifest,
@@ -138,18 +139,39 @@ def prepare_input(array: np.ndarray, spec: TensorInfo) -> np.ndarray:
         The batch at `spec.dtype`, quantized where `spec` is.
 
     Raises:
-        ValueError: a wrong sample shape, integers for a float input (their
-            scale is unknown), floats for an integer input, NaN or infinite
-            values (naming the count of samples), ids out of range.
+        ValueError: a wrong sample shape (for token ids: sequences longer
+            or shorter than the fixed length, naming it), integers for a
+            float input (their scale is unknown), floats for an integer
+            input, NaN or infinite values (naming the count of samples),
+            ids outside the input's `value_range` (or its dtype's range).
     """
     sample_shape = tuple(spec.shape[1:])
+    is_ids = not spec.quantized and np.dtype(spec.dtype).kind in "iu"
+    if (
+        is_ids
+        and array.ndim == len(spec.shape)
+        and array.ndim >= 2
+        and array.shape[2:] == sample_shape[1:]
+        and array.shape[1] != sample_shape[0]
+    ):
+        length, fixed = array.shape[1], sample_shape[0]
+        fix = (
+            f"truncate them to {fixed} (x[:, :{fixed}])"
+            if length > fixed
+            else f"pad them to {fixed} with the padding id, as in training"
+        )
+        raise ValueError(
+            f"Input {spec.name!r} takes sequences of exactly {fixed} tokens (the "
+            f"model's maximum, fixed at export); received sequences of "
+            f"{length}: {fix}."
+        )
     if array.ndim == 0 or tuple(array.shape[1:]) != sample_shape:
         raise ValueError(
             f"Input {spec.name!r} expects a batch of samples of shape "
             f"{sample_shape}, i.e. an array of shape (n, "
             f"{', '.join(map(str, sample_shape))}); received shape {array.shape}."
         )
-    if not spec.quantized and np.dtype(spec.dtype).kind in "iu":
+    if is_ids:
         # Token ids: integers, passed on unquantized at the model's dtype.
         if array.dtype.kind not in "iu":
             raise ValueError(
@@ -157,11 +179,19 @@ def prepare_input(array: np.ndarray, spec: TensorInfo) -> np.ndarray:
                 f"dtype {array.dtype}. Pass integers, e.g. x.astype('{spec.dtype}')."
             )
         info = np.iinfo(spec.dtype)
-        outside = int(np.sum((array < info.min) | (array > info.max)))
-        if outside:
+        low, high = spec.value_range or (info.min, info.max)
+        outside = (array < low) | (array > high)
+        if outside.any():
+            what = (
+                "the ids its embedding table has rows for (manifest value_range)"
+                if spec.value_range
+                else f"the range of its dtype {spec.dtype}"
+            )
             raise ValueError(
-                f"Input {spec.name!r} holds {outside} value(s) outside the range "
-                f"of its dtype {spec.dtype} [{info.min}, {info.max}]."
+                f"Input {spec.name!r} holds {int(outside.sum())} value(s) outside "
+                f"[{low}, {high}], {what}; first: {array[outside][0]} in sample "
+                f"{int(np.argmax(outside.reshape(len(array), -1).any(axis=1)))}. "
+                "Map unknown tokens to a valid id (e.g. an out-of-vocabulary id)."
             )
         return array.astype(spec.dtype, copy=False)
     if array.dtype.kind != "f":
@@ -213,6 +243,27 @@ def prepare_inputs(x, specs: list[TensorInfo]) -> list[np.ndarray]:
     if len({len(a) for a in prepared}) > 1:
         raise ValueError("All inputs must hold the same number of samples.")
     return prepared
+
+
+def check_patience(patience, criterion: str, num_exits: int) -> int:
+    """A patience for an exported model of `criterion` with `num_exits`
+    exits: an int in [1, num_exits], for criterion `"patience"` only."""
+    if criterion != PATIENCE:
+        raise ValueError(
+            f"patience applies to models exported with criterion {PATIENCE!r}; "
+            f"this one's criterion is {criterion!r}."
+        )
+    if isinstance(patience, (bool, np.bool_)) or not isinstance(
+        patience, (int, np.integer)
+    ):
+        raise ValueError(f"patience must be an int. Received: {patience!r}")
+    if not 1 <= patience <= num_exits:
+        raise ValueError(
+            f"patience must be in [1, {num_exits}] (the number of exits in a row "
+            f"that must agree; {num_exits} lets no sample leave early). "
+            f"Received: {patience}"
+        )
+    return int(patience)
 
 
 def check_arguments(backend: str, num_threads, arena_size) -> None:
@@ -333,7 +384,10 @@ class GatedInterpreter:
     dtype, shape, scale and zero-point against the `.tflite` file; a bundle
     that fails raises `BundleError`. Each sample runs segment by segment and
     stops at the first exit whose confidence reaches its threshold; the
-    final exit takes the rest.
+    final exit takes the rest. With criterion `"patience"` (PABEE), the
+    loop also keeps each sample's class and streak (`runtime.patience`):
+    the sample leaves at the first exit where its streak reaches
+    `patience` and its confidence its threshold (a floor).
 
     Inputs follow one rule, shared with `EarlyExitModel.predict_early`:
     - a float model input takes floats on the scale the Keras model was
@@ -365,6 +419,8 @@ class GatedInterpreter:
             arena too small raises `ValueError` saying how many bytes the
             segment needs. Each segment gets its own arena here; the C++
             runner shares one (see `micro.shared_arena_bytes`).
+        patience: for bundles exported with criterion `"patience"`, the
+            patience to run with; default: the manifest's.
 
     Example:
 
@@ -391,6 +447,7 @@ class GatedInterpreter:
         num_threads: int = 1,
         thresholds=None,
         arena_size: int | None = None,
+        patience: int | None = None,
     ):
         check_arguments(backend, num_threads, arena_size)
         self.directory = os.path.abspath(directory)
@@ -426,6 +483,9 @@ class GatedInterpreter:
         self.set_thresholds(
             self.manifest.thresholds if thresholds is None else thresholds
         )
+        self._patience = self.manifest.patience
+        if patience is not None:
+            self.set_patience(patience)
         self.warmup_seconds = self._warm_up()
         self.stats = RuntimeStats(list(self.manifest.exit_names))
 
@@ -521,6 +581,24 @@ class GatedInterpreter:
             else:  # 1.0 means never: a float softmax reaches exactly 1.0
                 segment.threshold = float(np.float32(t)) if t < 1.0 else math.inf
 
+    @property
+    def patience(self) -> int | None:
+        """Criterion `"patience"`: how many exits in a row must predict a
+        sample's class before it leaves (None for other criteria)."""
+        return self._patience
+
+    def set_patience(self, patience: int) -> None:
+        """Sets the patience of a bundle exported with criterion
+        `"patience"` (the manifest's stays as it is; see
+        `kee.export.set_thresholds` to rewrite it).
+
+        Args:
+            patience: an int in [1, number of exits].
+        """
+        self._patience = check_patience(
+            patience, self.manifest.criterion, self.num_exits
+        )
+
     def reset_stats(self) -> None:
         """Starts `stats` afresh (counts and timings to zero), e.g. after a
         run that should not count. The load-time warm-up is never in it."""
@@ -536,6 +614,7 @@ class GatedInterpreter:
         start = time.perf_counter()
         last = len(self._segments) - 1
         values = zip(self._segments[0].info.inputs, sample)
+        patience, previous, streak = self._patience, -1, 0
         for k, segment in enumerate(self._segments):
             runner = segment.runner
             for tensor, value in values:
@@ -546,8 +625,19 @@ class GatedInterpreter:
             self.stats.segment_invocations[k] += 1
             # A Python scalar: int8 bundles compare ints, float bundles floats.
             confidence = runner.get_output(segment.confidence).item(0)
-            if k == last or confidence >= segment.threshold:
+            leaves = confidence >= segment.threshold
+            if patience is not None:
+                # The rule of `runtime.patience` (next_streak, then
+                # patience_passes), on scalars; the class is the argmax of
+                # the logits as the segment outputs them (int8 or float:
+                # dequantizing keeps the order and the ties).
                 label = int(np.argmax(runner.get_output(segment.logits)))
+                streak = streak + 1 if label == previous else 1
+                previous = label
+                leaves = leaves and streak >= patience
+            if k == last or leaves:
+                if patience is None:
+                    label = int(np.argmax(runner.get_output(segment.logits)))
                 c = segment.confidence
                 if c.quantized:
                     confidence = (confidence - c.zero_point) * c.scale

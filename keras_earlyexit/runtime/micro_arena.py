@@ -24,12 +24,34 @@ from keras_earlyexit.runtime.manifest import BundleError
 # a measured need gets twice that on top, so that it passes such a trial.
 ALIGNMENT_SLACK = 16
 
+# Run in the children below before each trial invoke: zeros, not the
+# arena's leftovers, since an integer input may index a table (token ids)
+# and TFLite Micro's GATHER does not check its indices.
+ZERO_INPUTS = r"""
+import numpy
+
+def zero_inputs(interpreter):
+    i = 0
+    while True:
+        try:
+            details = interpreter.get_input_details(i)
+        except IndexError:
+            return
+        interpreter.set_input(numpy.zeros(details["shape"], details["dtype"]), i)
+        i += 1
+"""
+
 # Imports only tflite_micro (fast to start, safe to fork); each trial runs
 # in a forked child, since a too-small arena can crash TFLite Micro.
-_CHILD = r"""
+_CHILD = (
+    r"""
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
 from tflite_micro.python.tflite_micro import runtime
+
+"""
+    + ZERO_INPUTS
+    + r"""
 
 def fits(data, size):
     pid = os.fork()
@@ -39,7 +61,9 @@ def fits(data, size):
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, 1)
             os.dup2(null, 2)
-            runtime.Interpreter.from_bytes(data, arena_size=size).invoke()
+            interpreter = runtime.Interpreter.from_bytes(data, arena_size=size)
+            zero_inputs(interpreter)
+            interpreter.invoke()
             code = 0
         except BaseException:
             pass
@@ -67,6 +91,7 @@ for path, size in json.loads(sys.stdin.read()):
     else:
         print(json.dumps({"fits": False, "needs": smallest(data)}), flush=True)
 """
+)
 
 
 def check_arenas(models: list[bytes], sizes: list[int]) -> list[int | None]:
