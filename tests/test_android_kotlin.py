@@ -481,7 +481,11 @@ def _logits_size(data):
 
 
 def _unsupported_dtype(data):
-    data["segments"][0]["inputs"][0]["dtype"] = "int32"
+    data["segments"][0]["inputs"][0].update(dtype="int64", scale=None, zero_point=None)
+
+
+def _int32_for_int8(data):
+    data["segments"][0]["inputs"][0].update(dtype="int32", scale=None, zero_point=None)
 
 
 @pytest.mark.parametrize(
@@ -491,7 +495,8 @@ def _unsupported_dtype(data):
         (_stale_scale, "says tensor 'g' of segment_2.tflite is int8 of shape [1, 5]"),
         (_position_out_of_range, "inputs of segment_3.tflite at positions [1]"),
         (_logits_size, "segment_1.tflite has 4 logits; manifest.json says num_cl"),
-        (_unsupported_dtype, "'x' of segment_1.tflite has dtype int32"),
+        (_unsupported_dtype, "'x' of segment_1.tflite has dtype int64"),
+        (_int32_for_int8, "says tensor 'x' of segment_1.tflite is int32 of shape [1"),
     ],
 )
 def test_a_failing_constructor_closes_what_it_opened(classpath, assets, edit, message):

@@ -60,7 +60,7 @@ from keras_earlyexit.export.micro import (
     resolver_ops,
     shared_arena_bytes,
 )
-from keras_earlyexit.runtime.manifest import RUNTIME_ARENA_MARGIN
+from keras_earlyexit.runtime.manifest import PATIENCE, RUNTIME_ARENA_MARGIN
 
 # Kept for callers of the former private name.
 _resolver_method = resolver_method
@@ -75,7 +75,11 @@ MAX_RANK = 6
 _DTYPES = {
     "int8": ("earlyexit::DType::kInt8", 1),
     "float32": ("earlyexit::DType::kFloat32", 4),
+    "int32": ("earlyexit::DType::kInt32", 4),
 }
+# What the runner's gate and ArgMax read.
+_GATE_DTYPES = ("int8", "float32")
+_INT32_MIN = -(2**31)
 
 
 def to_c_arrays(
@@ -193,7 +197,12 @@ def _fused_sources(path: str, arena_size: int | None, namespace: str) -> dict:
             FUSED_STEM, name, manifest.content_sha256, data
         ),
         FUSED_CONFIG_NAME: _fused_config_header(
-            manifest, name, ops, arena_size, namespace
+            manifest,
+            name,
+            ops,
+            arena_size,
+            namespace,
+            _input_ranges("The fused model", manifest.inputs, data),
         ),
     }
 
@@ -504,13 +513,30 @@ def _check_tensor(owner: str, t: TensorInfo, field: str) -> None:
         )
 
 
-def _tensor(segment: SegmentInfo, t: TensorInfo) -> str:
+def _tensor(
+    segment: SegmentInfo, t: TensorInfo, value_range: tuple[int, int] | None = None
+) -> str:
     field = f"segments[{segment.index}] tensor {_comment(t.name)!r}"
-    return _tensor_config(f"Segment {segment.index + 1}", t, field)
+    return _tensor_config(f"Segment {segment.index + 1}", t, field, value_range)
 
 
-def _tensor_config(owner: str, t: TensorInfo, field: str) -> str:
-    """An `earlyexit::TensorConfig` initializer of `t`, every value checked."""
+def _gate_tensor(segment: SegmentInfo, name: str) -> str:
+    """The logits or confidence output, which the runner's gate reads."""
+    t = segment.output(name)
+    if t.dtype not in _GATE_DTYPES:
+        raise BundleError(
+            f"Segment {segment.index + 1} output {name!r} is {_comment(t.dtype)}; "
+            f"the micro runner reads {name} as {' or '.join(_GATE_DTYPES)}. "
+            "Convert the model again."
+        )
+    return _tensor(segment, t)
+
+
+def _tensor_config(
+    owner: str, t: TensorInfo, field: str, value_range: tuple[int, int] | None = None
+) -> str:
+    """An `earlyexit::TensorConfig` initializer of `t`, every value checked.
+    int32 tensors also get their `value_range` (default: all of int32)."""
     _check_tensor(owner, t, field)
     dims = ", ".join(str(d) for d in t.shape)
     if t.dtype == "int8":
@@ -518,12 +544,154 @@ def _tensor_config(owner: str, t: TensorInfo, field: str) -> str:
         zero_point = _c_int(t.zero_point, f"{field}.zero_point", -128, 127)
     else:
         scale, zero_point = "0.0f", "0"
+    values = ""
+    if t.dtype == "int32":
+        low, high = value_range or (_INT32_MIN, _INT32_MAX)
+        values = f", {_c_int32(low)}, {_c_int32(high)}"
     return (
         f"{{{_c_string(t.name, f'{field}.name')}, "
         f"{_c_int(t.position, f'{field}.position', 0, _INT32_MAX)}, "
         f"{_DTYPES[t.dtype][0]}, {len(t.shape)}, {{{dims}}}, {_bytes(t)}u, "
-        f"{scale}, {zero_point}}}"
+        f"{scale}, {zero_point}{values}}}"
     )
+
+
+def _c_int32(value: int) -> str:
+    # -2147483648 is not an int literal in C++ (2147483648 negated).
+    return "INT32_MIN" if value == _INT32_MIN else str(value)
+
+
+def _patience(criterion, patience, num_exits: int) -> str:
+    """kPatience: the manifest's patience for criterion "patience" (an
+    integer in [1, num_exits]), 0 for the other criteria."""
+    if criterion == PATIENCE:
+        return _c_int(patience, "patience", 1, num_exits)
+    if patience is not None:
+        raise BundleError(
+            f"manifest field patience must be null for criterion "
+            f"{_comment(criterion)!r}; found {_comment(patience)}. Convert the "
+            "model again."
+        )
+    return "0"
+
+
+def _input_ranges(
+    owner: str, inputs: list[TensorInfo], data: bytes
+) -> list[tuple[int, int] | None]:
+    """Per model input, the values the runner lets through: for int32 inputs
+    the manifest's `value_range`, narrowed to the rows of every embedding
+    table (GATHER) the input reaches in the graph, whose indices TFLite
+    Micro does not check; None (all values) for other inputs."""
+    bounds = _gather_rows(data)
+    ranges = []
+    for i, t in enumerate(inputs):
+        if t.dtype != "int32":
+            ranges.append(None)
+            continue
+        field = f"{owner} input {_comment(t.name)!r} value_range"
+        low, high = _INT32_MIN, _INT32_MAX
+        if t.value_range is not None:
+            if not isinstance(t.value_range, (list, tuple)) or len(t.value_range) != 2:
+                raise BundleError(f"manifest field {field} must be [low, high].")
+            low = int(_c_int(t.value_range[0], f"{field}[0]", _INT32_MIN, _INT32_MAX))
+            high = int(_c_int(t.value_range[1], f"{field}[1]", low, _INT32_MAX))
+        rows = bounds.get(t.position)
+        if rows is not None:
+            low, high = max(low, 0), min(high, rows - 1)
+            if low > high:
+                raise BundleError(
+                    f"{owner} input {_comment(t.name)!r} indexes a table of "
+                    f"{rows} rows, but its manifest value_range is "
+                    f"{_comment(t.value_range)}: no id would be valid. Convert "
+                    "the model again."
+                )
+        ranges.append((low, high))
+    return ranges
+
+
+# Ops whose indices input (by position) selects rows of a table input.
+_GATHERS = {"GATHER": (1, 0), "EMBEDDING_LOOKUP": (0, 1), "GATHER_ND": (1, 0)}
+
+
+def _gather_rows(data: bytes) -> dict[int, int]:
+    """Input position of the main subgraph -> the fewest rows of the tables
+    that GATHER, GATHER_ND or EMBEDDING_LOOKUP index with values computed
+    from it (through any ops, into IF and WHILE subgraphs). Inputs that
+    reach no such op are absent."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    names = {
+        v: k for k, v in vars(schema.BuiltinOperator).items() if isinstance(v, int)
+    }
+    model = schema.Model.GetRootAs(data, 0)
+    codes = []
+    for i in range(model.OperatorCodesLength()):
+        code = model.OperatorCodes(i)
+        codes.append(names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode())))
+    main = model.Subgraphs(0)
+    rows = {}
+    for position in range(main.InputsLength()):
+        reached = {(0, int(main.Inputs(position)))}
+        work = list(reached)
+        fewest = None
+
+        def reach(subgraph: int, tensor: int) -> None:
+            if tensor >= 0 and (subgraph, tensor) not in reached:
+                reached.add((subgraph, tensor))
+                work.append((subgraph, tensor))
+
+        while work:
+            g, tensor = work.pop()
+            graph = model.Subgraphs(g)
+            for o in range(graph.OperatorsLength()):
+                op = graph.Operators(o)
+                inputs = (
+                    [int(i) for i in op.InputsAsNumpy()] if op.InputsLength() else []
+                )
+                if tensor not in inputs:
+                    continue
+                name = codes[op.OpcodeIndex()]
+                if name in _GATHERS:
+                    index, table = _GATHERS[name]
+                    if index < len(inputs) and inputs[index] == tensor:
+                        shape = graph.Tensors(inputs[table]).ShapeAsNumpy()
+                        n = int(shape[_gather_axis(op, schema, len(shape))])
+                        if name == "GATHER_ND":
+                            n = int(min(shape))
+                        fewest = n if fewest is None else min(fewest, n)
+                for out in op.OutputsAsNumpy() if op.OutputsLength() else []:
+                    reach(g, int(out))
+                for sub, offset in _called_subgraphs(op, name, schema):
+                    callee = model.Subgraphs(sub)
+                    for j, i in enumerate(inputs[offset:]):
+                        if i == tensor and j < callee.InputsLength():
+                            reach(sub, int(callee.Inputs(j)))
+        if fewest is not None:
+            rows[position] = fewest
+    return rows
+
+
+def _gather_axis(op, schema, rank: int) -> int:
+    if op.BuiltinOptionsType() != schema.BuiltinOptions.GatherOptions:
+        return 0
+    options = schema.GatherOptions()
+    table = op.BuiltinOptions()
+    options.Init(table.Bytes, table.Pos)
+    return options.Axis() % max(rank, 1)
+
+
+def _called_subgraphs(op, name: str, schema) -> list[tuple[int, int]]:
+    """(subgraph, first operand passed to its inputs) of IF and WHILE."""
+    table = op.BuiltinOptions()
+    if name == "IF" and table is not None:
+        options = schema.IfOptions()
+        options.Init(table.Bytes, table.Pos)
+        return [(options.ThenSubgraphIndex(), 1), (options.ElseSubgraphIndex(), 1)]
+    if name == "WHILE" and table is not None:
+        options = schema.WhileOptions()
+        options.Init(table.Bytes, table.Pos)
+        return [(options.CondSubgraphIndex(), 0), (options.BodySubgraphIndex(), 0)]
+    return []
 
 
 def _banner(source: str, sha256: str | None = None) -> str:
@@ -582,8 +750,9 @@ def _generate(
         sha256 = segment.sha256
         sources[f"{stem}.h"] = _array_header(stem, source, sha256, data)
         sources[f"{stem}.cc"] = _array_source(stem, source, sha256, data)
+    ranges = _input_ranges("Segment 1", manifest.segments[0].inputs, models[0])
     sources[CONFIG_NAME] = _config_header(
-        manifest, bundle_name, ops, arena_size, namespace
+        manifest, bundle_name, ops, arena_size, namespace, ranges
     )
     return sources
 
@@ -594,7 +763,9 @@ def _config_header(
     ops: list[str],
     arena_size: int,
     namespace: str,
+    ranges: list[tuple[int, int] | None],
 ) -> str:
+    """`ranges`: segment 1's inputs' value ranges (`_input_ranges`)."""
     segments = manifest.segments
     if manifest.quantization not in QUANTIZATION_MODES:
         raise BundleError(
@@ -650,9 +821,20 @@ def _config_header(
         f"{_c_string(manifest.quantization, 'quantization')};",
         "",
     ]
+    patience = _patience(manifest.criterion, manifest.patience, len(segments))
+    lines += [
+        "// Gate criterion; kPatience: exits in a row that must agree on the",
+        '// class before a sample leaves (criterion "patience"), else 0.',
+        "inline constexpr const char* kCriterion = "
+        f"{_c_string(manifest.criterion, 'criterion')};",
+        f"inline constexpr int kPatience = {patience};",
+        "",
+    ]
     for k, s in enumerate(segments):
         n = k + 1
-        inputs = ",\n    ".join(_tensor(s, t) for t in s.inputs)
+        inputs = ",\n    ".join(
+            _tensor(s, t, ranges[i] if k == 0 else None) for i, t in enumerate(s.inputs)
+        )
         lines += [
             f"// Segment {n}: exit {_comment(s.exit_name)}, {_comment(s.file)}.",
             f"inline constexpr earlyexit::TensorConfig kSegment{n}Inputs[] = {{",
@@ -695,8 +877,8 @@ def _config_header(
                     f"{_c_string(s.exit_name, f'{field}.exit_name')}, "
                     f"g_{_stem(k)}, g_{_stem(k)}_len",
                     f"kSegment{n}Inputs, {len(s.inputs)}",
-                    f"/*logits=*/{_tensor(s, s.output('logits'))}",
-                    f"/*confidence=*/{_tensor(s, s.output('confidence'))}",
+                    f"/*logits=*/{_gate_tensor(s, 'logits')}",
+                    f"/*confidence=*/{_gate_tensor(s, 'confidence')}",
                     "nullptr, 0"
                     if last
                     else f"kSegment{n}Carry, {len(segments[k + 1].inputs)}",
@@ -713,7 +895,8 @@ def _config_header(
         ",\n".join(entries) + "};",
         "",
         "inline constexpr earlyexit::ModelConfig kModel = {",
-        "    kSegments, kNumSegments, kNumClasses, kArenaSize, kCarryBufferSize};",
+        "    kSegments, kNumSegments, kNumClasses, kArenaSize, kCarryBufferSize,",
+        "    kPatience};",
         "",
         f"}}  // namespace {namespace}",
         "",
@@ -724,11 +907,16 @@ def _config_header(
 
 
 def _fused_config_header(
-    manifest, file_name: str, ops: list[str], arena_size: int, namespace: str
+    manifest,
+    file_name: str,
+    ops: list[str],
+    arena_size: int,
+    namespace: str,
+    ranges: list[tuple[int, int] | None],
 ) -> str:
     """`earlyexit_fused_config.h`: an `earlyexit::FusedConfig` (see
     tflite/micro/fused_runner.h) and the exits' names, thresholds and MACs,
-    every value checked or escaped."""
+    every value checked or escaped. `ranges`: the inputs' value ranges."""
     from keras_earlyexit.runtime.fused import OUTPUT_NAMES
 
     if manifest.quantization not in QUANTIZATION_MODES:
@@ -757,9 +945,15 @@ def _fused_config_header(
             manifest.output_position(OUTPUT_NAMES[3]), "outputs[logits]", 0, _INT32_MAX
         )
     inputs = ",\n    ".join(
-        _tensor_config("The fused model", t, f"inputs[{i}] tensor {_comment(t.name)!r}")
+        _tensor_config(
+            "The fused model",
+            t,
+            f"inputs[{i}] tensor {_comment(t.name)!r}",
+            ranges[i],
+        )
         for i, t in enumerate(manifest.inputs)
     )
+    patience = _patience(manifest.criterion, manifest.patience, len(exits))
     if not manifest.inputs:
         raise BundleError(f"The manifest of {_comment(file_name)} lists no inputs.")
     names, thresholds, quantized, macs, cumulative = [], [], [], [], []
@@ -816,6 +1010,11 @@ def _fused_config_header(
         f"{_c_int(arena_size, 'arena_size', 1, _INT32_MAX)};",
         "inline constexpr const char* kQuantization = "
         f"{_c_string(manifest.quantization, 'quantization')};",
+        "// Gate criterion; kPatience: exits in a row that must agree on the",
+        '// class (criterion "patience", computed in the graph), else 0.',
+        "inline constexpr const char* kCriterion = "
+        f"{_c_string(manifest.criterion, 'criterion')};",
+        f"inline constexpr int kPatience = {patience};",
         "",
         "// Positions in the main subgraph's outputs (-1: no logits output).",
         f"inline constexpr int kClassOutput = {positions['class']};",

@@ -16,6 +16,9 @@ size_t AlignUp(size_t n) { return (n + kAlignment - 1) / kAlignment * kAlignment
 
 size_t ElementSize(DType dtype) { return dtype == DType::kInt8 ? 1 : 4; }
 
+// Logits and confidences: int8 or float32 (what ArgMax and the gate read).
+bool IsGateType(DType dtype) { return dtype == DType::kInt8 || dtype == DType::kFloat32; }
+
 // `x` must be finite and `scale` positive: callers check.
 int8_t QuantizeOne(float x, float scale, int32_t zero_point) {
   const float v = x / scale;
@@ -77,7 +80,10 @@ bool ConfigShapeFits(const ModelConfig& config) {
 
 bool TensorFits(const TensorConfig& t) {
   if (t.position < 0 || t.rank < 0 || t.rank > kMaxRank) return false;
-  if (t.dtype != DType::kInt8 && t.dtype != DType::kFloat32) return false;
+  if (t.dtype != DType::kInt8 && t.dtype != DType::kFloat32 &&
+      t.dtype != DType::kInt32) {
+    return false;
+  }
   size_t elements = 1;
   for (int d = 0; d < t.rank; ++d) {
     if (t.dims[d] < 1) return false;
@@ -86,7 +92,8 @@ bool TensorFits(const TensorConfig& t) {
     elements *= dim;
   }
   if (elements * ElementSize(t.dtype) != t.bytes) return false;
-  if (t.dtype == DType::kFloat32) return t.scale == 0.0f && t.zero_point == 0;
+  if (t.min_value > t.max_value) return false;
+  if (t.dtype != DType::kInt8) return t.scale == 0.0f && t.zero_point == 0;
   return ValidScale(t.scale) && t.zero_point >= -128 && t.zero_point <= 127;
 }
 
@@ -109,6 +116,33 @@ bool AllFinite(const void* data, size_t bytes) {
     if (!std::isfinite(v)) return false;
   }
   return true;
+}
+
+bool AllInRange(const void* data, size_t bytes, int32_t lo, int32_t hi) {
+  const uint8_t* p = static_cast<const uint8_t*>(data);
+  for (size_t b = 0; b + sizeof(int32_t) <= bytes; b += sizeof(int32_t)) {
+    int32_t v;
+    std::memcpy(&v, p + b, sizeof(int32_t));
+    if (v < lo || v > hi) return false;
+  }
+  return true;
+}
+
+Status CheckInputValues(const TensorConfig& t, const void* data) {
+  if (t.dtype == DType::kFloat32 && !AllFinite(data, t.bytes)) {
+    return Status::kNonFiniteInput;
+  }
+  if (t.dtype == DType::kInt32 && !AllInRange(data, t.bytes, t.min_value, t.max_value)) {
+    return Status::kInputOutOfRange;
+  }
+  return Status::kOk;
+}
+
+Status CheckInput(const TensorConfig& t, const InputData& input) {
+  if (input.data == nullptr || input.bytes != t.bytes || input.dtype != t.dtype) {
+    return Status::kBadInput;
+  }
+  return CheckInputValues(t, input.data);
 }
 
 const char* StatusString(Status status) {
@@ -134,11 +168,18 @@ const char* StatusString(Status status) {
              "allocate the tensors (a resolver without an op: use "
              "EARLYEXIT_OPS); see the interpreter's log";
     case Status::kBadInput:
-      return "Run needs a result and one non-null input per model input "
-             "(Run(const void*, Result*) is for single-input models only)";
+      return "Run needs a result and one non-null input per model input, "
+             "each of the input's byte size and dtype (int8 models take "
+             "quantized bytes, int32 inputs int32 ids; Run(const void*, "
+             "Result*) is for single-input models only)";
     case Status::kNonFiniteInput:
       return "an input value is NaN or infinite: refused, the model's answer "
              "would be meaningless";
+    case Status::kInputOutOfRange:
+      return "an int32 input value is outside the range the model takes "
+             "(token ids: 0 to the vocabulary size - 1, see the input's "
+             "min_value and max_value): refused before TFLite Micro reads "
+             "outside its embedding table";
   }
   return "unknown status";
 }
@@ -182,6 +223,7 @@ Status EarlyExitRunner::CheckSegment(int k) {
   const bool last = k + 1 == n;
   if (segment == nullptr || s.num_inputs < 1 || s.inputs == nullptr ||
       !TensorFits(s.logits) || !TensorFits(s.confidence) ||
+      !IsGateType(s.logits.dtype) || !IsGateType(s.confidence.dtype) ||
       s.confidence.bytes != ElementSize(s.confidence.dtype) ||
       s.logits.bytes / ElementSize(s.logits.dtype) !=
           static_cast<size_t>(config_.num_classes) ||
@@ -237,7 +279,8 @@ Status EarlyExitRunner::CheckSegment(int k) {
 
 Status EarlyExitRunner::Init() {
   initialized_ = false;
-  if (!ConfigShapeFits(config_) || segments_ == nullptr || config_.num_classes < 1) {
+  if (!ConfigShapeFits(config_) || segments_ == nullptr || config_.num_classes < 1 ||
+      config_.patience < 0 || config_.patience > config_.num_segments) {
     return Status::kBadConfig;
   }
   // The next segment's Segment is needed to check the carry targets.
@@ -354,18 +397,38 @@ Status EarlyExitRunner::Run(const void* input, Result* result) {
   return Run(&input, result);
 }
 
+Status EarlyExitRunner::Run(const InputData* inputs, int num_inputs,
+                            Result* result) {
+  if (!initialized_) return Status::kBadConfig;
+  const SegmentConfig& first = config_.segments[0];
+  if (inputs == nullptr || result == nullptr || num_inputs != first.num_inputs) {
+    return Status::kBadInput;
+  }
+  // Fixed capacity: one pointer per input, no heap.
+  if (num_inputs > kMaxInputs) return Status::kBadInput;
+  const void* data[kMaxInputs];
+  for (int i = 0; i < num_inputs; ++i) {
+    const Status status = CheckInput(first.inputs[i], inputs[i]);
+    if (status != Status::kOk) return status;
+    data[i] = inputs[i].data;
+  }
+  return Run(data, result);
+}
+
 Status EarlyExitRunner::Run(const void* const* inputs, Result* result) {
   if (!initialized_) return Status::kBadConfig;
   const SegmentConfig& first = config_.segments[0];
   if (inputs == nullptr || result == nullptr) return Status::kBadInput;
   for (int i = 0; i < first.num_inputs; ++i) {
     if (inputs[i] == nullptr) return Status::kBadInput;
-    if (first.inputs[i].dtype == DType::kFloat32 &&
-        !AllFinite(inputs[i], first.inputs[i].bytes)) {
-      return Status::kNonFiniteInput;
-    }
+    const Status status = CheckInputValues(first.inputs[i], inputs[i]);
+    if (status != Status::kOk) return status;
   }
   const int last = config_.num_segments - 1;
+  // Patience: the previous exit's class and how many exits in a row, up to
+  // this one, predicted it (runtime/patience.py next_streak).
+  int previous_label = -1;
+  int streak = 0;
   for (int k = 0; k <= last; ++k) {
     const SegmentConfig& s = config_.segments[k];
     Segment* segment = segments_[k];
@@ -381,8 +444,16 @@ Status EarlyExitRunner::Run(const void* const* inputs, Result* result) {
     // gated.py: runner.invoke()
     ++invocations_[k];
     if (!segment->Invoke()) return Status::kInvokeFailed;
-    // gated.py: `if k == last or gate_passes(confidence, threshold)`
-    if (k == last || Confident(k, segment->output(s.confidence.position).data)) {
+    // gated.py: `if k == last or gate_passes(confidence, threshold)`; for
+    // patience, patience_passes(streak, patience, confidence, threshold).
+    if (config_.patience > 0) {
+      const int label = ArgMax(s.logits, segment->output(s.logits.position).data);
+      streak = label == previous_label ? streak + 1 : 1;
+      previous_label = label;
+    }
+    const bool patient = config_.patience == 0 || streak >= config_.patience;
+    if (k == last ||
+        (patient && Confident(k, segment->output(s.confidence.position).data))) {
       *result = MakeResult(k);
       ++exit_counts_[k];
       return Status::kOk;

@@ -23,11 +23,15 @@ namespace earlyexit {
 constexpr int kMaxRank = 6;
 // Fixed capacity for per-segment state held by the runner (no heap).
 constexpr int kMaxSegments = 16;
+// Most inputs the checked Run(const InputData*, ...) takes.
+constexpr int kMaxInputs = 16;
 // An int8 threshold above every int8 value: no sample leaves.
 constexpr int32_t kNeverQuantized = 128;
 
-// kOther: a tensor type the runner does not handle (reported by a Segment).
-enum class DType : uint8_t { kInt8, kFloat32, kOther };
+// kInt32: integer model inputs (token ids, padding masks) and carries, never
+// quantized. kOther: a tensor type the runner does not handle (reported by
+// a Segment).
+enum class DType : uint8_t { kInt8, kFloat32, kInt32, kOther };
 
 // One input or output tensor of a segment, as in manifest.json.
 struct TensorConfig {
@@ -39,6 +43,20 @@ struct TensorConfig {
   size_t bytes;
   float scale;         // 0 when the tensor is not quantized
   int32_t zero_point;  // 0 when the tensor is not quantized
+  // Values an int32 model input may hold. For token ids that index an
+  // embedding table: [0, vocabulary size - 1], which to_c_arrays reads from
+  // the model (TFLite Micro's GATHER does not check its indices, so the
+  // runners do); the whole int32 range otherwise.
+  int32_t min_value = INT32_MIN;
+  int32_t max_value = INT32_MAX;
+};
+
+// One model input for the checked Run: its bytes, their count and the type
+// they hold, compared with the config before anything is copied.
+struct InputData {
+  const void* data;
+  size_t bytes;
+  DType dtype;
 };
 
 // A carry tensor: output `source` of segment k is input `target` of k+1.
@@ -73,6 +91,11 @@ struct ModelConfig {
   // smaller arena up front); never 0.
   size_t arena_size;
   size_t carry_buffer_size;  // bytes for the largest set of carry tensors
+  // Criterion "patience" (PABEE): a sample leaves non-final exit k only when
+  // exits k - patience + 1 .. k all predict its class (and its confidence
+  // reaches the threshold, a floor). 1 to num_segments; 0 for the other
+  // criteria (the threshold alone decides).
+  int patience = 0;
 };
 
 // A tensor as the segment's interpreter allocated it. `data == nullptr`:
@@ -109,6 +132,7 @@ enum class Status : uint8_t {
   kAllocationFailed,    // arena too small, or an op missing from the resolver
   kBadInput,            // null pointer, or wrong number of inputs
   kNonFiniteInput,      // NaN or infinity in a float input
+  kInputOutOfRange,     // an int32 input value outside [min_value, max_value]
 };
 
 const char* StatusString(Status status);
@@ -120,6 +144,16 @@ bool TensorFits(const TensorConfig& t);
 bool TensorMatches(const TensorConfig& config, const TensorDesc& tensor);
 // Whether `bytes` bytes of float32 values (any alignment) are all finite.
 bool AllFinite(const void* data, size_t bytes);
+// Whether `bytes` bytes of int32 values (any alignment) are all in [lo, hi].
+bool AllInRange(const void* data, size_t bytes, int32_t lo, int32_t hi);
+// The checks every runner makes on one model input before copying it:
+// kNonFiniteInput for NaN or infinity in a float32 input, kInputOutOfRange
+// for an int32 value outside [t.min_value, t.max_value]. `data` holds
+// t.bytes bytes.
+Status CheckInputValues(const TensorConfig& t, const void* data);
+// An InputData is the input `t` describes (non-null, same byte count and
+// dtype: kBadInput otherwise), then CheckInputValues.
+Status CheckInput(const TensorConfig& t, const InputData& input);
 
 struct Result {
   int label;
@@ -155,10 +189,15 @@ class EarlyExitRunner {
 
   // Gated inference on one sample. `inputs[i]` holds the raw bytes of
   // segment 1's input i (config order; int8 bundles take quantized data,
-  // see Quantize). Float inputs holding NaN or infinity are refused.
+  // see Quantize; int32 inputs take the ids themselves), at least the
+  // input's bytes. Float inputs holding NaN or infinity are refused, and
+  // int32 values outside the input's [min_value, max_value].
   Status Run(const void* const* inputs, Result* result);
   // For models with exactly one input; kBadInput otherwise.
   Status Run(const void* input, Result* result);
+  // Checked: `num_inputs` inputs, each of its input's byte count and dtype
+  // (kBadInput otherwise, nothing run); then as above.
+  Status Run(const InputData* inputs, int num_inputs, Result* result);
 
   // Replaces the thresholds of the non-final exits (floats in [0, 1]); int8
   // exits get QuantizeThreshold of them. May be called before Init: the
@@ -170,6 +209,8 @@ class EarlyExitRunner {
   }
 
   int num_exits() const { return config_.num_segments; }
+  // The config's patience (0: not the patience criterion).
+  int patience() const { return config_.patience; }
   uint32_t exit_count(int k) const { return exit_counts_[k]; }
   uint32_t invocations(int k) const { return invocations_[k]; }
   void ResetCounts();

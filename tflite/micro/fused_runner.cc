@@ -145,13 +145,28 @@ Status FusedRunner::Run(const void* const* inputs, const size_t* sizes,
   for (int i = 0; i < num_inputs; ++i) {
     const TensorConfig& t = config_.inputs[i];
     if (inputs[i] == nullptr || sizes[i] != t.bytes) return Status::kBadInput;
-    if (t.dtype == DType::kFloat32 && !AllFinite(inputs[i], t.bytes)) {
-      return Status::kNonFiniteInput;
-    }
+    const Status status = CheckInputValues(t, inputs[i]);
+    if (status != Status::kOk) return status;
   }
   for (int i = 0; i < num_inputs; ++i) {
     const TensorConfig& t = config_.inputs[i];
     std::memcpy(interpreter_->input(t.position)->data.raw, inputs[i], t.bytes);
+  }
+  return InvokeAndRead(result);
+}
+
+Status FusedRunner::Run(const InputData* inputs, int num_inputs, Result* result) {
+  if (!ready_) return Status::kBadConfig;
+  if (inputs == nullptr || result == nullptr || num_inputs != config_.num_inputs) {
+    return Status::kBadInput;
+  }
+  for (int i = 0; i < num_inputs; ++i) {
+    const Status status = CheckInput(config_.inputs[i], inputs[i]);
+    if (status != Status::kOk) return status;
+  }
+  for (int i = 0; i < num_inputs; ++i) {
+    const TensorConfig& t = config_.inputs[i];
+    std::memcpy(interpreter_->input(t.position)->data.raw, inputs[i].data, t.bytes);
   }
   return InvokeAndRead(result);
 }
@@ -172,7 +187,10 @@ Status FusedRunner::RunFloat(const float* const* inputs, const size_t* counts,
   for (int i = 0; i < num_inputs; ++i) {
     const TensorConfig& t = config_.inputs[i];
     const size_t elements = t.dtype == DType::kInt8 ? t.bytes : t.bytes / 4;
-    if (inputs[i] == nullptr || counts[i] != elements) return Status::kBadInput;
+    // Token ids are not floats: int32 inputs go through Run.
+    if (inputs[i] == nullptr || counts[i] != elements || t.dtype == DType::kInt32) {
+      return Status::kBadInput;
+    }
     if (!AllFinite(inputs[i], elements * sizeof(float))) {
       return Status::kNonFiniteInput;
     }

@@ -62,15 +62,20 @@ class FusedRunner {
   Status Init();
 
   // One sample: `inputs[i]` holds `sizes[i]` raw bytes of input i (config
-  // order; int8 models take quantized data, see Quantize). kBadInput for
-  // a wrong count, a null pointer or a size other than the input's bytes;
-  // kNonFiniteInput for NaN or infinity in a float input.
+  // order; int8 models take quantized data, see Quantize; int32 inputs the
+  // ids themselves). kBadInput for a wrong count, a null pointer or a size
+  // other than the input's bytes; kNonFiniteInput for NaN or infinity in a
+  // float input; kInputOutOfRange for an int32 value outside the input's
+  // [min_value, max_value] (token ids outside the vocabulary).
   Status Run(const void* const* inputs, const size_t* sizes, int num_inputs,
              Result* result);
+  // The same, each input also checked for its dtype (kBadInput).
+  Status Run(const InputData* inputs, int num_inputs, Result* result);
   // For models with exactly one input; kBadInput otherwise.
   Status Run(const void* input, size_t size, Result* result);
   // Float samples, `counts[i]` values each: int8 inputs are quantized with
-  // the model's scale and zero-point; NaN or infinity is refused.
+  // the model's scale and zero-point; NaN or infinity is refused, and so
+  // is a model with an int32 input (kBadInput: give ids to Run).
   Status RunFloat(const float* const* inputs, const size_t* counts,
                   int num_inputs, Result* result);
 

@@ -13,6 +13,8 @@ DType DTypeOf(TfLiteType type) {
       return DType::kInt8;
     case kTfLiteFloat32:
       return DType::kFloat32;
+    case kTfLiteInt32:
+      return DType::kInt32;
     default:
       return DType::kOther;
   }

@@ -1,7 +1,10 @@
 // Runs a generated model on the host through TFLite Micro: reads samples of
-// segment 1's input (raw bytes as the model takes them, e.g. int8 already
-// quantized) from a file and prints "label exit_index confidence" per sample,
-// then the per-exit counts. Build: `make host_main TFLM_DIR=... CONFIG_DIR=...`.
+// segment 1's inputs (raw bytes as the model takes them: int8 already
+// quantized, float32 values, int32 token ids; a sample is every input's
+// bytes in config order) from a file and prints "label exit_index
+// confidence" per sample, then the per-exit counts. A sample the runner
+// refuses stops the program with its status. Build: `make host_main
+// TFLM_DIR=... CONFIG_DIR=...`.
 //
 //   host_main SAMPLES_FILE [T1,T2,...]
 //
@@ -23,7 +26,15 @@ namespace config = earlyexit_config;
 
 alignas(16) uint8_t g_arena[config::kArenaSize];
 alignas(16) uint8_t g_carry[config::kCarryBufferSize];
-alignas(16) uint8_t g_sample[config::kSegment1Inputs[0].bytes];
+constexpr int kNumInputs = config::kSegments[0].num_inputs;
+
+constexpr size_t SampleBytes() {
+  size_t bytes = 0;
+  for (int i = 0; i < kNumInputs; ++i) bytes += config::kSegment1Inputs[i].bytes;
+  return bytes;
+}
+
+alignas(16) uint8_t g_sample[SampleBytes()];
 
 // "0.5,0.25" -> {0.5f, 0.25f}; false unless exactly `count` numbers.
 bool ParseThresholds(const char* text, float* out, int count) {
@@ -39,8 +50,7 @@ bool ParseThresholds(const char* text, float* out, int count) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  static_assert(config::kSegments[0].num_inputs == 1,
-                "host_main reads single-input models");
+  static_assert(kNumInputs <= earlyexit::kMaxInputs, "too many model inputs");
   if (argc != 2 && argc != 3) {
     std::fprintf(stderr, "usage: %s SAMPLES_FILE [T1,T2,...]\n", argv[0]);
     return 2;
@@ -77,9 +87,16 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "cannot open %s\n", argv[1]);
     return 2;
   }
+  earlyexit::InputData inputs[kNumInputs];
+  size_t offset = 0;
+  for (int i = 0; i < kNumInputs; ++i) {
+    const earlyexit::TensorConfig& t = config::kSegment1Inputs[i];
+    inputs[i] = {g_sample + offset, t.bytes, t.dtype};
+    offset += t.bytes;
+  }
   while (std::fread(g_sample, 1, sizeof(g_sample), f) == sizeof(g_sample)) {
     earlyexit::Result result;
-    const earlyexit::Status run = model.runner().Run(g_sample, &result);
+    const earlyexit::Status run = model.runner().Run(inputs, kNumInputs, &result);
     if (run != earlyexit::Status::kOk) {
       std::fprintf(stderr, "run failed: %s\n", earlyexit::StatusString(run));
       std::fclose(f);

@@ -14,6 +14,7 @@ namespace {
 using earlyexit::CarryConfig;
 using earlyexit::DType;
 using earlyexit::EarlyExitRunner;
+using earlyexit::InputData;
 using earlyexit::ModelConfig;
 using earlyexit::Result;
 using earlyexit::Segment;
@@ -48,6 +49,8 @@ class FakeSegment : public Segment {
   int8_t* out8(int p) { return reinterpret_cast<int8_t*>(out[p]); }
   float* inf(int p) { return reinterpret_cast<float*>(in[p]); }
   float* outf(int p) { return reinterpret_cast<float*>(out[p]); }
+  int32_t* in32(int p) { return reinterpret_cast<int32_t*>(in[p]); }
+  int32_t* out32(int p) { return reinterpret_cast<int32_t*>(out[p]); }
 
   alignas(16) uint8_t in[kMaxTensors][kBufferBytes] = {};
   alignas(16) uint8_t out[kMaxTensors][kBufferBytes] = {};
@@ -391,6 +394,193 @@ void TestFloatBundle() {
   CHECK_EQ(s1.invocations, before);
 }
 
+// --- Patience (PABEE) over the int8 model above ------------------------
+// Segment 1's class is argmax x[0..2], segment 2's argmax -(x[0..2] + 1),
+// i.e. the first smallest x: equal x values give class 0 at both.
+void TestPatienceNeedsAgreeingExits() {
+  ModelConfig model = kModel;
+  model.patience = 2;
+  Int8Fixture f(model);
+  CHECK_EQ(f.runner.Init(), Status::kOk);
+  CHECK_EQ(f.runner.patience(), 2);
+  // Confident at exit 1 (x[3] = 0 reaches 0.5) but a streak of 1: on; exit 2
+  // predicts class 2, not 1: streak 1 again; the final exit takes it.
+  const int8_t disagree[4] = {5, 9, -2, 0};
+  Result r = RunOrFail(f.runner, disagree);
+  CHECK_EQ(r.exit_index, 2);
+  CHECK_EQ(r.label, 1);
+  CHECK_EQ(f.s2.invocations, 1);
+  // Class 0 at exits 1 and 2 (streak 2) and y[0] = 1 reaches the floor.
+  const int8_t agree[4] = {0, 0, 0, 0};
+  r = RunOrFail(f.runner, agree);
+  CHECK_EQ(r.exit_index, 1);
+  CHECK_EQ(r.label, 0);
+  CHECK(r.confidence == (1 + 128) / 256.0f);
+  // The same agreement below the confidence floor (y[0] = -2 < 0): on.
+  const int8_t unsure[4] = {-3, -3, -3, -3};
+  CHECK_EQ(RunOrFail(f.runner, unsure).exit_index, 2);
+  // The floor is the threshold: 0 lets any agreeing sample leave.
+  const float zero[2] = {0.0f, 0.0f};
+  CHECK_EQ(f.runner.SetThresholds(zero, 2), Status::kOk);
+  CHECK_EQ(RunOrFail(f.runner, unsure).exit_index, 1);
+  // The streak starts again with each sample.
+  CHECK_EQ(RunOrFail(f.runner, disagree).exit_index, 2);
+  CHECK_EQ(f.runner.exit_count(1), 2u);
+  CHECK_EQ(f.runner.exit_count(2), 3u);
+
+  // Patience 1: the threshold alone decides, as for other criteria.
+  model.patience = 1;
+  Int8Fixture one(model);
+  CHECK_EQ(one.runner.Init(), Status::kOk);
+  CHECK_EQ(RunOrFail(one.runner, disagree).exit_index, 0);
+  // Patience 3 (every exit): no non-final exit reaches a streak of 3.
+  model.patience = 3;
+  Int8Fixture all(model);
+  CHECK_EQ(all.runner.Init(), Status::kOk);
+  CHECK_EQ(RunOrFail(all.runner, agree).exit_index, 2);
+}
+
+void TestBadPatienceIsRefused() {
+  const int bad[] = {-1, 4, 1000};
+  for (int patience : bad) {
+    ModelConfig model = kModel;
+    model.patience = patience;
+    Int8Fixture f(model);
+    CHECK_EQ(f.runner.Init(), Status::kBadConfig);
+    Result r = {};
+    const int8_t x[4] = {};
+    CHECK_EQ(f.runner.Run(x, &r), Status::kBadConfig);
+    CHECK_EQ(f.s1.invocations, 0);
+  }
+}
+
+// --- int32 token ids -------------------------------------------------------
+//   segment 1: ids (int32, 4 values in [0, 9]) -> logits = ids[0..2] as
+//   floats (pos 0), confidence = ids[3] / 10 (pos 1), carry ids (pos 2)
+//   segment 2: logits = -ids[0..2] (pos 0), confidence 1 (pos 1)
+bool TokenSegment1(FakeSegment& s) {
+  for (int i = 0; i < 3; ++i) s.outf(0)[i] = static_cast<float>(s.in32(0)[i]);
+  s.outf(1)[0] = static_cast<float>(s.in32(0)[3]) / 10.0f;
+  std::memcpy(s.out[2], s.in[0], 16);
+  return true;
+}
+bool TokenSegment2(FakeSegment& s) {
+  for (int i = 0; i < 3; ++i) s.outf(0)[i] = -static_cast<float>(s.in32(0)[i]);
+  s.outf(1)[0] = 1.0f;
+  return true;
+}
+
+constexpr TensorConfig Int32(int position, int n, int32_t lo = INT32_MIN,
+                             int32_t hi = INT32_MAX) {
+  return TensorConfig{"ids", position, DType::kInt32, 2, {1, n},
+                      static_cast<size_t>(4 * n), 0.0f, 0, lo, hi};
+}
+constexpr TensorConfig kTokenIn1[] = {Int32(0, 4, 0, 9)};
+constexpr TensorConfig kTokenIn2[] = {Int32(0, 4)};
+constexpr CarryConfig kTokenCarry[] = {{Int32(2, 4), Int32(0, 4), false}};
+constexpr SegmentConfig kTokenSegments[] = {
+    {"exit_1", nullptr, 0, kTokenIn1, 1, Float(0, 3), Float(1, 1), kTokenCarry, 1,
+     0.5f, 0, 1},
+    {"final", nullptr, 0, kTokenIn2, 1, Float(0, 3), Float(1, 1), nullptr, 0, 0.0f,
+     0, 1},
+};
+constexpr ModelConfig kTokenModel = {kTokenSegments, 2, 3, 1024, 16};
+
+struct TokenFixture {
+  explicit TokenFixture(const ModelConfig& model = kTokenModel)
+      : runner{model, segments, carry, sizeof(carry)} {}
+  FakeSegment s1{TokenSegment1, kTokenSegments[0]};
+  FakeSegment s2{TokenSegment2, kTokenSegments[1]};
+  Segment* segments[2] = {&s1, &s2};
+  alignas(16) uint8_t carry[16] = {};
+  EarlyExitRunner runner;
+};
+
+void TestInt32TokenInputs() {
+  TokenFixture f;
+  CHECK_EQ(f.runner.Init(), Status::kOk);
+  const int32_t confident[4] = {1, 7, 3, 5};
+  Result r = {};
+  CHECK_EQ(f.runner.Run(confident, &r), Status::kOk);
+  CHECK_EQ(r.exit_index, 0);
+  CHECK_EQ(r.label, 1);
+  CHECK(r.confidence == 0.5f);
+  // The ids are carried as they are (int32: never requantized).
+  const int32_t unsure[4] = {9, 0, 4, 4};
+  const InputData checked[1] = {{unsure, sizeof(unsure), DType::kInt32}};
+  CHECK_EQ(f.runner.Run(checked, 1, &r), Status::kOk);
+  CHECK_EQ(r.exit_index, 1);
+  CHECK_EQ(r.label, 1);  // argmax of -(9, 0, 4)
+  CHECK(std::memcmp(f.s2.in32(0), unsure, sizeof(unsure)) == 0);
+  CHECK_EQ(f.s1.invocations, 2);
+
+  // Ids outside [0, 9] (the embedding's rows) are refused before any
+  // segment runs, through either Run.
+  const int32_t above[4] = {1, 10, 3, 5};
+  const int32_t below[4] = {1, 2, -1, 5};
+  const int32_t most[4] = {1, 2, INT32_MIN, INT32_MAX};
+  CHECK_EQ(f.runner.Run(above, &r), Status::kInputOutOfRange);
+  CHECK_EQ(f.runner.Run(below, &r), Status::kInputOutOfRange);
+  CHECK_EQ(f.runner.Run(most, &r), Status::kInputOutOfRange);
+  const InputData out_of_range[1] = {{above, sizeof(above), DType::kInt32}};
+  CHECK_EQ(f.runner.Run(out_of_range, 1, &r), Status::kInputOutOfRange);
+  // The checked Run: dtype, byte count, input count and null pointers.
+  const float floats[4] = {1.0f, 7.0f, 3.0f, 5.0f};
+  const InputData as_floats[1] = {{floats, sizeof(floats), DType::kFloat32}};
+  CHECK_EQ(f.runner.Run(as_floats, 1, &r), Status::kBadInput);
+  const InputData as_int8[1] = {{confident, 4, DType::kInt8}};
+  CHECK_EQ(f.runner.Run(as_int8, 1, &r), Status::kBadInput);
+  const InputData short_ids[1] = {{confident, 12, DType::kInt32}};
+  CHECK_EQ(f.runner.Run(short_ids, 1, &r), Status::kBadInput);
+  const InputData long_ids[1] = {{confident, 20, DType::kInt32}};
+  CHECK_EQ(f.runner.Run(long_ids, 1, &r), Status::kBadInput);
+  const InputData null_ids[1] = {{nullptr, 16, DType::kInt32}};
+  CHECK_EQ(f.runner.Run(null_ids, 1, &r), Status::kBadInput);
+  const InputData two[2] = {checked[0], checked[0]};
+  CHECK_EQ(f.runner.Run(two, 2, &r), Status::kBadInput);
+  CHECK_EQ(f.runner.Run(two, 0, &r), Status::kBadInput);
+  CHECK_EQ(f.runner.Run(static_cast<const InputData*>(nullptr), 1, &r),
+           Status::kBadInput);
+  CHECK_EQ(f.runner.Run(checked, 1, nullptr), Status::kBadInput);
+  CHECK_EQ(f.s1.invocations, 2);  // none of these ran
+  // Still usable afterwards.
+  CHECK_EQ(f.runner.Run(checked, 1, &r), Status::kOk);
+  CHECK_EQ(r.exit_index, 1);
+}
+
+void TestInt32ConfigChecks() {
+  {
+    // The model takes floats where the config says int32 ids.
+    TokenFixture f;
+    f.s1.in_desc[0].dtype = DType::kFloat32;
+    CHECK_EQ(f.runner.Init(), Status::kTensorMismatch);
+  }
+  {
+    TokenFixture f;
+    f.s2.in_desc[0].dtype = DType::kOther;  // carry target
+    CHECK_EQ(f.runner.Init(), Status::kTensorMismatch);
+  }
+  const auto init = [](const TensorConfig& input, const TensorConfig& logits) {
+    const TensorConfig inputs[1] = {input};
+    SegmentConfig segments[2] = {kTokenSegments[0], kTokenSegments[1]};
+    segments[0].inputs = inputs;
+    segments[0].logits = logits;
+    const ModelConfig model = {segments, 2, 3, 1024, 16};
+    TokenFixture f(model);
+    return f.runner.Init();
+  };
+  CHECK_EQ(init(Int32(0, 4, 0, 9), Float(0, 3)), Status::kOk);
+  CHECK_EQ(init(Int32(0, 4, 9, 0), Float(0, 3)), Status::kBadConfig);  // min > max
+  TensorConfig scaled = Int32(0, 4, 0, 9);
+  scaled.scale = 0.5f;  // int32 inputs are never quantized
+  CHECK_EQ(init(scaled, Float(0, 3)), Status::kBadConfig);
+  TensorConfig wrong_bytes = Int32(0, 4, 0, 9);
+  wrong_bytes.bytes = 4;  // one byte per value, as int8
+  CHECK_EQ(init(wrong_bytes, Float(0, 3)), Status::kBadConfig);
+  // Logits are int8 or float32: ArgMax reads nothing else.
+  CHECK_EQ(init(Int32(0, 4, 0, 9), Int32(0, 3)), Status::kBadConfig);
+}
+
 // --- Init: the config against itself and against the segments ----------
 void TestInitChecksEachTensorsTypeAndQuantization() {
   {
@@ -537,7 +727,7 @@ void TestErrors() {
     EarlyExitRunner runner{kModel, missing, f.carry, sizeof(f.carry)};
     CHECK_EQ(runner.Init(), Status::kBadConfig);
   }
-  for (int s = 0; s <= static_cast<int>(Status::kNonFiniteInput); ++s) {
+  for (int s = 0; s <= static_cast<int>(Status::kInputOutOfRange); ++s) {
     CHECK(std::strcmp(earlyexit::StatusString(static_cast<Status>(s)),
                       "unknown status") != 0);
   }
@@ -556,6 +746,10 @@ int main() {
   TestRequantizedAndAlignedCarries();
   TestSingleInputRunOnATwoInputModelIsRefused();
   TestFloatBundle();
+  TestPatienceNeedsAgreeingExits();
+  TestBadPatienceIsRefused();
+  TestInt32TokenInputs();
+  TestInt32ConfigChecks();
   TestInitChecksEachTensorsTypeAndQuantization();
   TestCarryTargetsAreChecked();
   TestConfigChecks();

@@ -1,8 +1,9 @@
 // The runner's error paths on a real model in TFLite Micro: build with a
 // generated config of an int8 bundle with at least two segments
-// (`make tflm_test CONFIG_DIR=... TFLM_DIR=...`). Every bad arena, config or
-// call must come back as a Status; none may reach TFLite Micro in a state
-// that crashes it.
+// (`make tflm_test CONFIG_DIR=... TFLM_DIR=...`), whose first input is int8
+// (quantized floats) or int32 (token ids). Every bad arena, config or call
+// must come back as a Status; none may reach TFLite Micro in a state that
+// crashes it.
 
 #include <cmath>
 #include <cstdio>
@@ -27,7 +28,11 @@ using earlyexit::TensorConfig;
 
 constexpr int kN = config::kNumSegments;
 static_assert(kN >= 2, "tflm_test needs a bundle with two or more segments");
-static_assert(config::kSegments[0].inputs[0].dtype == DType::kInt8,
+constexpr const TensorConfig& kInput = config::kSegment1Inputs[0];
+constexpr bool kTokens = kInput.dtype == DType::kInt32;
+static_assert(kInput.dtype == DType::kInt8 || kTokens,
+              "tflm_test needs an int8 bundle (int8 or int32 first input)");
+static_assert(config::kSegments[0].confidence.dtype == DType::kInt8,
               "tflm_test needs an int8 bundle");
 constexpr int kMaxTensors = 8;
 constexpr bool CopyFits() {
@@ -41,7 +46,10 @@ static_assert(CopyFits(), "raise kMaxTensors for this model");
 
 alignas(16) uint8_t g_arena[config::kArenaSize + 16];
 alignas(16) uint8_t g_carry[config::kCarryBufferSize];
-alignas(16) int8_t g_sample[config::kSegment1Inputs[0].bytes];
+constexpr int kNumInputs = config::kSegments[0].num_inputs;
+// Every input of segment 1, zeros: int8 values, or token id 0.
+alignas(16) uint8_t g_inputs[kNumInputs][kInput.bytes + 16];
+alignas(16) int8_t g_sample[kInput.bytes];
 
 tflite::MicroMutableOpResolver<config::kNumOps>& Resolver() {
   static tflite::MicroMutableOpResolver<config::kNumOps> resolver;
@@ -107,21 +115,34 @@ void TestArenaTooSmallIsRefusedUpFront() {
 }
 
 void TestInitComparesTensorsWithTheConfig() {
-  {
-    Config c;
-    c.inputs[0][0].scale *= 2.0f;
-    CHECK_EQ(c.Init(), Status::kTensorMismatch);
+  if constexpr (!kTokens) {
+    {
+      Config c;
+      c.inputs[0][0].scale *= 2.0f;
+      CHECK_EQ(c.Init(), Status::kTensorMismatch);
+    }
+    {
+      Config c;
+      c.inputs[0][0].zero_point = c.inputs[0][0].zero_point == 127 ? 126 : 127;
+      CHECK_EQ(c.Init(), Status::kTensorMismatch);
+    }
   }
   {
+    // float32 of the same shape (4 bytes per value): the model takes int8
+    // values or int32 ids.
     Config c;
-    c.inputs[0][0].zero_point = c.inputs[0][0].zero_point == 127 ? 126 : 127;
-    CHECK_EQ(c.Init(), Status::kTensorMismatch);
-  }
-  {
-    Config c;  // float32 of the same shape: 4 bytes per value
     TensorConfig& t = c.inputs[0][0];
-    t = {t.name, t.position, DType::kFloat32, t.rank, {}, t.bytes * 4, 0.0f, 0};
-    for (int d = 0; d < t.rank; ++d) t.dims[d] = config::kSegment1Inputs[0].dims[d];
+    const size_t values = kTokens ? t.bytes / 4 : t.bytes;
+    t = {t.name, t.position, DType::kFloat32, t.rank, {}, values * 4, 0.0f, 0};
+    for (int d = 0; d < t.rank; ++d) t.dims[d] = kInput.dims[d];
+    CHECK_EQ(c.Init(), Status::kTensorMismatch);
+  }
+  if constexpr (kTokens) {
+    // int8 of the same shape where the model takes int32 ids.
+    Config c;
+    TensorConfig& t = c.inputs[0][0];
+    t = {t.name, t.position, DType::kInt8, t.rank, {}, t.bytes / 4, 0.5f, 0};
+    for (int d = 0; d < t.rank; ++d) t.dims[d] = kInput.dims[d];
     CHECK_EQ(c.Init(), Status::kTensorMismatch);
   }
   {
@@ -177,6 +198,73 @@ void TestInitComparesTensorsWithTheConfig() {
     c.model.num_classes += 1;
     CHECK_EQ(c.Init(), Status::kBadConfig);
   }
+  // Patience: 0 (not the criterion) or 1 to the number of exits.
+  {
+    Config c;
+    c.model.patience = -1;
+    CHECK_EQ(c.Init(), Status::kBadConfig);
+    c.model.patience = kN + 1;
+    CHECK_EQ(c.Init(), Status::kBadConfig);
+    c.model.patience = kN;
+    CHECK_EQ(c.Init(), Status::kOk);
+  }
+}
+
+// Token ids: checked against the input's range (the embedding's rows)
+// before TFLite Micro's GATHER reads the table with them; the checked Run
+// refuses a wrong dtype, size or input count. A refused sample runs
+// nothing and leaves the runner usable.
+void TestTokenInputs() {
+  if constexpr (kTokens) {
+    earlyexit::TflmEarlyExit<kN> m(config::kModel, Resolver(), g_arena,
+                                   config::kArenaSize, g_carry, sizeof(g_carry));
+    CHECK_EQ(m.Init(), Status::kOk);
+    CHECK(kInput.min_value == 0);
+    CHECK(kInput.max_value < INT32_MAX);
+    earlyexit::InputData inputs[kNumInputs];
+    for (int i = 0; i < kNumInputs; ++i) {
+      const TensorConfig& t = config::kSegment1Inputs[i];
+      std::memset(g_inputs[i], 0, sizeof(g_inputs[i]));
+      inputs[i] = {g_inputs[i], t.bytes, t.dtype};
+    }
+    int32_t* ids = reinterpret_cast<int32_t*>(g_inputs[0]);
+    const size_t count = kInput.bytes / 4;
+    Result r = {-1, -1, 0.0f};
+    ids[count - 1] = kInput.max_value;
+    CHECK_EQ(m.runner().Run(inputs, kNumInputs, &r), Status::kOk);
+    const Result first = r;
+    CHECK(first.exit_index >= 0 && first.exit_index < kN);
+    const uint32_t invoked = m.runner().invocations(0);
+    ids[count - 1] = kInput.max_value + 1;
+    CHECK_EQ(m.runner().Run(inputs, kNumInputs, &r), Status::kInputOutOfRange);
+    ids[count - 1] = 0;
+    ids[0] = -1;
+    CHECK_EQ(m.runner().Run(inputs, kNumInputs, &r), Status::kInputOutOfRange);
+    ids[0] = INT32_MIN;
+    const void* raw[kNumInputs];
+    for (int i = 0; i < kNumInputs; ++i) raw[i] = g_inputs[i];
+    CHECK_EQ(m.runner().Run(raw, &r), Status::kInputOutOfRange);
+    ids[0] = 0;
+    // Floats, int8 bytes, too few or too many bytes, a wrong count.
+    inputs[0].dtype = DType::kFloat32;
+    CHECK_EQ(m.runner().Run(inputs, kNumInputs, &r), Status::kBadInput);
+    inputs[0].dtype = DType::kInt8;
+    inputs[0].bytes = count;
+    CHECK_EQ(m.runner().Run(inputs, kNumInputs, &r), Status::kBadInput);
+    inputs[0].dtype = DType::kInt32;
+    inputs[0].bytes = kInput.bytes - 4;
+    CHECK_EQ(m.runner().Run(inputs, kNumInputs, &r), Status::kBadInput);
+    inputs[0].bytes = kInput.bytes + 4;
+    CHECK_EQ(m.runner().Run(inputs, kNumInputs, &r), Status::kBadInput);
+    inputs[0].bytes = kInput.bytes;
+    CHECK_EQ(m.runner().Run(inputs, kNumInputs + 1, &r), Status::kBadInput);
+    CHECK_EQ(m.runner().Run(inputs, kNumInputs - 1, &r), Status::kBadInput);
+    CHECK_EQ(m.runner().invocations(0), invoked);  // none of these ran
+    ids[count - 1] = kInput.max_value;
+    CHECK_EQ(m.runner().Run(inputs, kNumInputs, &r), Status::kOk);
+    CHECK_EQ(r.label, first.label);
+    CHECK_EQ(r.exit_index, first.exit_index);
+  }
 }
 
 void TestRunAndThresholds() {
@@ -203,15 +291,17 @@ void TestRunAndThresholds() {
   CHECK_EQ(m.runner().SetThresholds(zero, kN - 1), Status::kOk);
   CHECK_EQ(m.runner().Run(g_sample, &r), Status::kOk);
   CHECK_EQ(r.exit_index, 0);
-  // Quantizing a NaN sample is refused, and the sample is left as it was.
-  float x[config::kSegment1Inputs[0].bytes];
-  for (float& v : x) v = 0.5f;
-  x[3] = std::nanf("");
-  g_sample[0] = 42;
-  const TensorConfig& in = config::kSegment1Inputs[0];
-  CHECK_EQ(earlyexit::Quantize(x, g_sample, in.bytes, in.scale, in.zero_point),
-           Status::kNonFiniteInput);
-  CHECK_EQ(g_sample[0], 42);
+  if constexpr (!kTokens) {
+    // Quantizing a NaN sample is refused, and the sample is left as it was.
+    float x[kInput.bytes];
+    for (float& v : x) v = 0.5f;
+    x[3] = std::nanf("");
+    g_sample[0] = 42;
+    CHECK_EQ(earlyexit::Quantize(x, g_sample, kInput.bytes, kInput.scale,
+                                 kInput.zero_point),
+             Status::kNonFiniteInput);
+    CHECK_EQ(g_sample[0], 42);
+  }
 }
 
 }  // namespace
@@ -220,5 +310,6 @@ int main() {
   TestArenaTooSmallIsRefusedUpFront();
   TestInitComparesTensorsWithTheConfig();
   TestRunAndThresholds();
+  TestTokenInputs();
   return earlyexit_test::Summary("tflm_test");
 }

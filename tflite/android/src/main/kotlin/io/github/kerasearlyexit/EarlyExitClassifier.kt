@@ -39,10 +39,69 @@ class TensorSpec(json: JSONObject) {
 
     /** Elements of the tensor (batch of one included). */
     val elements: Int = shape.fold(1) { n, d -> n * d }
+
+    /**
+     * Integer inputs (token ids): the inclusive range of valid values, where
+     * the exporter knows it (an embedding of n rows: [0, n - 1]); null otherwise.
+     */
+    val valueRange: IntRange? = if (json.isNull("value_range")) null else json.getJSONArray("value_range").let {
+        require(it.length() == 2 && it.getLong(0) <= it.getLong(1) &&
+            it.getLong(0) >= Int.MIN_VALUE && it.getLong(1) <= Int.MAX_VALUE) {
+            "manifest.json gives tensor '$name' the value_range $it; [low, high] with low <= high was expected."
+        }
+        it.getInt(0)..it.getInt(1)
+    }
+}
+
+/**
+ * The classify calls both classifiers share. One sample is one array per
+ * input, flattened, in the order of [inputNames] or by name: a FloatArray
+ * for a float32 or int8 input (values on the training scale; int8 inputs
+ * are quantized by the classifier) or an IntArray for an int32 input (token
+ * ids, a padding mask). Every array is checked (count, type, size, NaN,
+ * value range) before any buffer is written; a refused sample throws
+ * IllegalArgumentException naming the input.
+ */
+abstract class GatedClassifier internal constructor() : Closeable {
+    /** Names of the inputs [classify] takes, in order. */
+    abstract val inputNames: List<String>
+
+    /** "bundle" or "model", for messages. */
+    internal abstract val kind: String
+
+    /** Gated inference on one sample: one FloatArray per input (float models). */
+    fun classify(vararg inputs: FloatArray): EarlyExitResult = classifySample(inputs)
+
+    /** Gated inference on one sample: an IntArray or a FloatArray per input. */
+    fun classify(vararg inputs: Any): EarlyExitResult = classifySample(inputs)
+
+    /** [classify] with the inputs by name (see [inputNames]). */
+    fun classify(inputs: Map<String, FloatArray>): EarlyExitResult = classifyNamed(inputs)
+
+    /** [classify] with the inputs by name: IntArray or FloatArray values. */
+    @JvmName("classifyValues")
+    fun classify(inputs: Map<String, Any>): EarlyExitResult = classifyNamed(inputs)
+
+    private fun classifyNamed(inputs: Map<String, Any>): EarlyExitResult {
+        val missing = inputNames - inputs.keys
+        require(missing.isEmpty()) { "Inputs lack $missing; the $kind's inputs are $inputNames." }
+        val unknown = inputs.keys - inputNames
+        require(unknown.isEmpty()) { "Inputs $unknown are not the $kind's; its inputs are $inputNames." }
+        return classifySample(Array(inputNames.size) { inputs.getValue(inputNames[it]) })
+    }
+
+    /** One sample, one array per input in the order of [inputNames]. */
+    protected abstract fun classifySample(inputs: Array<out Any>): EarlyExitResult
 }
 
 /**
  * Runs a keras-earlyexit bundle (segment_k.tflite + manifest.json in assets/).
+ *
+ * Inputs are float (on the training scale; quantized here for int8 models)
+ * or int32 (token ids, padding masks, passed as they are). A bundle of the
+ * criterion "patience" (PABEE) lets a sample leave an exit only when the
+ * last [patience] exits predicted its class and its confidence passes the
+ * exit's threshold (a floor).
  *
  * Loading checks the manifest's format version, each segment file's sha256,
  * and each tensor's position, dtype, size and quantization against the model,
@@ -58,7 +117,7 @@ class EarlyExitClassifier(
     context: Context,
     assetDir: String,
     private val numThreads: Int = 1
-) : Closeable {
+) : GatedClassifier() {
     private class Segment(json: JSONObject, val interpreter: Interpreter) {
         val file: String = json.getString("file")
         val inputs = json.getJSONArray("inputs").let { a -> List(a.length()) { TensorSpec(a.getJSONObject(it)) } }
@@ -116,8 +175,9 @@ class EarlyExitClassifier(
 
         private fun checkTensor(t: TensorSpec, tensor: Tensor) {
             val dtype = DTYPES[t.dtype] ?: throw IllegalArgumentException(
-                "Tensor '${t.name}' of $file has dtype ${t.dtype}; this classifier runs float32 and int8 " +
-                    "tensors. Convert with quantization \"int8\", \"float16\", \"dynamic\" or \"float32\"."
+                "Tensor '${t.name}' of $file has dtype ${t.dtype}; this classifier runs float32, int8 and " +
+                    "int32 tensors. Convert with quantization \"int8\", \"float16\", \"dynamic\" or " +
+                    "\"float32\" (integer inputs as int32)."
             )
             val q = tensor.quantizationParams()
             val sameQuantization = !t.quantized ||
@@ -138,8 +198,14 @@ class EarlyExitClassifier(
     val numClasses: Int
     val exitCounts: IntArray
 
-    /** Names of the inputs [classify] takes, in order. */
-    val inputNames: List<String>
+    override val inputNames: List<String>
+    override val kind = "bundle"
+
+    /**
+     * Criterion "patience": how many exits in a row must predict a sample's
+     * class before it leaves (1 to [numExits]); 0 for the other criteria.
+     */
+    val patience: Int
     private var closed = false
 
     init {
@@ -158,6 +224,7 @@ class EarlyExitClassifier(
             "assets/$assetDir/manifest.json lists ${entries.length()} segments and ${exitNames.size} exit " +
                 "names; convert again."
         }
+        patience = readPatience(manifest, entries.length(), "assets/$assetDir/manifest.json")
         val opened = ArrayList<Segment>(entries.length())
         try {
             for (k in 0 until entries.length()) {
@@ -189,6 +256,12 @@ class EarlyExitClassifier(
             require(segment.logits.elements == numClasses) {
                 "Segment ${segment.file} has ${segment.logits.elements} logits; manifest.json says " +
                     "num_classes is $numClasses. Copy the whole bundle again."
+            }
+            for (t in listOf(segment.logits, segment.confidence)) {
+                require(t.dtype == "float32" || t.dtype == "int8") {
+                    "Output '${t.name}' of ${segment.file} is ${t.dtype}; exits output float32 or int8 logits " +
+                        "and confidence. Convert again."
+                }
             }
         }
         // Segment 1 reads the sample from its own buffers.
@@ -261,45 +334,27 @@ class EarlyExitClassifier(
         }
     }
 
-    /**
-     * Gated inference on one sample: one FloatArray per input of the bundle,
-     * in the order of [inputNames], each on the model's training scale and
-     * flattened (e.g. 8*8*1 pixels).
-     */
-    fun classify(vararg inputs: FloatArray): EarlyExitResult {
+    override fun classifySample(inputs: Array<out Any>): EarlyExitResult {
         check(!closed) { "The classifier is closed." }
-        // gated.py _prepare: check every input, then quantize with the
-        // manifest's parameters.
+        // gated.py _prepare: check every input, then quantize int8 ones with
+        // the manifest's parameters.
         val specs = segments[0].inputs
         require(inputs.size == specs.size) {
             "The bundle takes ${specs.size} input(s) $inputNames; received ${inputs.size} array(s)."
         }
+        for ((spec, input) in specs.zip(inputs)) checkInput(spec, input)
         for ((spec, input) in specs.zip(inputs)) {
-            require(input.size == spec.elements) {
-                "Input '${spec.name}' takes ${spec.elements} floats (shape ${spec.shape.toList()}); " +
-                    "received ${input.size}."
-            }
-        }
-        for ((spec, input) in specs.zip(inputs)) {
-            val buffer = segments[0].inputBuffers[spec.position]!!
-            if (spec.quantized) {
-                for ((i, x) in input.withIndex()) buffer.put(i, quantize(x, spec.scale, spec.zeroPoint))
-            } else {
-                for ((i, x) in input.withIndex()) buffer.putFloat(4 * i, x)
-            }
+            putInput(segments[0].inputBuffers[spec.position]!!, spec.dtype, input, spec.scale, spec.zeroPoint)
         }
         return run()
     }
 
-    /** [classify] with the inputs by name (see [inputNames]). */
-    fun classify(inputs: Map<String, FloatArray>): EarlyExitResult {
-        val missing = inputNames - inputs.keys
-        require(missing.isEmpty()) { "Inputs lack $missing; the bundle's inputs are $inputNames." }
-        return classify(*Array(inputNames.size) { inputs.getValue(inputNames[it]) })
-    }
-
     private fun run(): EarlyExitResult {
         val last = segments.size - 1
+        // Patience: the previous exit's class and how many exits in a row,
+        // up to this one, predicted it (runtime/patience.py next_streak).
+        var previousLabel = -1
+        var streak = 0
         for ((k, segment) in segments.withIndex()) {
             // gated.py: runner.set_input(...) (buffers already hold the sample or carry).
             for (b in segment.inputArray) (b as ByteBuffer).rewind()
@@ -316,10 +371,18 @@ class EarlyExitClassifier(
             } else {
                 segment.threshold < 1f && out.getFloat(0) >= segment.threshold
             }
-            if (k == last || confident) {
+            val label = argmax(segment.logits, segment.outputBuffers[segment.logits.position])
+            if (patience > 0) {
+                streak = if (label == previousLabel) streak + 1 else 1
+                previousLabel = label
+            }
+            // patience.py patience_passes: the streak reaches p and the
+            // confidence passes the floor.
+            val patient = patience == 0 || streak >= patience
+            if (k == last || (patient && confident)) {
                 val confidence = if (c.quantized) (out.get(0) - c.zeroPoint) * c.scale else out.getFloat(0)
                 exitCounts[k]++
-                return EarlyExitResult(argmax(segment.logits, segment.outputBuffers[segment.logits.position]), k, confidence)
+                return EarlyExitResult(label, k, confidence)
             }
             // gated.py: collect the carry; requantize where needed. Carries with
             // equal parameters are already the next segment's input buffers.
@@ -356,7 +419,84 @@ class EarlyExitClassifier(
         /** An int8 threshold above every int8 value: no sample leaves. */
         const val NEVER_QUANTIZED = 128
 
-        private val DTYPES = mapOf("float32" to DataType.FLOAT32, "int8" to DataType.INT8)
+        private val DTYPES = mapOf("float32" to DataType.FLOAT32, "int8" to DataType.INT8, "int32" to DataType.INT32)
+
+        /** The gate criterion whose exits also need agreeing classes (runtime/manifest.py PATIENCE). */
+        const val PATIENCE = "patience"
+
+        /**
+         * The manifest's patience: an integer in [1, numExits] for criterion
+         * "patience", 0 for the others (whose patience must be null or absent).
+         */
+        internal fun readPatience(manifest: JSONObject, numExits: Int, source: String): Int {
+            val criterion = manifest.getString("criterion")
+            if (criterion != PATIENCE) {
+                require(manifest.isNull("patience")) {
+                    "$source gives patience ${manifest.opt("patience")} for criterion '$criterion'; only " +
+                        "criterion '$PATIENCE' has one. Export the model again."
+                }
+                return 0
+            }
+            val value = manifest.opt("patience")
+            require(value is Int && value in 1..numExits) {
+                "$source has criterion '$PATIENCE' with patience $value; an integer in [1, $numExits] (the " +
+                    "number of exits) was expected. Export the model again."
+            }
+            return value
+        }
+
+        /**
+         * Checks one input array against its tensor before anything is
+         * written: float32 and int8 inputs take a FloatArray of finite
+         * values, int32 inputs an IntArray within the tensor's value range;
+         * both of the tensor's number of elements.
+         */
+        internal fun checkInput(spec: TensorSpec, input: Any) {
+            val shape = spec.shape.toList()
+            if (spec.dtype == "int32") {
+                require(input is IntArray) {
+                    "Input '${spec.name}' takes ${spec.elements} int32 values (shape $shape) as an IntArray; " +
+                        "received ${describe(input)}."
+                }
+                require(input.size == spec.elements) {
+                    "Input '${spec.name}' takes ${spec.elements} int32 values (shape $shape); received ${input.size}."
+                }
+                val range = spec.valueRange ?: return
+                val bad = input.indexOfFirst { it !in range }
+                require(bad < 0) {
+                    "Input '${spec.name}' holds ${input[bad]} at element $bad; its values are in " +
+                        "[${range.first}, ${range.last}] (e.g. token ids of an embedding of ${range.last + 1} rows)."
+                }
+                return
+            }
+            require(input is FloatArray) {
+                "Input '${spec.name}' takes ${spec.elements} floats (shape $shape) as a FloatArray; " +
+                    "received ${describe(input)}."
+            }
+            require(input.size == spec.elements) {
+                "Input '${spec.name}' takes ${spec.elements} floats (shape $shape); received ${input.size}."
+            }
+            val bad = input.indexOfFirst { it.isNaN() || it.isInfinite() }
+            require(bad < 0) {
+                "Input '${spec.name}' holds ${input[bad]} at element $bad; the model takes finite floats on " +
+                    "the scale it was trained on."
+            }
+        }
+
+        private fun describe(input: Any): String = when (input) {
+            is FloatArray -> "a FloatArray of ${input.size}"
+            is IntArray -> "an IntArray of ${input.size}"
+            else -> "a ${input.javaClass.simpleName}"
+        }
+
+        /** Writes a checked input (see [checkInput]) into its buffer: int8 quantized, int32 and float32 as they are. */
+        internal fun putInput(buffer: ByteBuffer, dtype: String, input: Any, scale: Float, zeroPoint: Int) {
+            when (dtype) {
+                "int32" -> for ((i, x) in (input as IntArray).withIndex()) buffer.putInt(4 * i, x)
+                "int8" -> for ((i, x) in (input as FloatArray).withIndex()) buffer.put(i, quantize(x, scale, zeroPoint))
+                else -> for ((i, x) in (input as FloatArray).withIndex()) buffer.putFloat(4 * i, x)
+            }
+        }
 
         internal fun direct(bytes: Int): ByteBuffer = ByteBuffer.allocateDirect(bytes).order(ByteOrder.nativeOrder())
 

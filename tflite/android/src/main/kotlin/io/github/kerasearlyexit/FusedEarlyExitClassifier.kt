@@ -10,7 +10,6 @@ import org.json.JSONException
 import org.json.JSONObject
 import org.tensorflow.lite.DataType
 import org.tensorflow.lite.Interpreter
-import java.io.Closeable
 import java.nio.ByteBuffer
 import java.nio.ByteOrder
 import java.security.MessageDigest
@@ -29,6 +28,11 @@ import kotlin.math.abs
  * any changed byte fails) and that the graph's threshold constants are the
  * manifest's. A failing constructor closes what it opened.
  *
+ * Inputs are float (on the training scale; quantized here for int8 models)
+ * or int32 (token ids, padding masks, passed as they are). For the
+ * criterion "patience" the graph itself keeps each sample's streak of
+ * agreeing exits; [patience] reports p.
+ *
  * The thresholds are constants of the graph: [thresholds] reports them.
  * Change them offline with `kee.export.set_thresholds("model.tflite",
  * [...])`, which rewrites the file (constants, manifest and hash), and ship
@@ -43,7 +47,7 @@ class FusedEarlyExitClassifier(
     context: Context,
     assetPath: String,
     numThreads: Int = 1
-) : Closeable {
+) : GatedClassifier() {
     /** Exit names, shallow to deep; [EarlyExitResult.exitIndex] indexes them. */
     val exitNames: List<String>
     val numClasses: Int
@@ -51,11 +55,18 @@ class FusedEarlyExitClassifier(
     /** "int8", "float16", "dynamic" or "float32", as exported. */
     val quantization: String
 
-    /** Names of the inputs [classify] takes, in order. */
-    val inputNames: List<String>
+    override val inputNames: List<String>
+    override val kind = "model"
 
     /** Samples per exit so far. */
     val exitCounts: IntArray
+
+    /**
+     * Criterion "patience": how many exits in a row must predict a sample's
+     * class before it leaves (a constant of the graph, like the thresholds);
+     * 0 for the other criteria.
+     */
+    val patience: Int
 
     /**
      * The taken exit's logits for the last sample, if the file outputs them
@@ -95,7 +106,8 @@ class FusedEarlyExitClassifier(
         } else {
             null
         }
-        checkThresholdConstants(FlatModel(model, source), gated, source)
+        patience = EarlyExitClassifier.readPatience(manifest, exits.size, source)
+        checkThresholdConstants(FlatModel(model, source), gated, patience, source)
         val specs = manifest.getJSONArray("inputs").let { a -> List(a.length()) { TensorSpec(a.getJSONObject(it)) } }
         val outputs = manifest.stringList("outputs")
         val opened = Interpreter(model, Interpreter.Options().setNumThreads(numThreads))
@@ -129,7 +141,6 @@ class FusedEarlyExitClassifier(
         val inputArray: Array<Any>
         val inputScale: FloatArray
         val inputZeroPoint: IntArray
-        val inputQuantized: BooleanArray
         val label: ByteBuffer
         val exitIndex: ByteBuffer
         val confidence: ByteBuffer
@@ -160,7 +171,6 @@ class FusedEarlyExitClassifier(
             inputArray = Array(specs.size) { byIndex[it]!! }
             // The model's own quantization of each input (checked equal to the manifest's).
             val params = indices.map { interpreter.getInputTensor(it).quantizationParams() }
-            inputQuantized = BooleanArray(specs.size) { interpreter.getInputTensor(indices[it]).dataType() == DataType.INT8 }
             inputScale = FloatArray(specs.size) { params[it].scale }
             inputZeroPoint = IntArray(specs.size) { params[it].zeroPoint }
 
@@ -195,38 +205,18 @@ class FusedEarlyExitClassifier(
         }
     }
 
-    /**
-     * Gated inference on one sample: one FloatArray per input, in the order
-     * of [inputNames], each on the model's training scale and flattened
-     * (e.g. 8*8*1 pixels). One interpreter call.
-     */
-    fun classify(vararg inputs: FloatArray): EarlyExitResult {
+    override fun classifySample(inputs: Array<out Any>): EarlyExitResult {
         check(!closed) { "The classifier is closed." }
         val specs = io.specs
         require(inputs.size == specs.size) {
             "The model takes ${specs.size} input(s) $inputNames; received ${inputs.size} array(s)."
         }
         // Every input is checked before any buffer is written.
-        for ((spec, input) in specs.zip(inputs)) {
-            require(input.size == spec.elements) {
-                "Input '${spec.name}' takes ${spec.elements} floats (shape ${spec.shape.toList()}); " +
-                    "received ${input.size}."
-            }
-            val bad = input.indexOfFirst { it.isNaN() || it.isInfinite() }
-            require(bad < 0) {
-                "Input '${spec.name}' holds ${input[bad]} at element $bad; the model takes finite floats on " +
-                    "the scale it was trained on."
-            }
-        }
+        for ((spec, input) in specs.zip(inputs)) EarlyExitClassifier.checkInput(spec, input)
         for ((i, input) in inputs.withIndex()) {
             val buffer = io.inputBuffers[i]
-            if (io.inputQuantized[i]) {
-                val scale = io.inputScale[i]
-                val zeroPoint = io.inputZeroPoint[i]
-                for ((j, x) in input.withIndex()) buffer.put(j, EarlyExitClassifier.quantize(x, scale, zeroPoint))
-            } else {
-                for ((j, x) in input.withIndex()) buffer.putFloat(4 * j, x)
-            }
+            // int8 inputs: the model's own parameters (checked equal to the manifest's).
+            EarlyExitClassifier.putInput(buffer, specs[i].dtype, input, io.inputScale[i], io.inputZeroPoint[i])
             buffer.rewind()
         }
         for (b in io.outputMap.values) (b as ByteBuffer).rewind()
@@ -240,15 +230,6 @@ class FusedEarlyExitClassifier(
         if (out != null) for (j in out.indices) out[j] = io.logits!!.getFloat(4 * j)
         exitCounts[exitIndex]++
         return EarlyExitResult(label, exitIndex, io.confidence.getFloat(0))
-    }
-
-    /** [classify] with the inputs by name (see [inputNames]). */
-    fun classify(inputs: Map<String, FloatArray>): EarlyExitResult {
-        val missing = inputNames - inputs.keys
-        require(missing.isEmpty()) { "Inputs lack $missing; the model's inputs are $inputNames." }
-        val unknown = inputs.keys - inputNames
-        require(unknown.isEmpty()) { "Inputs $unknown are not the model's; its inputs are $inputNames." }
-        return classify(*Array(inputNames.size) { inputs.getValue(inputNames[it]) })
     }
 
     override fun close() {
@@ -270,7 +251,7 @@ class FusedEarlyExitClassifier(
         private val HASH_KEY = "\"content_sha256\":\"".toByteArray(Charsets.US_ASCII)
         private val REQUIRED_OUTPUTS = listOf("class", "exit_index", "confidence")
         private const val EXPORT_AGAIN = "Export it again with kee.export.to_tflite(..., fused=True)."
-        private val INPUT_DTYPES = mapOf("float32" to DataType.FLOAT32, "int8" to DataType.INT8)
+        private val INPUT_DTYPES = mapOf("float32" to DataType.FLOAT32, "int8" to DataType.INT8, "int32" to DataType.INT32)
 
         private fun JSONObject.stringList(key: String): List<String> =
             getJSONArray(key).let { a -> List(a.length()) { a.getString(it) } }
@@ -283,8 +264,8 @@ class FusedEarlyExitClassifier(
 
         private fun checkInput(spec: TensorSpec, interpreter: Interpreter, index: Int, source: String) {
             val dtype = INPUT_DTYPES[spec.dtype] ?: throw IllegalArgumentException(
-                "Input '${spec.name}' of $source is ${spec.dtype}; this classifier takes float inputs (float32, " +
-                    "or int8 quantized here). Run models with integer inputs with the Python runtime."
+                "Input '${spec.name}' of $source is ${spec.dtype}; this classifier takes float32 inputs, int8 " +
+                    "(quantized here) and int32 (token ids, masks). $EXPORT_AGAIN"
             )
             val tensor = interpreter.getInputTensor(index)
             val q = tensor.quantizationParams()
@@ -365,9 +346,10 @@ class FusedEarlyExitClassifier(
          * The graph's threshold constants are those the manifest names:
          * int8 files hold threshold_quantized (int32), float files
          * float32(threshold), or [FLOAT_NEVER] for 1 (runtime/fused.py
-         * gate_constant).
+         * gate_constant); with patience, each gate's patience_buffer holds
+         * float32(patience).
          */
-        private fun checkThresholdConstants(flat: FlatModel, gated: List<JSONObject>, source: String) {
+        private fun checkThresholdConstants(flat: FlatModel, gated: List<JSONObject>, patience: Int, source: String) {
             for ((k, exit) in gated.withIndex()) {
                 val gate = exit.getJSONObject("gate")
                 val threshold = gate.getDouble("threshold").toFloat()
@@ -389,6 +371,16 @@ class FusedEarlyExitClassifier(
                 require(matches) {
                     "Exit $k's gate in $source does not compare with the threshold its manifest names " +
                         "($threshold). $EXPORT_AGAIN"
+                }
+                if (patience > 0) {
+                    require(!exit.isNull("patience_buffer")) {
+                        "Exit $k of $source has no patience_buffer, which criterion 'patience' needs. $EXPORT_AGAIN"
+                    }
+                    val (at, size) = flat.buffer(exit.getInt("patience_buffer"))
+                    require(size == 4 && stored.getFloat(at) == patience.toFloat()) {
+                        "Exit $k's gate in $source does not compare with the patience its manifest names " +
+                            "($patience). $EXPORT_AGAIN"
+                    }
                 }
             }
         }

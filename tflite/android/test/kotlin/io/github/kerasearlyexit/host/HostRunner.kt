@@ -7,6 +7,8 @@
 // stand-ins' counts of interpreters and asset handles still open:
 //   open BUNDLE [NUM_THREADS]     open_fused FILE [NUM_THREADS]
 //   classify [[x, ...], ...]      classify_named {"name": [x, ...]}
+//   classify_values [[...], ...]  classify_named_values {"name": [...]}
+//     (_values: an array of JSON integers is an IntArray, others FloatArrays)
 //   thresholds [t, ...]           quantize_threshold [[t, scale, zero_point], ...]
 //   counts                        close
 // classify, counts and close act on the classifier opened last.
@@ -23,6 +25,10 @@ import org.tensorflow.lite.Interpreter
 import java.io.File
 
 private fun floats(a: JSONArray) = FloatArray(a.length()) { a.getDouble(it).toFloat() }
+
+/** IntArray if every element is a JSON integer (e.g. 3, not 3.0), else FloatArray. */
+private fun values(a: JSONArray): Any =
+    if ((0 until a.length()).all { a.get(it) is Int }) IntArray(a.length()) { a.getInt(it) } else floats(a)
 
 private fun JSONObject.putResult(r: EarlyExitResult) {
     put("label", r.label)
@@ -52,6 +58,7 @@ fun main(args: Array<String>) {
                     reply.put("exit_names", JSONArray(opened.exitNames))
                     reply.put("input_names", JSONArray(opened.inputNames))
                     reply.put("thresholds", JSONArray(opened.thresholds.map { it.toDouble() }))
+                    reply.put("patience", opened.patience)
                 }
                 "open_fused" -> {
                     val parts = argument.split(' ')
@@ -66,6 +73,7 @@ fun main(args: Array<String>) {
                     reply.put("thresholds", JSONArray(opened.thresholds.map { it.toDouble() }))
                     reply.put("thresholds_quantized", opened.thresholdsQuantized?.let { JSONArray(it.toList()) } ?: JSONObject.NULL)
                     reply.put("logits", opened.logits != null)
+                    reply.put("patience", opened.patience)
                 }
                 "classify" -> {
                     val a = JSONArray(argument)
@@ -81,6 +89,16 @@ fun main(args: Array<String>) {
                 "classify_named" -> {
                     val o = JSONObject(argument)
                     val inputs = o.keys().asSequence().associateWith { floats(o.getJSONArray(it)) }
+                    reply.putResult(fused?.classify(inputs) ?: classifier!!.classify(inputs))
+                }
+                "classify_values" -> {
+                    val a = JSONArray(argument)
+                    val inputs = Array(a.length()) { values(a.getJSONArray(it)) }
+                    reply.putResult(fused?.classify(*inputs) ?: classifier!!.classify(*inputs))
+                }
+                "classify_named_values" -> {
+                    val o = JSONObject(argument)
+                    val inputs = o.keys().asSequence().associateWith { values(o.getJSONArray(it)) }
                     reply.putResult(fused?.classify(inputs) ?: classifier!!.classify(inputs))
                 }
                 "thresholds" -> {
