@@ -465,3 +465,213 @@ def test_fused_file_gets_normal_file_permissions(tmp_path):
         os.umask(old)
     assert open(path, "rb").read() == b"second"
     assert os.listdir(tmp_path) == ["model.tflite"]
+
+
+# The patience criterion (PABEE): the bundle's loop and the fused graph keep
+# each sample's class and streak; both must take the exits of the shared
+# NumPy rule (`runtime.patience`) on the artifact's own per-exit outputs.
+
+PABEE_FLOORS = [0.0, 0.3, 0.6]  # exits 2 and 3 also need a confidence floor
+
+
+@pytest.fixture(scope="module")
+def pabee(digits) -> kee.EarlyExitModel:
+    """A 4-exit digits CNN with criterion="patience", patience 2, trained
+    briefly so that exits disagree and streaks of 1 to 4 occur."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1), name="image")
+    x, exits = inputs, []
+    for k, width in enumerate((4, 8, 8, 12)):
+        x = keras.layers.Conv2D(width, 3, padding="same", activation="relu")(x)
+        if k == 1:
+            x = keras.layers.MaxPooling2D(2)(x)
+        name = "final" if k == 3 else f"exit_{k + 1}"
+        exits.append(kee.ExitBranch(10, pooled_size=2, name=name)(x))
+    model = kee.EarlyExitModel(
+        inputs, exits, criterion="patience", patience=2, name="pabee"
+    )
+    model.compile(keras.optimizers.Adam(3e-3), kee.EarlyExitLoss())
+    model.fit(digits.x_train, digits.y_train, epochs=6, batch_size=64, verbose=0)
+    model.set_thresholds(PABEE_FLOORS)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pabee_exported(pabee, digits, tmp_path_factory) -> dict:
+    """Per mode: the patience model's bundle and fused file."""
+    root = tmp_path_factory.mktemp("pabee")
+    out = {}
+    for mode in MODES:
+        bundle = kee.export.to_tflite(
+            pabee,
+            str(root / mode),
+            representative_data=digits.x_val,
+            quantization=mode,
+            verbose=0,
+        )
+        path = str(root / f"{mode}.tflite")
+        out[mode] = (bundle, _fuse_bundle(bundle, path, micro=mode == "int8"))
+    return out
+
+
+def _per_exit(interpreter, x) -> tuple[np.ndarray, np.ndarray]:
+    """Every exit's classes and confidences `(n, exits)` as the artifact
+    computes them: patience 1 (the gates are plain floors) and thresholds
+    that force every sample out at exit k."""
+    n_exits = interpreter.num_exits
+    interpreter.set_patience(1)
+    classes, confidences = [], []
+    for k in range(n_exits):
+        forced = [1.0] * (n_exits - 1)
+        if k < n_exits - 1:
+            forced[k] = 0.0
+        interpreter.set_thresholds(forced)
+        result = interpreter.predict(x)
+        assert np.all(result.exit_indices == k)
+        classes.append(result.classes)
+        confidences.append(result.confidences)
+    return np.stack(classes, 1), np.stack(confidences, 1)
+
+
+def _patience_reference(classes, confidences, patience, floors) -> np.ndarray:
+    """The exit each sample takes by `runtime.patience`'s rule."""
+    from keras_earlyexit.runtime.patience import patience_passes, streaks
+
+    runs = streaks(classes)
+    exits = np.full(len(classes), classes.shape[1] - 1)
+    for k in reversed(range(classes.shape[1] - 1)):
+        leaves = patience_passes(runs[:, k], patience, confidences[:, k], floors[k])
+        exits = np.where(leaves, k, exits)
+    return exits
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", ["litert", "micro"])
+def test_patience_bundle_and_fused_take_the_rule_s_exits(
+    pabee_exported, digits, mode, backend
+):
+    bundle, path = pabee_exported[mode]
+    x = digits.x_test
+    classes, confidences = _per_exit(GatedInterpreter(bundle, backend), x)
+    rows = np.arange(len(x))
+    for patience in (1, 2, 3, 4):
+        expected = _patience_reference(classes, confidences, patience, PABEE_FLOORS)
+        results = [
+            Interpreter(target, backend, patience=patience).predict(x)
+            for Interpreter, target in (
+                (GatedInterpreter, bundle),
+                (FusedInterpreter, path),
+            )
+        ]
+        for result in results:
+            np.testing.assert_array_equal(result.exit_indices, expected)
+            np.testing.assert_array_equal(result.classes, classes[rows, expected])
+            np.testing.assert_array_equal(
+                result.confidences, confidences[rows, expected]
+            )
+        if patience == 2:  # the exported patience: every exit is taken
+            assert np.all(np.bincount(expected, minlength=4)[1:] > 0)
+        if patience == 4:  # no streak of 4 before the final exit
+            assert np.all(expected == 3)
+
+
+def test_patience_float_bundle_equals_predict_early(pabee, pabee_exported, digits):
+    bundle, path = pabee_exported["float32"]
+    x = digits.x_test
+    keras_result = pabee.predict_early(x)
+    # Float32 TFLite and Keras logits differ in their last bits: a sample
+    # whose top-2 logits nearly tie, or whose confidence nearly equals a
+    # floor, may decide otherwise (none on these digits, in practice).
+    logits = np.stack([np.asarray(z) for z in pabee.predict(x, verbose=0)])
+    top2 = np.sort(logits, axis=-1)[..., -2:]
+    steady = (top2[..., 1] - top2[..., 0] > 1e-4).all(axis=0)
+    assert steady.mean() > 0.95
+    for target in (bundle, path):
+        result = GatedInterpreter(target).predict(x)
+        np.testing.assert_array_equal(
+            result.exit_indices[steady], keras_result.exit_indices[steady]
+        )
+        np.testing.assert_array_equal(
+            result.classes[steady], keras_result.classes[steady]
+        )
+
+
+def test_patience_int8_bundle_agrees_with_keras(pabee, pabee_exported, digits):
+    bundle, _ = pabee_exported["int8"]
+    result = GatedInterpreter(bundle).predict(digits.x_test)
+    keras_result = pabee.predict_early(digits.x_test)
+    # Over seeds 0-4 of this fixture: same exit 0.978-0.994, same class
+    # 0.972-0.997 (int8 classes, streaks and floors move near ties).
+    assert np.mean(result.exit_indices == keras_result.exit_indices) > 0.93
+    assert np.mean(result.classes == keras_result.classes) > 0.93
+
+
+def test_patience_in_the_manifests_and_the_fused_graph(pabee_exported, exported):
+    bundle, path = pabee_exported["int8"]
+    manifest = read_manifest(bundle)
+    assert (manifest.criterion, manifest.patience) == ("patience", 2)
+    floors = [s.gate.threshold for s in manifest.segments]
+    assert floors == pytest.approx(PABEE_FLOORS + [0.0])  # float32 gate weights
+    with open(path, "rb") as f:
+        data = f.read()
+    fused = read_fused_manifest(data)
+    assert (fused.criterion, fused.patience) == ("patience", 2)
+    assert [_read_constant(data, e, patience=True) for e in fused.exits[:-1]] == [2] * 3
+    assert fused.exits[-1].patience_buffer is None
+    names = {op.name for op in flatbuffer.list_ops(data)}
+    for op in ("ARG_MAX", "EQUAL", "CAST", "MUL", "ADD", "LOGICAL_AND"):
+        assert op in names
+    assert all(resolver_method(name) in TFLM_BUILTINS for name in names)
+    # Other criteria carry none.
+    other, other_path = exported["int8"]
+    assert read_manifest(other).patience is None
+    with open(other_path, "rb") as f:
+        assert read_fused_manifest(f.read()).patience is None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_set_thresholds_writes_the_patience(pabee_exported, digits, tmp_path, mode):
+    bundle, path = pabee_exported[mode]
+    copies = (str(tmp_path / "bundle"), str(tmp_path / "copy.tflite"))
+    shutil.copytree(bundle, copies[0])
+    shutil.copy(path, copies[1])
+    x = digits.x_test[:120]
+    expected = GatedInterpreter(bundle, patience=3, thresholds=[0.1, 0.2, 0.3])
+    expected = expected.predict(x)
+    for copy in copies:
+        assert set_thresholds(copy, [0.1, 0.2, 0.3], patience=3) == [0.1, 0.2, 0.3]
+        interpreter = GatedInterpreter(copy)
+        assert (interpreter.patience, interpreter.thresholds) == (3, [0.1, 0.2, 0.3])
+        _assert_same(interpreter.predict(x), expected)
+        set_thresholds(copy, [0.1, 0.2, 0.3])  # patience kept
+        assert GatedInterpreter(copy).patience == 3
+    assert read_manifest(copies[0]).patience == 3
+
+
+@pytest.mark.parametrize(
+    "patience, message",
+    [(0, r"in \[1, 4\]"), (5, r"in \[1, 4\]"), (2.0, "must be an int"), (True, "int")],
+)
+def test_bad_patience_changes_nothing(pabee_exported, tmp_path, patience, message):
+    bundle, path = pabee_exported["int8"]
+    copy = str(tmp_path / "bundle")
+    shutil.copytree(bundle, copy)
+    for target, watched in ((path, path), (copy, os.path.join(copy, MANIFEST_NAME))):
+        with open(watched, "rb") as f:
+            before = f.read()
+        with pytest.raises(ValueError, match=message):
+            set_thresholds(target, PABEE_FLOORS, patience=patience)
+        with open(watched, "rb") as f:
+            assert f.read() == before
+        with pytest.raises(ValueError, match=message):
+            GatedInterpreter(target, patience=patience)
+
+
+def test_patience_of_another_criterion_is_refused(exported, tmp_path):
+    bundle, path = exported["int8"]
+    for target in (bundle, path):
+        assert GatedInterpreter(target).patience is None
+        with pytest.raises(ValueError, match="criterion 'patience'; this one's"):
+            GatedInterpreter(target, patience=2)
+        with pytest.raises(ValueError, match="criterion 'patience'"):
+            set_thresholds(target, [0.5, 0.5], patience=2)

@@ -18,6 +18,14 @@ per sample for `E` exits, against `E` for reading each segment of a bundle
 in one pass: 6 against 3 on a 3-exit model, under a second for hundreds of
 digits. The interpreter's thresholds and `stats` are restored afterwards.
 
+A patience artifact (criterion `"patience"`) is read the same way with
+patience 1, which makes its gates plain confidence floors; each exit's
+streak then comes from the classes read (`runtime.patience.streaks`), and
+samples are held back below the patience as `calibrate` does for a Keras
+patience model. Its floors are calibrated for the artifact's own patience,
+or for each of the `patience` values given (the best one kept, as
+`calibrate` chooses for a Keras model); `apply` writes the patience too.
+
 Int8 confidences take the values `(q - zero_point) * scale` only, so any
 threshold between two of them decides as the upper one: the thresholds found
 are moved onto that grid (same decisions on every sample, same bounds), and
@@ -26,6 +34,7 @@ are moved onto that grid (same decisions on every sample, same bounds), and
 
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -33,6 +42,9 @@ from keras_earlyexit.evaluation import _data
 from keras_earlyexit.evaluation.calibrate import (
     _MIN_SAMPLES,
     CalibrationResult,
+    _calibrate_patience,
+    _calibrate_patience_only,
+    _patience_values,
     calibrate_outputs,
 )
 from keras_earlyexit.inference import select_exits
@@ -44,6 +56,7 @@ from keras_earlyexit.runtime.manifest import (
     BundleError,
     quantize_threshold,
 )
+from keras_earlyexit.runtime.patience import streaks
 
 INTERPRETERS = (GatedInterpreter, FusedInterpreter)
 
@@ -77,15 +90,18 @@ class ArtifactCalibrationResult(CalibrationResult):
     exit_class_agreement: list[float] | None = None
 
     def apply(self, target):
-        """Writes the thresholds into a bundle or fused file (a path, through
+        """Writes the thresholds (and, for a patience artifact, the
+        patience) into a bundle or fused file (a path, through
         `kee.export.set_thresholds`, atomically) or sets them on a
         `GatedInterpreter` / `FusedInterpreter`. Returns `target`."""
         if isinstance(target, INTERPRETERS):
+            if self.patience is not None:
+                target.set_patience(self.patience)
             target.set_thresholds(self.thresholds)
         elif isinstance(target, (str, os.PathLike)):
             from keras_earlyexit.export.thresholds import set_thresholds
 
-            set_thresholds(target, self.thresholds)
+            set_thresholds(target, self.thresholds, patience=self.patience)
         else:
             raise TypeError(
                 "apply takes the path of a bundle or fused .tflite file, or a "
@@ -187,13 +203,18 @@ def artifact_outputs(
 
     Returns:
         `(ExitOutputs, classes)`: `classes` is `(n, exits)`, each exit's
-        predicted class (`ExitOutputs` keeps only their correctness).
+        predicted class (`ExitOutputs` keeps only their correctness). For a
+        patience artifact, the outputs hold the streaks and are gated by
+        the interpreter's patience (`ExitOutputs.with_patience`).
     """
     num_exits = len(exits)
     saved_thresholds, saved_stats = interpreter.thresholds, interpreter.stats
+    patience = interpreter.patience
     classes, confidences = [], []
     try:
         interpreter.reset_stats()
+        if patience is not None:
+            interpreter.set_patience(1)  # the gates are plain floors
         for k in range(num_exits):
             forced = [1.0] * (num_exits - 1)
             if k < num_exits - 1:
@@ -210,6 +231,8 @@ def artifact_outputs(
             classes.append(result.classes)
             confidences.append(result.confidences.astype(np.float32))
     finally:
+        if patience is not None:
+            interpreter.set_patience(patience)
         interpreter.set_thresholds(saved_thresholds)
         interpreter.stats = saved_stats
     predictions = np.stack(classes, axis=1)  # (n, E)
@@ -222,6 +245,9 @@ def artifact_outputs(
         labels=labels,
         cumulative_macs=np.array([e.cumulative_macs for e in exits], np.float64),
     )
+    if patience is not None:
+        outputs.streaks = streaks(predictions)
+        outputs = outputs.with_patience(patience)
     return outputs, predictions
 
 
@@ -235,6 +261,8 @@ def calibrate_artifact(
     temperature_scaling: bool = False,
     apply: bool = False,
     verbose: int = 0,
+    patience=None,
+    confidence_floor: bool = True,
     **search,
 ) -> ArtifactCalibrationResult:
     """`kee.calibrate` on a bundle or fused file (the target already checked).
@@ -250,6 +278,12 @@ def calibrate_artifact(
         apply: write the thresholds into `source` (see
             `ArtifactCalibrationResult.apply`).
         verbose: 1 shows progress.
+        patience: for a patience artifact, the patience values to try (an
+            int or a list of ints in [1, exits]); None (default) keeps the
+            artifact's own.
+        confidence_floor: for a patience artifact, also calibrate the
+            floors (default); False keeps them at 0.0 and chooses only the
+            patience among `patience` (or every p in [1, exits] if None).
         **search: `delta`, `guard`, `risk_bound`, `search_fraction`,
             `num_candidates` and `seed` of `calibrate`.
 
@@ -277,10 +311,18 @@ def calibrate_artifact(
             f"fewer than {_MIN_SAMPLES} mean nothing. Use a few hundred or more."
         )
     labels = check_labels(y_val, n, interpreter.manifest.num_classes, "y_val")
+    candidates = _patience_candidates(interpreter, patience, confidence_floor)
     if reference_model is not None:
         _check_reference(reference_model, x_val, len(exits), interpreter.manifest)
     data, predictions = artifact_outputs(interpreter, x_val, labels, exits, verbose)
-    base = calibrate_outputs(data, target, value, verbose=verbose, **search)
+    if candidates is None:
+        base = calibrate_outputs(data, target, value, verbose=verbose, **search)
+    elif confidence_floor:
+        base = _calibrate_patience(
+            data, candidates, target, value, None, verbose, **search
+        )
+    else:
+        base = _calibrate_patience_only(data, candidates, target, value, **search)
     result = ArtifactCalibrationResult(
         **{
             **vars(base),
@@ -301,6 +343,17 @@ def calibrate_artifact(
     return result
 
 
+def _patience_candidates(interpreter, patience, confidence_floor) -> list | None:
+    """The patience values to calibrate a patience artifact for (None for
+    another criterion, which takes neither argument)."""
+    if patience is None and confidence_floor and interpreter.patience is not None:
+        return [interpreter.patience]
+    exported = SimpleNamespace(
+        criterion=interpreter.manifest.criterion, num_exits=interpreter.num_exits
+    )
+    return _patience_values(exported, patience, confidence_floor)
+
+
 def _check_reference(model, x, num_exits: int, manifest) -> None:
     """The float model must match the artifact's exits, classes and inputs."""
     _data.check_model(model)
@@ -311,6 +364,12 @@ def _check_reference(model, x, num_exits: int, manifest) -> None:
             f"and {manifest.num_classes} classes. Pass the model it was "
             "exported from."
         )
+    if model.criterion != manifest.criterion:
+        raise ValueError(
+            f"reference_model has criterion {model.criterion!r}; the artifact "
+            f"was exported with {manifest.criterion!r}. Pass the model it was "
+            "exported from."
+        )
     _data.num_samples(model, x)  # checks x against the model's inputs
 
 
@@ -318,6 +377,8 @@ def _agreement(result, data, predictions, model, x, y) -> None:
     """Exit decisions and classes of the artifact against the float model,
     both gated by the calibrated thresholds."""
     reference = _data.exit_outputs(model, x, y, cumulative_macs=data.cumulative_macs)
+    if result.patience is not None:
+        reference = reference.with_patience(result.patience)
     rows = np.arange(len(data.labels))
     exits = select_exits(data.confidences, result.thresholds)
     float_exits = select_exits(reference.confidences, result.thresholds)

@@ -99,11 +99,13 @@ def to_tflite(
             nothing else); a symlink is kept and the bundle it points to
             replaced. Leftovers of a killed export are removed.
         representative_data: model inputs (array, list or dict of arrays)
-            to calibrate int8 activations; required for `"int8"`, unused
-            otherwise. A few hundred samples suffice. Float inputs take
-            floats; integer inputs (token ids, padding masks) integers,
-            which stay integers in every mode (only float tensors are
-            quantized; int64 inputs become int32).
+            to calibrate int8 activations; required for `"int8"`. A few
+            hundred samples suffice. Float inputs take floats; integer
+            inputs (token ids, padding masks) integers, which stay integers
+            in every mode (only float tensors are quantized; int64 inputs
+            become int32). In every mode, a dimension the Keras model
+            leaves open (a sequence length of None) is fixed at this data's
+            shape; such a model needs it.
         quantization: `"int8"` (full integer: int8 inputs, outputs and
             kernels, for microcontrollers), `"float16"` (float16 weights),
             `"dynamic"` (int8 weights, float activations) or `"float32"`.
@@ -180,19 +182,18 @@ def to_tflite(
             f"calibration_samples must be an int >= 1. Received: "
             f"{calibration_samples!r}"
         )
-    if quantization == "int8":
-        if representative_data is None:
-            raise ValueError(
-                "quantization='int8' needs representative_data (a few hundred "
-                "input samples, e.g. from the validation set) to calibrate "
-                "activation ranges."
-            )
+    if representative_data is not None:
         representative_data = input_dict(model, representative_data)
         representative_data = {
             k: v[:calibration_samples] for k, v in representative_data.items()
         }
-    else:
-        representative_data = None
+    elif quantization == "int8":
+        raise ValueError(
+            "quantization='int8' needs representative_data (a few hundred "
+            "input samples, e.g. from the validation set) to calibrate "
+            "activation ranges."
+        )
+    example_input(model, representative_data)  # fixed shapes, or a clear error
     target = resolve_target(directory)
     check_replaceable(
         target,
@@ -230,7 +231,9 @@ def input_dict(model, x) -> dict[str, np.ndarray]:
     out = {}
     for name, array, spec in zip(names, arrays, specs):
         array = np.asarray(array)
-        if tuple(array.shape[1:]) != tuple(spec.shape[1:]):
+        if array.ndim != len(spec.shape) or any(
+            d is not None and d != n for d, n in zip(spec.shape[1:], array.shape[1:])
+        ):
             raise ValueError(
                 f"Input {name!r} expects samples of shape {tuple(spec.shape[1:])}; "
                 f"received an array of shape {array.shape}."
@@ -346,7 +349,14 @@ def _convert(
     from keras_earlyexit.evaluation import count_macs
 
     segments = model.segments()
-    macs = count_macs(model, warn=False)
+    example = example_input(model, representative_data)
+    # The length the model is exported at, for an open sequence axis.
+    lengths = [
+        example[t.name].shape[1]
+        for t in segments[0].inputs
+        if len(t.shape) > 1 and t.shape[1] is None
+    ]
+    macs = count_macs(model, warn=False, sequence_length=max(lengths, default=None))
     clean_leftovers(directory, not_a_bundle)
     tmp = make_temp_dir(directory)
     progbar = None
@@ -357,11 +367,14 @@ def _convert(
         )
         progbar = keras.utils.Progbar(len(segments), unit_name="segment")
     try:
-        carry = representative_data
+        carry = representative_data if quantization == "int8" else None
+        # One sample through the Keras segments gives each segment's fixed
+        # input shapes (a sequence length left open in Keras included).
         infos: list[SegmentInfo] = []
         unmatched: list[str] = []
         for k, (segment, gate) in enumerate(zip(segments, model.gates)):
-            data = convert_model(segment, quantization, carry)
+            shapes = {name: value.shape for name, value in example.items()}
+            data = convert_model(segment, quantization, carry, shapes)
             ranges = value_ranges(segment) if k == 0 else {}
             # Checked ids need no wrap of negative ids (see the function).
             data = flatbuffer.without_index_wrap(
@@ -370,6 +383,9 @@ def _convert(
             inputs, outputs = tensor_infos(data)
             for t in inputs:
                 t.value_range = ranges.get(t.name)
+            # Listed in the Keras order: the order of a list of arrays.
+            order = [t.name for t in segment.inputs]
+            inputs.sort(key=lambda t: order.index(t.name))
             if micro:
                 micro_lib.check_micro_ops(
                     data,
@@ -409,6 +425,8 @@ def _convert(
             )
             if carry is not None and carry_out:
                 carry = _float_carry(segment, carry, carry_out)
+            if carry_out:
+                example = _float_carry(segment, example, carry_out)
             if progbar is not None:
                 progbar.update(k + 1)
         if micro:
@@ -440,7 +458,10 @@ def _convert(
 
 
 def convert_model(
-    keras_model, quantization: str, representative_data: dict | None = None
+    keras_model,
+    quantization: str,
+    representative_data: dict | None = None,
+    shapes: dict | None = None,
 ) -> bytes:
     """Converts one functional Keras model with named inputs and a dict of
     named outputs to TFLite (TensorFlow backend, batch size 1).
@@ -453,6 +474,9 @@ def convert_model(
         quantization: one of `QUANTIZATION_MODES`.
         representative_data: `{input name: array}` for `"int8"` (float
             arrays, and integer arrays for integer inputs).
+        shapes: `{input name: shape}` with batch size 1, for inputs whose
+            Keras shape leaves a dimension open (None); default: the Keras
+            shapes.
 
     Returns:
         The `.tflite` bytes.
@@ -462,8 +486,13 @@ def convert_model(
     dtypes = {
         t.name: keras.backend.standardize_dtype(t.dtype) for t in keras_model.inputs
     }
+    shapes = shapes or {}
     specs = {
-        t.name: tf.TensorSpec((1, *t.shape[1:]), graph_dtype(dtypes[t.name]), t.name)
+        t.name: tf.TensorSpec(
+            tuple(shapes.get(t.name, (1, *t.shape[1:]))),
+            graph_dtype(dtypes[t.name]),
+            t.name,
+        )
         for t in keras_model.inputs
     }
     with tempfile.TemporaryDirectory(prefix="kee-savedmodel-") as saved_model:
@@ -797,9 +826,35 @@ def _gate_info(gate, outputs: list, is_final: bool) -> GateInfo:
     )
 
 
+def example_input(model, representative_data: dict | None) -> dict:
+    """One sample of the model's inputs at the exported graph's dtypes: the
+    first representative sample, or zeros where every shape is fixed.
+
+    Raises:
+        ValueError: an input with an open dimension (e.g. a sequence length
+            of None) and no representative data to fix it.
+    """
+    if representative_data is not None:
+        return {name: value[:1] for name, value in representative_data.items()}
+    example = {}
+    for t in model.segments()[0].inputs:
+        if any(d is None for d in t.shape[1:]):
+            raise ValueError(
+                f"Input {t.name!r} has shape {tuple(t.shape)}: a dimension other "
+                "than the batch is open, and a TFLite model has fixed shapes. "
+                "Pass representative_data (a few samples, e.g. token ids of the "
+                "sequence length to deploy): the model is exported at its "
+                "shape, and runtimes refuse other lengths."
+            )
+        dtype = graph_dtype(keras.backend.standardize_dtype(t.dtype))
+        example[t.name] = np.zeros((1, *t.shape[1:]), dtype)
+    return example
+
+
 def _float_carry(segment, inputs: dict, names: list, batch_size: int = 256) -> dict:
-    """The float carry a segment computes on the representative data: the
-    calibration data of the next segment."""
+    """The carry a segment computes on the representative data (the
+    calibration data of the next segment): float tensors as float32,
+    integer ones (a padding mask) at the graph's dtype."""
     from keras import ops
 
     n = len(next(iter(inputs.values())))
@@ -808,5 +863,10 @@ def _float_carry(segment, inputs: dict, names: list, batch_size: int = 256) -> d
         batch = {k: v[start : start + batch_size] for k, v in inputs.items()}
         out = segment(batch, training=False)
         for name in names:
-            parts[name].append(ops.convert_to_numpy(out[name]).astype(np.float32))
+            value = ops.convert_to_numpy(out[name])
+            if value.dtype.kind == "f":
+                value = value.astype(np.float32)
+            else:
+                value = value.astype(graph_dtype(value.dtype.name))
+            parts[name].append(value)
     return {name: np.concatenate(p) for name, p in parts.items()}

@@ -36,7 +36,9 @@ TENSOR = {"name": str, "position": int, "shape": [int, ...], "dtype": str,
 
 Tensors are matched by `name` (the TFLite signature name); `position` is the
 tensor's place in the subgraph's input or output list, resolved by name at
-export time, for runtimes without signatures (TFLite Micro, C++). A carry
+export time, for runtimes without signatures (TFLite Micro, C++). Segment
+1's `inputs` are listed in the Keras model's input order (that of a list
+of arrays passed to `predict`), which may differ from their positions. A carry
 tensor has the same name as an output of segment k and an input of segment
 k+1. `threshold_quantized` is the smallest int8 confidence whose dequantized
 value reaches `threshold`, so an integer-only loop compares
