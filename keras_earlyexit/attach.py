@@ -22,6 +22,19 @@ def attach_exits(
     ordered by depth whatever the order of `exit_layers`. A layer whose
     output also feeds a skip connection is fine: the segments carry it.
 
+    Token sequences: an exit on a `(batch, steps, channels)` output pools
+    only the valid tokens. The padding mask is the backbone's `padding_mask`
+    input where it has one (keras-hub backbones such as `BertBackbone`;
+    their dict inputs become the model's inputs and the segments carry the
+    mask with the hidden states), else the Keras mask riding on the output
+    (e.g. from `Embedding(mask_zero=True)`). Pooling stays the masked
+    average by default: it needs no `[CLS]` token (causal and from-scratch
+    encoders have none, or one that has not yet learned to summarize at
+    shallow depths); pass `exit_kwargs={"pooling": "first"}` to read the
+    `[CLS]` token as DeeBERT and PABEE do with pretrained BERT. A backbone
+    with dict outputs (keras-hub: `sequence_output`, `pooled_output`) gets
+    a new final exit on its `sequence_output`.
+
     Args:
         backbone: a built functional or Sequential `keras.Model`.
         exit_layers: names of the layers after which an exit is attached.
@@ -30,7 +43,8 @@ def attach_exits(
             is `(batch, num_classes)` (a trailing softmax is replaced by its
             logits) and otherwise adds a final `ExitBranch`; `"backbone"`
             requires the backbone's classifier; `"new"` always adds a final
-            `ExitBranch` on the backbone's output.
+            `ExitBranch` on the backbone's output (its `sequence_output`
+            for dict outputs that have one).
         exit_kwargs: keyword arguments for every `ExitBranch` (e.g.
             `{"pooled_size": 2, "hidden_units": 64}`).
         **model_kwargs: passed to `EarlyExitModel` (e.g. `criterion`).
@@ -44,6 +58,13 @@ def attach_exits(
     backbone = keras.applications.MobileNetV2(
         input_shape=(32, 32, 3), weights=None, classes=10)
     model = attach_exits(backbone, ["block_3_project_BN", "block_9_add"], 10)
+
+    encoder = keras_hub.models.BertBackbone(
+        vocabulary_size=100, num_layers=4, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=16)
+    model = attach_exits(
+        encoder, ["transformer_layer_1", "transformer_layer_2"], 2)
+    model.fit({"token_ids": ..., "segment_ids": ..., "padding_mask": ...}, y)
     ```
     """
     if final not in ("auto", "backbone", "new"):
@@ -61,6 +82,8 @@ def attach_exits(
         inputs, outputs = backbone.inputs, backbone.outputs
     except (AttributeError, ValueError):
         inputs = outputs = None
+    if inputs and isinstance(_input_structure(backbone), dict):
+        inputs = backbone.input  # named inputs, as keras-hub backbones take
     if not inputs or not outputs:
         raise ValueError(
             f"Backbone '{backbone.name}' has no graph to attach exits to. "
@@ -79,12 +102,24 @@ def attach_exits(
         )
     ordered = sorted(set(exit_layers), key=depth.get)
     exit_kwargs = dict(exit_kwargs or {})
-    exits = [
-        ExitBranch(num_classes, name=f"exit_{k + 1}", **exit_kwargs)(
-            backbone.get_layer(name).output
-        )
-        for k, name in enumerate(ordered)
-    ]
+    padding_mask = _padding_mask_input(inputs)
+
+    def branch(name: str, features):
+        layer = ExitBranch(num_classes, name=name, **exit_kwargs)
+        if padding_mask is not None and len(features.shape) == 3:
+            return layer(features, padding_mask=padding_mask)
+        return layer(features)
+
+    exits = []
+    for k, name in enumerate(ordered):
+        features = backbone.get_layer(name).output
+        if not isinstance(features, keras.KerasTensor):
+            raise ValueError(
+                f"Layer '{name}' of backbone '{backbone.name}' has "
+                f"{len(keras.tree.flatten(features))} outputs; an exit needs "
+                "a layer with one output. Name the layer that follows it."
+            )
+        exits.append(branch(f"exit_{k + 1}", features))
     head = outputs[0] if len(outputs) == 1 else None
     is_classifier = head is not None and tuple(head.shape[1:]) == (num_classes,)
     if final == "backbone" and not is_classifier:
@@ -97,8 +132,29 @@ def attach_exits(
         exits.append(_logits_of(head))
     else:
         features = outputs[0]
-        exits.append(ExitBranch(num_classes, name="final", **exit_kwargs)(features))
+        if isinstance(backbone.output, dict):
+            features = backbone.output.get("sequence_output", features)
+        exits.append(branch("final", features))
     return EarlyExitModel(inputs, exits, **model_kwargs)
+
+
+def _input_structure(backbone):
+    """`backbone.input` (the inputs' dict, list or tensor), or None where
+    Keras keeps none (a Sequential model)."""
+    try:
+        return backbone.input
+    except (AttributeError, ValueError):
+        return None
+
+
+def _padding_mask_input(inputs):
+    """The backbone's `padding_mask` input (keras-hub's name), or None."""
+    if isinstance(inputs, dict):
+        return inputs.get("padding_mask")
+    for t in keras.tree.flatten(inputs):
+        if t.name == "padding_mask":
+            return t
+    return None
 
 
 def _logits_of(head):

@@ -198,3 +198,103 @@ def test_conv3d_batchnorm_is_not_folded():
     model = keras.Model(inputs, x)
     (bn,) = [r for r in kee.count_macs(model).layers if r.name == "bn"]
     assert bn.macs == 4 * 4 * 4 * 3
+
+
+# One post-LN transformer encoder block at T = 10 tokens, d = 8 features,
+# 2 heads of size 4 (key_dim = value_dim = 4), feed-forward width 16:
+#   Q, K, V projections   3 * T * d * heads * key_dim = 3 * 10 * 8 * 8 = 1920
+#   output projection     T * heads * value_dim * d    = 10 * 8 * 8     =  640
+#   QK^T                  heads * T * T * key_dim      = 2 * 10 * 10 * 4 =  800
+#   AV                    heads * T * T * value_dim    = 2 * 10 * 10 * 4 =  800
+#   feed-forward          T * d * 16 + T * 16 * d      = 1280 + 1280   = 2560
+#   two LayerNorms        2 * T * d (1 MAC per element)                =  160
+BLOCK_MACS = 1920 + 640 + 800 + 800 + 2560 + 160  # = 6880
+
+
+def _encoder_block(x, name: str):
+    attention = keras.layers.MultiHeadAttention(2, 4, name=f"{name}_mha")(x, x)
+    x = keras.layers.LayerNormalization(name=f"{name}_ln_1")(
+        keras.layers.Add()([x, attention])
+    )
+    y = keras.layers.Dense(16, activation="relu", name=f"{name}_ff_1")(x)
+    y = keras.layers.Dense(8, name=f"{name}_ff_2")(y)
+    return keras.layers.LayerNormalization(name=f"{name}_ln_2")(
+        keras.layers.Add()([x, y])
+    )
+
+
+def test_transformer_block_by_hand_at_a_given_sequence_length():
+    tokens = keras.Input((None,), dtype="int32")
+    x = keras.layers.Embedding(50, 8, name="embed")(tokens)
+    x = _encoder_block(x, "block_1")
+    e1 = kee.ExitBranch(3, name="exit_1")(x)
+    final = kee.ExitBranch(3, name="final")(_encoder_block(x, "block_2"))
+    model = kee.EarlyExitModel(tokens, [e1, final])
+    with pytest.raises(
+        ValueError, match=r"sequence length is unknown.*sequence_length="
+    ):
+        kee.count_macs(model)
+    macs = kee.count_macs(model, sequence_length=10)
+    rows = {row.name: row.macs for row in macs.layers}
+    assert rows["embed"] == 0
+    assert rows["block_1_mha"] == 1920 + 640 + 800 + 800
+    assert rows["block_1_ff_1"] + rows["block_1_ff_2"] == 2560
+    assert rows["block_1_ln_1"] + rows["block_1_ln_2"] == 160
+    assert macs.segment_macs == [BLOCK_MACS + 8 * 3, BLOCK_MACS + 8 * 3]
+    # Attention grows with T^2, the rest with T.
+    at_20 = kee.count_macs(model, sequence_length=20).segment_macs[0]
+    assert at_20 - 8 * 3 == 2 * (BLOCK_MACS - 1600) + 4 * 1600
+
+
+def test_keras_hub_transformer_encoder_is_counted_through_its_sublayers():
+    keras_hub = pytest.importorskip("keras_hub")
+    x = inputs = keras.Input((10, 8))
+    for i in range(2):
+        x = keras_hub.layers.TransformerEncoder(16, 2, name=f"encoder_{i}")(x)
+        if i == 0:
+            e1 = kee.ExitBranch(3, name="exit_1")(x)
+    final = kee.ExitBranch(3, name="final")(x)
+    macs = kee.count_macs(kee.EarlyExitModel(inputs, [e1, final]))
+    assert macs.uncounted == []
+    assert macs.segment_macs == [BLOCK_MACS + 8 * 3, BLOCK_MACS + 8 * 3]
+    rows = {row.name: row for row in macs.layers}
+    attention = rows["encoder_0/self_attention_layer"]
+    assert attention.macs == 1920 + 640 + 800 + 800
+    assert "self-attention" in attention.note
+    assert rows["encoder_0/feedforward_intermediate_dense"].macs == 10 * 8 * 16
+
+
+def test_reversible_embedding_counts_its_reverse_projection():
+    tokens = keras.Input((6,), dtype="int32")
+    embedding = keras.layers.ReversibleEmbedding(40, 8, name="embed")
+    x = embedding(tokens)
+    logits = embedding(keras.layers.Dense(8, name="dense")(x), reverse=True)
+    model = keras.Model(tokens, logits)
+    rows = [(row.name, row.macs) for row in kee.count_macs(model).layers]
+    assert rows == [("embed", 0), ("dense", 6 * 8 * 8), ("embed", 6 * 8 * 40)]
+
+
+def test_nested_layer_with_an_uncountable_sublayer_is_named():
+    class Recurrent(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(4)
+            self.lstm = keras.layers.LSTM(4, return_sequences=True)
+
+        def call(self, x):
+            return self.lstm(self.dense(x))
+
+    inputs = keras.Input((5, 4))
+    x = Recurrent(name="recurrent")(inputs)
+    model = keras.Model(inputs, kee.ExitBranch(3, name="exit")(x))
+    with pytest.warns(UserWarning, match="Recurrent"):
+        macs = kee.count_macs(model)
+    assert macs.uncounted == ["Recurrent"]
+    assert macs.segment_macs == [4 * 3]
+
+
+def test_sequence_length_must_be_a_positive_int():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="sequence_length must be an int >= 1"):
+            kee.count_macs(model, sequence_length=bad)

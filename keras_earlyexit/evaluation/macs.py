@@ -11,8 +11,9 @@ Counting rules (per sample, batch axis excluded):
 - `DepthwiseConv1D/2D`: output elements times the kernel window.
 - `SeparableConv1D/2D`: the depthwise and the pointwise part.
 - `MultiHeadAttention`: the query, key, value and output projections plus
-  `heads * Tq * Tk * (key_dim + value_dim)` for the scores and the weighted
-  sum (default attention over all non-batch, non-feature axes).
+  `heads * Tq * Tk * (key_dim + value_dim)` for the scores (QK^T) and the
+  weighted sum (AV) (default attention over all non-batch, non-feature
+  axes). Masks and the softmax are not counted.
 - `BatchNormalization`: 0 where the TFLite converter folds it into the
   weights of the layer before it, otherwise 1 MAC per element (the scale
   and shift that remain at inference). It folds, as checked by converting
@@ -25,7 +26,17 @@ Counting rules (per sample, batch axis excluded):
   has another reader (a skip connection, an exit, a segment boundary), for
   `Conv3D`/`Conv3DTranspose`, and for any other axis.
   `LayerNormalization` / `GroupNormalization`: 1 MAC per element (scale and
-  shift; mean and variance are not counted).
+  shift; mean and variance are not counted), or 0 without a scale.
+- Embedding lookups (`Embedding` and layers named `*Embedding`, e.g.
+  keras-hub's `PositionEmbedding` and `TokenAndPositionEmbedding`): 0.
+  A `ReversibleEmbedding` called with `reverse=True` (logits from the
+  embedding matrix) counts as the `Dense` it is.
+- Layers that nest other layers without a functional graph (e.g. keras-hub's
+  `TransformerEncoder`): the sum of their sublayers, each `Dense` and
+  normalization applied once per position of the layer's input and each
+  `MultiHeadAttention` as self-attention over those positions (a row per
+  sublayer, named `outer/inner`). A nested layer with weights of a type
+  that has no rule is counted as 0 as a whole and named in the warning.
 - Pooling (max, average, global) and the `ExitBranch` pooling: 0 MACs. They
   multiply nothing; their adds/comparisons are not counted (a rule of thumb
   shared with most MAC counters), and each one still gets a row in the
@@ -37,6 +48,10 @@ Counting rules (per sample, batch axis excluded):
 - Layers nested in a sub-model are counted through the sub-model's graph.
 - Other layers with weights (e.g. recurrent layers): counted as 0 and named
   in one warning.
+
+Sequence models often leave the sequence length unknown (`keras.Input((None,
+))`, keras-hub backbones): `count_macs(model, sequence_length=T)` counts
+them at `T` tokens (every unknown axis 1 is taken as `T`).
 """
 
 import warnings
@@ -144,7 +159,9 @@ class MacsReport:
         return "\n".join(rows)
 
 
-def count_macs(model: keras.Model, warn: bool = True) -> MacsReport:
+def count_macs(
+    model: keras.Model, warn: bool = True, sequence_length: int | None = None
+) -> MacsReport:
     """Counts multiply-accumulates per exit segment from layer shapes.
 
     See the module docstring for the rule of each layer type (BatchNorm
@@ -156,6 +173,9 @@ def count_macs(model: keras.Model, warn: bool = True) -> MacsReport:
             functional / Sequential `keras.Model` (counted as one segment).
         warn: emit one warning naming layer types with weights that have no
             counting rule (they are counted as 0).
+        sequence_length: the length at which to count a model whose
+            sequence axis (axis 1) is unknown (`None`); required for such
+            models, ignored where the length is fixed.
 
     Returns:
         `MacsReport` with lists `.segment_macs` and `.cumulative_macs` (one
@@ -168,8 +188,17 @@ def count_macs(model: keras.Model, warn: bool = True) -> MacsReport:
     macs = kee.count_macs(model)
     print(macs)  # per-layer table and per-exit summary
     macs.cumulative_macs[-1]  # full model, per sample
+    kee.count_macs(text_model, sequence_length=128)  # keras-hub backbones
     ```
     """
+    if sequence_length is not None and (
+        isinstance(sequence_length, bool)
+        or not isinstance(sequence_length, int)
+        or sequence_length < 1
+    ):
+        raise ValueError(
+            f"sequence_length must be an int >= 1. Received: {sequence_length!r}"
+        )
     if hasattr(model, "segments"):
         graphs = model.segments()
         exit_names = list(model.exit_names)
@@ -186,7 +215,7 @@ def count_macs(model: keras.Model, warn: bool = True) -> MacsReport:
     rows: list[LayerMacs] = []
     uncounted: set = set()
     for k, graph in enumerate(graphs):
-        _count_graph(graph, k, "", rows, uncounted)
+        _count_graph(graph, k, "", rows, uncounted, sequence_length)
     segment_macs = [
         sum(r.macs for r in rows if r.segment == k) for k in range(len(graphs))
     ]
@@ -209,14 +238,28 @@ def _graph_nodes(graph) -> list:
     )
 
 
-def _count_graph(graph, segment: int, prefix: str, rows: list, uncounted: set):
+def _count_graph(
+    graph,
+    segment: int,
+    prefix: str,
+    rows: list,
+    uncounted: set,
+    sequence_length: int | None,
+):
     nodes = _graph_nodes(graph)
     folds = _BatchNormFolding(graph, nodes)
     for node in nodes:
         op = node.operation
         inner = getattr(op, "_functional", None) or op
         if isinstance(op, keras.Model) and getattr(inner, "outputs", None):
-            _count_graph(inner, segment, f"{prefix}{op.name}/", rows, uncounted)
+            _count_graph(
+                inner,
+                segment,
+                f"{prefix}{op.name}/",
+                rows,
+                uncounted,
+                sequence_length,
+            )
             continue
         target = folds.target(node)
         if target is not None:
@@ -230,8 +273,15 @@ def _count_graph(graph, segment: int, prefix: str, rows: list, uncounted: set):
                 )
             )
             continue
-        macs, note = _node_macs(node)
+        macs, note = _node_macs(node, sequence_length)
         if macs is None:
+            nested = _nested_rows(node, sequence_length)
+            if nested is not None:
+                rows.extend(
+                    LayerMacs(segment, f"{prefix}{op.name}/{name}", kind, m, n)
+                    for name, kind, m, n in nested
+                )
+                continue
             uncounted.add(type(op).__name__)
             macs, note = 0, "no rule: counted as 0"
         rows.append(LayerMacs(segment, prefix + op.name, type(op).__name__, macs, note))
@@ -241,23 +291,42 @@ def _size(shape) -> int:
     """Elements per sample of a `(batch, ...)` shape."""
     dims = list(shape[1:])
     if any(d is None for d in dims):
+        unknown_steps = len(shape) in (2, 3) and shape[1] is None
         raise ValueError(
             f"count_macs needs static shapes; found a tensor of shape {shape}. "
-            "Build the model with fixed input sizes (e.g. keras.Input((32, 32, "
-            "3))) to count it."
+            + (
+                "Its sequence length is unknown: pass the length to count at, "
+                "e.g. count_macs(model, sequence_length=128)."
+                if unknown_steps
+                else "Build the model with fixed input sizes (e.g. "
+                "keras.Input((32, 32, 3))) to count it."
+            )
         )
     return int(np.prod(dims, dtype=np.int64))
+
+
+def _static(shape, sequence_length: int | None) -> tuple:
+    """`shape` with an unknown axis 1 (the sequence axis) set to
+    `sequence_length`, when given."""
+    shape = tuple(shape)
+    if sequence_length is None or len(shape) < 2 or shape[1] is not None:
+        return shape
+    return (shape[0], sequence_length, *shape[2:])
 
 
 def _prod(shape) -> int:
     return int(np.prod(tuple(shape), dtype=np.int64))
 
 
-def _node_macs(node) -> tuple[int | None, str]:
+def _node_macs(node, sequence_length: int | None) -> tuple[int | None, str]:
     """MACs of one layer call, or `(None, "")` when no rule applies."""
     op = node.operation
-    in_shape = node.input_tensors[0].shape if node.input_tensors else None
-    out_shape = keras.tree.flatten(node.outputs)[0].shape
+    in_shape = (
+        _static(node.input_tensors[0].shape, sequence_length)
+        if node.input_tensors
+        else None
+    )
+    out_shape = _static(keras.tree.flatten(node.outputs)[0].shape, sequence_length)
     if isinstance(op, ExitBranch):
         dense = [*op.hidden_layers, op.classifier]
         macs = sum(_prod(layer.kernel.shape) for layer in dense)
@@ -281,13 +350,15 @@ def _node_macs(node) -> tuple[int | None, str]:
     if isinstance(op, _CONV):
         return _size(out_shape) // op.filters * _prod(op.kernel.shape), ""
     if isinstance(op, keras.layers.MultiHeadAttention):
-        return _attention_macs(op, node), "projections + scores + weighted sum"
+        return _attention_macs(op, node, sequence_length), _ATTENTION_NOTE
     if isinstance(op, keras.layers.BatchNormalization):
         return _size(out_shape), "scale and shift (not folded by the converter)"
-    if isinstance(
-        op, (keras.layers.LayerNormalization, keras.layers.GroupNormalization)
-    ):
-        return _size(out_shape), "scale and shift; statistics not counted"
+    if isinstance(op, _NORMALIZATION):
+        return _normalization_macs(op, _size(out_shape)), _NORMALIZATION_NOTE
+    if _is_embedding(op):
+        if node.arguments.kwargs.get("reverse"):
+            return _size(in_shape) * op.input_dim, "reverse: logits from embeddings"
+        return 0, "embedding lookup"
     if any(s in type(op).__name__ for s in _POOLING_NAMES):
         return 0, "pooling: no multiplies (adds/comparisons not counted)"
     if type(op).__name__ == "Matmul":
@@ -370,23 +441,93 @@ def _einsum_macs(layer, in_shape) -> int:
     return extra * _size((None, *sizes.values()))
 
 
-def _attention_macs(layer, node) -> int:
+def _attention_macs(layer, node, sequence_length: int | None) -> int:
     args = list(node.arguments.args)
     kwargs = node.arguments.kwargs
     query = kwargs.get("query", args[0] if args else None)
     value = kwargs.get("value", args[1] if len(args) > 1 else None)
     key = kwargs.get("key", args[2] if len(args) > 2 else None)
     key = value if key is None else key
+    query, key, value = (_static(t.shape, sequence_length) for t in (query, key, value))
+    return _mha_macs(
+        layer,
+        _size(query) // query[-1],
+        _size(key) // key[-1],
+        _size(value) // value[-1],
+    )
+
+
+def _mha_macs(layer, tq: int, tk: int, tv: int) -> int:
+    """Projections (from the built kernels) at `tq` queries, `tk` keys and
+    `tv` values, plus QK^T and AV."""
     heads, key_dim = layer.num_heads, layer.key_dim
     value_dim = layer.value_dim or key_dim
-    tq = _size(query.shape) // query.shape[-1]
-    tk = _size(key.shape) // key.shape[-1]
-    tv = _size(value.shape) // value.shape[-1]
-    out_dim = keras.tree.flatten(node.outputs)[0].shape[-1]
     projections = (
-        tq * query.shape[-1] * heads * key_dim
-        + tk * key.shape[-1] * heads * key_dim
-        + tv * value.shape[-1] * heads * value_dim
-        + tq * heads * value_dim * out_dim
+        tq * _prod(layer.query_dense.kernel.shape)  # (d_q, heads, key_dim)
+        + tk * _prod(layer.key_dense.kernel.shape)  # (d_k, heads, key_dim)
+        + tv * _prod(layer.value_dense.kernel.shape)  # (d_v, heads, value_dim)
+        + tq * _prod(layer.output_dense.kernel.shape)  # (heads, value_dim, d)
     )
     return int(projections + heads * tq * tk * (key_dim + value_dim))
+
+
+_ATTENTION_NOTE = "projections + scores + weighted sum"
+_NORMALIZATION = (keras.layers.LayerNormalization, keras.layers.GroupNormalization)
+_NORMALIZATION_NOTE = "scale and shift; statistics not counted"
+
+
+def _normalization_macs(layer, elements: int) -> int:
+    # The scale is the one multiply per element that remains.
+    return elements if getattr(layer, "scale", True) else 0
+
+
+def _is_embedding(layer) -> bool:
+    return isinstance(layer, keras.layers.Embedding) or (
+        type(layer).__name__.endswith("Embedding")
+        and all(_is_embedding(sub) for sub in _sublayers(layer))
+    )
+
+
+def _sublayers(layer) -> list:
+    """Direct sublayers of a layer (Keras keeps no public list of them)."""
+    if isinstance(layer, keras.Model) or not isinstance(layer, keras.layers.Layer):
+        return []
+    return layer._flatten_layers(include_self=False, recursive=False)
+
+
+def _nested_rows(node, sequence_length: int | None) -> list | None:
+    """`(name, type, macs, note)` per weighted sublayer of a layer that
+    nests layers without a functional graph (module docstring), or None
+    when one of them has no rule."""
+    shape = _static(node.input_tensors[0].shape, sequence_length)
+    if not _sublayers(node.operation) or len(shape) < 2:
+        return None
+    positions = _size(shape) // shape[-1]
+    rows: list = []
+    if not _sublayer_rows(node.operation, positions, "", rows):
+        return None
+    return rows
+
+
+def _sublayer_rows(layer, positions: int, prefix: str, rows: list) -> bool:
+    for sub in _sublayers(layer):
+        name, kind = prefix + sub.name, type(sub).__name__
+        if isinstance(sub, keras.layers.MultiHeadAttention):
+            macs = _mha_macs(sub, positions, positions, positions)
+            rows.append((name, kind, macs, _ATTENTION_NOTE + " (self-attention)"))
+        elif isinstance(sub, keras.layers.Dense):
+            rows.append((name, kind, positions * _prod(sub.kernel.shape), ""))
+        elif isinstance(sub, _NORMALIZATION):
+            # One scale per feature: the feature size is the scale's size.
+            weights = [w for w in sub.weights if len(w.shape) == 1]
+            features = _prod(weights[0].shape) if weights else 0
+            macs = _normalization_macs(sub, positions * features)
+            rows.append((name, kind, macs, _NORMALIZATION_NOTE))
+        elif _is_embedding(sub) or isinstance(sub, _ZERO_MAC_WEIGHTED):
+            rows.append((name, kind, 0, "embedding lookup"))
+        elif _sublayers(sub):
+            if not _sublayer_rows(sub, positions, f"{name}/", rows):
+                return False
+        elif sub.weights:
+            return False
+    return True
