@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from keras_earlyexit.evaluation import _data
+from keras_earlyexit.evaluation import _data, guarantees
 from keras_earlyexit.gate import check_patience
 from keras_earlyexit.inference import select_exits
 
 _MIN_SAMPLES = 10
+GUARANTEES = ("high_probability", "expectation")
 
 
 @dataclass
@@ -33,8 +34,12 @@ class CalibrationResult:
         target_value: the value asked for.
         bound: the guarded quantity of the chosen thresholds: the upper
             confidence bound of the accuracy drop, of the MACs share, or of
-            the disagreement rate with the final exit (risk).
+            the disagreement rate with the final exit (risk); with
+            `guarantee="expectation"`, the adjusted risk of conformal risk
+            control.
         delta: the bounds hold with probability >= 1 - delta.
+        guarantee: `"high_probability"`, `"expectation"`, or None for the
+            guard of `max_accuracy_drop` / `macs_budget` (see `calibrate`).
         temperatures: per exit, when temperature scaling was fitted (else
             None: the gates' temperatures are kept).
         shared_threshold: the best single threshold for all exits under the
@@ -61,6 +66,7 @@ class CalibrationResult:
     shared_macs: float | None = None
     num_samples: int = 0
     patience: int | None = None
+    guarantee: str | None = None
 
     def apply(self, model):
         """Sets the model's thresholds (and fitted temperatures, and
@@ -93,7 +99,12 @@ class CalibrationResult:
             f"{self.expected_share:.1%} of {self.full_macs:,} "
             f"({1 / max(self.expected_share, 1e-12):.2f}x fewer)",
             "  exit shares:       " + ", ".join(f"{s:.1%}" for s in self.exit_shares),
-            f"  guarded bound:     {self.bound:.4f} (holds w.p. >= {1 - self.delta})",
+            f"  guarded bound:     {self.bound:.4f} "
+            + (
+                "(expected over calibrations)"
+                if self.guarantee == "expectation"
+                else f"(holds w.p. >= {1 - self.delta})"
+            ),
         ]
         if self.shared_threshold is not None:
             lines.append(
@@ -123,6 +134,8 @@ def calibrate(
     reference_model=None,
     patience: int | Iterable[int] | None = None,
     confidence_floor: bool = True,
+    guarantee: str | None = None,
+    per_exit: bool = False,
 ) -> CalibrationResult:
     """Per-exit thresholds for one target, found on validation data.
 
@@ -160,6 +173,34 @@ def calibrate(
     before the first failure (fixed-sequence testing controls the error at
     `delta`; Angelopoulos et al., 2021).
 
+    Finite-sample guarantees (`guarantee`), for `max_accuracy_drop` and
+    `risk`. The guard above is a normal approximation on the data the search
+    also saw, so its promise is approximate. With a guarantee, settings are
+    taken along a *path* fixed before the data that certify them is seen,
+    from cautious to aggressive: by default one shared threshold from 1 down
+    to 0 (a fixed grid), certified on all the validation data; with
+    `per_exit=True`, per-exit settings ordered on a `search_fraction` part
+    (the least MACs for each trade-off against the drop there, no exit's
+    threshold rising along the path) and certified on the rest. Per-sample
+    losses are the accuracy drop against the final exit (1, 0 or -1), or
+    the disagreement with it for `risk`.
+
+    - `"high_probability"`: with probability >= 1 - `delta` over the draw
+      of the validation data, the accuracy drop on new data is <=
+      `max_accuracy_drop`. Each setting is tested with a betting p-value
+      (Waudby-Smith & Ramdas; binomial for `risk`) in path order; the last
+      one certified before the first failure is kept.
+    - `"expectation"`: conformal risk control; averaged over validation
+      draws, the drop (or disagreement rate) on new data is <= the target.
+      A single calibration may overshoot; it saves more. It bounds the
+      rate of answers lost (final exit right, exit wrong), so answers an
+      earlier exit gains are not credited. Needs at least `1 / target - 1`
+      certifying samples to let any sample leave.
+
+    A finite-sample promise of 1 point at `delta=0.1` needs about 230
+    certifying samples even when no answer is lost: use a few thousand
+    validation samples (`evaluation.guarantees`).
+
     A `criterion="patience"` model (PABEE) is calibrated in its patience p
     and, per non-final exit, its confidence floor (the threshold). Each
     candidate p is searched as above, with the samples whose streak at an
@@ -191,9 +232,11 @@ def calibrate(
             `max_accuracy_drop` and `macs_budget`.
         risk_bound: `"binomial"` or `"hoeffding"`.
         search_fraction: part of the validation data that orders the
-            settings for `risk`.
+            settings for `risk`, for `per_exit=True`, and that fits the
+            temperatures with a `guarantee`.
         num_candidates: candidate thresholds per exit.
-        seed: seed of the `risk` split.
+        seed: seed of the split (`risk`, `guarantee`) and of the betting
+            order.
         apply: also set the thresholds (and temperatures) on `model`.
         batch_size: batch size of `model.predict`.
         verbose: 1 shows progress.
@@ -205,6 +248,14 @@ def calibrate(
             in `[1, num_exits]`.
         confidence_floor: for a patience model, also calibrate the
             per-exit confidence floors (default); False keeps them at 0.0.
+        guarantee: None (default: the guard for `max_accuracy_drop` and
+            `macs_budget`, Learn then Test for `risk`),
+            `"high_probability"` or `"expectation"` (see above; not for
+            `macs_budget`).
+        per_exit: with a `guarantee`, per-exit thresholds on a
+            `search_fraction` split instead of one shared threshold
+            certified on all the data (better with many thousands of
+            samples; with fewer, the shared path keeps more MACs saved).
 
     Returns:
         `CalibrationResult` with `.thresholds`, `.expected_accuracy`,
@@ -250,6 +301,22 @@ def calibrate(
         raise ValueError(
             f"search_fraction must be in (0, 1). Received: {search_fraction}"
         )
+    if guarantee is not None and guarantee not in GUARANTEES:
+        raise ValueError(
+            "guarantee must be None, 'high_probability' or 'expectation'. "
+            f"Received: {guarantee!r}"
+        )
+    if per_exit and guarantee is None:
+        raise ValueError(
+            "per_exit=True chooses the path of a guarantee; without one the "
+            "search is per exit already. Pass guarantee='high_probability' "
+            "or 'expectation', or drop per_exit."
+        )
+    if guarantee is not None and target == "macs_budget":
+        raise ValueError(
+            f"guarantee={guarantee!r} applies to max_accuracy_drop and risk; "
+            "macs_budget is guarded by guard=True. Drop guarantee."
+        )
     from keras_earlyexit.evaluation import artifact
 
     search = dict(
@@ -260,6 +327,8 @@ def calibrate(
         num_candidates=num_candidates,
         seed=seed,
     )
+    if guarantee is not None:
+        search.update(guarantee=guarantee, per_exit=per_exit)
     if artifact.is_artifact(model):
         if patience is not None or not confidence_floor:
             raise ValueError(
@@ -286,6 +355,17 @@ def calibrate(
         )
     _data.check_model(model)
     patience_values = _patience_values(model, patience, confidence_floor)
+    if (
+        guarantee is not None
+        and patience_values is not None
+        and (len(patience_values) > 1 or not confidence_floor)
+    ):
+        raise ValueError(
+            f"guarantee={guarantee!r} certifies one search; choosing among "
+            f"patience values {patience_values} afterwards would void it. Pass "
+            "one patience (patience=p) with confidence_floor=True, or "
+            "guarantee=None."
+        )
     if patience_values is not None and temperature_scaling and not confidence_floor:
         raise ValueError(
             "temperature_scaling=True changes only the confidences the floors "
@@ -481,6 +561,8 @@ def calibrate_outputs(
     search_fraction: float = 0.5,
     num_candidates: int = 256,
     seed: int = 0,
+    guarantee: str | None = None,
+    per_exit: bool = False,
 ) -> CalibrationResult:
     """The search and guard of `calibrate` on every exit's outputs, from a
     Keras model or an exported artifact (arguments checked by `calibrate`).
@@ -490,14 +572,21 @@ def calibrate_outputs(
     """
     n = len(data.labels)
     z = statistics.NormalDist().inv_cdf(1.0 - delta) if guard else 0.0
-    search = data
-    if target == "risk":
+    search = test = data
+    explicit = guarantee is not None
+    # A guarantee on one shared threshold needs no search part: its path is
+    # fixed in advance (unless temperatures are fitted first).
+    split = (target == "risk" and not explicit) or (
+        explicit and (per_exit or temperatures_of is not None)
+    )
+    if split:
         rows = np.random.default_rng(seed).permutation(n)
         cut = int(round(search_fraction * n))
         if cut < 1 or cut >= n:
             raise ValueError(
-                f"risk needs both parts of the split non-empty; {n} samples with "
-                f"search_fraction={search_fraction} leave one empty."
+                f"{target} with guarantee={guarantee!r} needs both parts of the "
+                f"split non-empty; {n} samples with search_fraction="
+                f"{search_fraction} leave one empty."
             )
         search, test = data.subset(rows[:cut]), data.subset(rows[cut:])
     temperatures = None
@@ -507,18 +596,35 @@ def calibrate_outputs(
         ]
         data = data.with_temperatures(temperatures_of, temperatures)
         search = search.with_temperatures(temperatures_of, temperatures)
-        if target == "risk":
+        if split:
             test = test.with_temperatures(temperatures_of, temperatures)
     full = float(data.cumulative_macs[-1])
     candidates = _candidates(search.confidences, num_candidates)
     final_accuracy = float(data.correct[:, -1].mean())
     shared = shared_macs = None
 
-    if target == "risk":
-        thresholds, bound = _learn_then_test(
-            search, test, candidates, value, delta, risk_bound, verbose
+    certify = dict(
+        target=target,
+        value=value,
+        delta=delta,
+        bound=risk_bound,
+        guarantee=guarantee or "high_probability",
+        seed=seed,
+    )
+    if explicit and not per_exit:
+        thresholds, bound = _choose(
+            _shared_path(data.num_exits - 1), test, split=split, **certify
         )
-        thresholds = list(thresholds)
+        shared, shared_macs = float(thresholds[0]), data.simulate(thresholds)[1]
+    elif target == "risk" or explicit:
+        # Without a guarantee, risk keeps its plain, coarser path.
+        thresholds, bound = _learn_then_test(
+            search, test, candidates, verbose=verbose, fine=explicit, **certify
+        )
+        if explicit:
+            shared, shared_macs = _shared_certified(
+                data, test, data.num_exits - 1, certify
+            )
     else:
         stats = _Stats(search, z)
         if target == "max_accuracy_drop":
@@ -561,6 +667,7 @@ def calibrate_outputs(
         shared_threshold=shared,
         shared_macs=shared_macs,
         num_samples=n,
+        guarantee=guarantee,
     )
     return result
 
@@ -756,19 +863,44 @@ def _unreachable(target, value, stats, candidates, guard) -> str:
     )
 
 
-def _learn_then_test(search, test, candidates, risk, delta, bound, verbose):
-    """Fixed-sequence Learn-then-Test over settings ordered on `search`."""
+def _learn_then_test(
+    search,
+    test,
+    candidates,
+    value,
+    delta,
+    bound,
+    verbose,
+    target="risk",
+    guarantee="high_probability",
+    seed=0,
+    fine=True,
+):
+    """Settings ordered on `search`, chosen on `test`: fixed-sequence
+    testing (high probability) or conformal risk control (expectation).
+
+    Returns:
+        `(thresholds, bound)`: the chosen setting and its certified bound.
+    """
+    if fine:
+        sequence = _fine_path(search, candidates, target)
+    else:
+        sequence = _risk_path(search, candidates, value, verbose)
+    return _choose(sequence, test, target, value, delta, bound, guarantee, seed)
+
+
+def _risk_path(search, candidates, risk, verbose, levels=21) -> list:
+    """No early exit, then the least MACs on `search` whose disagreement
+    with the final exit is at most each of `levels` values in [0, risk]."""
     num_early = len(candidates)
-    search_stats = _Stats(search, 0.0)
+    stats = _Stats(search, 0.0)
     objective = lambda s: s.share + 1e-6 * s.disagreement  # noqa: E731
-    starts = _lagrangian_starts(
-        search_stats, candidates, objective, lambda s: s.disagreement
-    )
-    progbar = _progbar(21, verbose)
+    starts = _lagrangian_starts(stats, candidates, objective, lambda s: s.disagreement)
+    progbar = _progbar(levels, verbose)
     sequence = [(1.0,) * num_early]
-    for level in np.linspace(0.0, risk, 21):
+    for level in np.linspace(0.0, risk, levels):
         found = search_thresholds(
-            search_stats,
+            stats,
             candidates,
             lambda s, level=level: s.disagreement <= level + 1e-12,
             objective,
@@ -779,26 +911,155 @@ def _learn_then_test(search, test, candidates, risk, delta, bound, verbose):
             sequence.append(tuple(found[0]))
         if progbar is not None:
             progbar.add(1)
-    test_stats = _Stats(test, 0.0)
-    n = len(test.labels)
-    chosen = None
-    for step, thresholds in enumerate(sequence):
-        errors = int(round(test_stats(thresholds).disagreement * n))
-        if _p_value(errors, n, risk, bound) > delta:
-            break
-        chosen = thresholds
-    if chosen is None:
-        errors = int(round(test_stats(sequence[0]).disagreement * n))
-        reachable = _risk_upper_bound(errors, n, delta, bound)
-        raise ValueError(
-            f"risk={risk} cannot be certified with delta={delta} from "
-            f"{n} test samples (the part of the validation data after the "
-            f"search split): the most cautious setting certifies at best "
-            f"risk={reachable:.4f}. Use risk >= {reachable:.4f}, more "
-            "validation data, or a larger delta."
+    return sequence
+
+
+def _fine_path(search, candidates, target) -> list:
+    """No early exit, then the minimizers on `search` of `MACs share +
+    lambda * (accuracy drop, or disagreement for risk)` for decreasing
+    multipliers (cautious to aggressive, `_lagrangian_starts`), with
+    settings in between (`_between`): more before the first, which the
+    search part often rates as free while new data does not, and which a
+    fixed-sequence test would otherwise meet at once."""
+    num_early = len(candidates)
+    stats = _Stats(search, 0.0)
+    if target == "risk":
+        quantity = lambda s: s.disagreement  # noqa: E731
+    else:
+        quantity = lambda s: s.drop_bound  # noqa: E731  (z=0: the mean drop)
+    objective = lambda s: s.share + 1e-6 * quantity(s)  # noqa: E731
+    solutions = _lagrangian_starts(stats, candidates, objective, quantity)
+    solutions = sorted(set(solutions), key=lambda t: -stats(t).share)
+    # No exit's threshold rises along the path: samples only move to
+    # earlier exits, so the risk grows smoothly.
+    solutions = np.minimum.accumulate(np.array(solutions), axis=0)
+    sequence = [(1.0,) * num_early]
+    sequence += [tuple(map(float, t)) for t in solutions if min(t) < 1.0]
+    path = [sequence[0]]
+    for k in range(1, len(sequence)):
+        steps = 10 if k == 1 else 4
+        path += [*_between(search, sequence[k - 1], sequence[k], steps), sequence[k]]
+    return list(dict.fromkeys(path))
+
+
+def _between(search, a, b, steps: int) -> list:
+    """`steps - 1` settings from `a` to `b`: at each exit, the share of
+    `search` samples whose confidence reaches the threshold (that exit
+    alone) moves evenly from `a`'s to `b`'s."""
+    conf = search.confidences[:, : len(a)]
+    share = lambda t: np.mean(conf >= np.float32(t), axis=0) * (np.asarray(t) < 1)  # noqa: E731
+    start, end = share(a), share(b)
+    settings = []
+    for step in np.arange(1, steps) / steps:
+        wanted = start + step * (end - start)  # (exits,)
+        settings.append(
+            tuple(
+                float(np.quantile(conf[:, k], 1.0 - f, method="higher"))
+                if f > 0
+                else 1.0
+                for k, f in enumerate(wanted)
+            )
         )
-    errors = int(round(test_stats(chosen).disagreement * n))
-    return list(chosen), _risk_upper_bound(errors, n, delta, bound)
+    return settings
+
+
+def _losses(data, thresholds, target) -> np.ndarray:
+    """Per sample: disagreement with the final exit (risk), or accuracy
+    drop against it (1, 0 or -1)."""
+    exits = data.simulate(thresholds)[3]
+    rows = np.arange(len(exits))
+    if target == "risk":
+        return 1.0 - data.agrees[rows, exits]
+    return data.correct[:, -1].astype(np.float64) - data.correct[rows, exits]
+
+
+def _choose(sequence, test, target, value, delta, bound, guarantee, seed, split=True):
+    """The setting of `sequence` (row 0: no early exit) kept by the
+    guarantee on `test` (the part after the search split, or all the
+    validation data), and its bound; a ValueError saying what can be
+    certified when no other setting is."""
+    losses = np.stack([_losses(test, t, target) for t in sequence])  # (m, n)
+    n = losses.shape[1]
+    quantity = "risk" if target == "risk" else "max_accuracy_drop"
+    where = (
+        f"{n} test samples (the part of the validation data after the search split)"
+        if split
+        else f"{n} validation samples"
+    )
+    if guarantee == "expectation":
+        needed = guarantees.min_samples_for_expectation(value)
+        if n < needed:
+            raise ValueError(
+                f"{quantity}={value} with guarantee='expectation' needs at "
+                f"least {needed} test samples to let any sample leave early; "
+                f"received {where}. Use more validation data"
+                + (" or a smaller search_fraction." if split else ".")
+            )
+        j, adjusted = guarantees.conformal_risk_control(losses, value)
+        if j == 0:
+            reachable = float(adjusted[1]) if len(adjusted) > 1 else None
+            raise ValueError(_uncertified(quantity, value, guarantee, where, reachable))
+        return list(sequence[j]), float(adjusted[j])
+    if target == "risk":
+        errors = losses.sum(axis=1).round().astype(int)
+        p = np.array([_p_value(int(e), n, value, bound) for e in errors])
+        j = guarantees.fixed_sequence(p, delta)
+        if j < 0:
+            reachable = _risk_upper_bound(int(errors[0]), n, delta, bound)
+            raise ValueError(
+                f"risk={value} cannot be certified with delta={delta} from "
+                f"{where}: the most cautious setting certifies at best "
+                f"risk={reachable:.4f}. Use risk >= {reachable:.4f}, more "
+                "validation data, or a larger delta."
+            )
+        return list(sequence[j]), _risk_upper_bound(int(errors[j]), n, delta, bound)
+    # Row 0 lets no sample leave: its drop is 0, known without a test.
+    p = guarantees.betting_p_values(losses[1:], value, delta, seed)
+    j = guarantees.fixed_sequence(p, delta) + 1
+    if j == 0:
+        reachable = (
+            float(guarantees.betting_upper_bound(losses[1], delta, seed)[0])
+            if len(losses) > 1
+            else None
+        )
+        raise ValueError(_uncertified(quantity, value, guarantee, where, reachable))
+    return list(sequence[j]), float(
+        guarantees.betting_upper_bound(losses[j], delta, seed)[0]
+    )
+
+
+def _uncertified(quantity, value, guarantee, where, reachable) -> str:
+    what = (
+        f"the most cautious setting that lets samples leave certifies at best "
+        f"{quantity}={reachable:.4f}. Use {quantity} >= {reachable:.4f}, "
+        if reachable is not None
+        else "no setting lets a sample leave early. Use "
+    )
+    other = "'expectation'" if guarantee == "high_probability" else "None"
+    return (
+        f"{quantity}={value} cannot be certified with guarantee={guarantee!r} "
+        f"from {where}: {what}more validation data, or guarantee={other}."
+    )
+
+
+def _shared_path(num_early: int) -> list:
+    """One shared threshold from 1 (no early exit) down to 0 on a fixed
+    grid, finest near 1 where max-prob confidences gather."""
+    grid = np.concatenate([1.0 - np.geomspace(1e-5, 1.0, 512), [_SATURATED]])
+    return [(1.0,) * num_early] + [
+        (float(t),) * num_early for t in np.unique(grid)[::-1]
+    ]
+
+
+def _shared_certified(data, test, num_early: int, certify: dict):
+    """One shared threshold under the same guarantee, for comparison,
+    chosen on `test` along `_shared_path`. Returns `(threshold, average
+    MACs on data)`, or `(None, None)` when nothing is certified."""
+    try:
+        thresholds, _ = _choose(_shared_path(num_early), test, **certify)
+    except ValueError:
+        return None, None
+    return float(thresholds[0]), data.simulate(thresholds)[1]
 
 
 def _p_value(errors: int, n: int, risk: float, bound: str) -> float:
