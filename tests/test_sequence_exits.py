@@ -198,12 +198,8 @@ def test_segments_carry_keras_masks(rng):
     # Half the samples leave at exit 1, the rest at exit 2 or the final one.
     probabilities = np.exp(full[0]) / np.exp(full[0]).sum(-1, keepdims=True)
     half = float(np.median(probabilities.max(-1)))
-    for thresholds, exits in (
-        ([1.0, 1.0], {2}),
-        ([half, 0.0], {0, 1}),
-        ([half, 1.0], {0, 2}),
-    ):
-        result = model.predict_early(ids, thresholds=thresholds, batch_size=4)
+    for thresholds, exits in (([half, 0.0], {0, 1}), ([half, 1.0], {0, 2})):
+        result = model.predict_early(ids, thresholds=thresholds)
         assert set(result.exit_indices) == exits
         expected = [full[k][i].argmax() for i, k in enumerate(result.exit_indices)]
         np.testing.assert_array_equal(result.classes, expected)
@@ -387,13 +383,17 @@ def test_bert_backbone_exits_pool_valid_tokens_and_segments_carry_the_mask(
     np.testing.assert_array_equal(result.classes, full[-1].argmax(-1))
 
 
-def test_bert_backbone_trains_with_the_early_exit_loss(bert_model, rng):
-    model = bert_model
+def test_bert_backbone_trains_with_the_early_exit_loss(rng):
+    keras_hub = pytest.importorskip("keras_hub")
+    backbone = keras_hub.models.BertBackbone(**dict(HUB_CONFIG, num_layers=2))
+    model = kee.attach_exits(backbone, ["transformer_layer_0"], 3)
     x = _bert_inputs(rng, n=16)
     y = np.arange(16) % 3
-    # Eager: tracing (TensorFlow) or compiling (JAX) this training step
-    # takes 20-40 s on 2 shared cores; 4 eager steps take about 3 s.
-    model.compile(keras.optimizers.Adam(1e-2), kee.EarlyExitLoss(), run_eagerly=True)
+    # Measured on 2 busy cores: tracing the training step on TensorFlow
+    # takes ~19 s, 4 eager steps ~3 s; on JAX eager steps are the slower
+    # (45 s against 20 s compiled).
+    eager = keras.backend.backend() != "jax"
+    model.compile(keras.optimizers.Adam(1e-2), kee.EarlyExitLoss(), run_eagerly=eager)
     history = model.fit(x, y, epochs=4, batch_size=16, verbose=0)
     losses = history.history["loss"]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
