@@ -32,6 +32,7 @@ TENSORFLOW_PASS_ONLY = frozenset(
         "test_fused.py",
         "test_runtime.py",
         "test_runtime_standalone.py",
+        "test_transformer_tflite.py",
     }
 )
 

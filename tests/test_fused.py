@@ -47,9 +47,12 @@ def model(digits) -> kee.EarlyExitModel:
     """A tiny 3-exit digits CNN, trained briefly (its exits need only
     differ; equality with the bundle is what is tested)."""
     keras.utils.set_random_seed(0)
-    model = demo.digits_cnn(width=4)
+    return _trained(demo.digits_cnn(width=4), digits, epochs=4)
+
+
+def _trained(model, digits, epochs: int) -> kee.EarlyExitModel:
     model.compile(keras.optimizers.Adam(3e-3), kee.EarlyExitLoss())
-    model.fit(digits.x_train, digits.y_train, epochs=4, batch_size=64, verbose=0)
+    model.fit(digits.x_train, digits.y_train, epochs=epochs, batch_size=64, verbose=0)
     return model
 
 
@@ -490,9 +493,7 @@ def pabee(digits) -> kee.EarlyExitModel:
     model = kee.EarlyExitModel(
         inputs, exits, criterion="patience", patience=2, name="pabee"
     )
-    model.compile(keras.optimizers.Adam(3e-3), kee.EarlyExitLoss())
-    model.fit(digits.x_train, digits.y_train, epochs=6, batch_size=64, verbose=0)
-    model.set_thresholds(PABEE_FLOORS)
+    _trained(model, digits, epochs=6).set_thresholds(PABEE_FLOORS)
     return model
 
 

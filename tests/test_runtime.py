@@ -239,6 +239,13 @@ def _bump(path, delta):
     return mutate
 
 
+def _patience(value):
+    def mutate(m, bundle, tmp_path):
+        m["criterion"], m["patience"] = "patience", value
+
+    return mutate
+
+
 SEG = "segments"
 MUTATIONS = {
     "list": (lambda m, bundle, tmp_path: [m], "must hold a JSON object"),
@@ -357,6 +364,24 @@ MUTATIONS = {
         r"segments\[1\].arena_bytes must be an integer in \[1, 1073741824\] or null",
     ),
     "arena_head_too_big": (_bump([SEG, 0, "arena_head_bytes"], 10**6), "head_bytes"),
+    # Patience (criterion "patience" only) and value ranges (integer inputs).
+    "patience_missing": (
+        _set(["criterion"], "patience"),
+        r"field patience is missing: criterion 'patience' needs an integer in "
+        r"\[1, 3\]",
+    ),
+    "patience_zero": (_patience(0), r"patience must be an integer in \[1, 3\]"),
+    "patience_too_large": (_patience(4), r"patience must be an integer in \[1, 3\]"),
+    "patience_string": (_patience("2"), r"patience must be an integer in \[1, 3\]"),
+    "patience_bool": (_patience(True), r"patience must be an integer in \[1, 3\]"),
+    "patience_other_criterion": (
+        _set(["patience"], 2),
+        "patience must be null for criterion 'max_prob'",
+    ),
+    "value_range_on_floats": (
+        _set([SEG, 0, "inputs", 0, "value_range"], [0, 9]),
+        r"inputs\[0\].value_range must be null for a quantized int8 tensor",
+    ),
     # Well-formed manifests that do not describe the .tflite files.
     "scale_differs": (
         _set([SEG, 0, "inputs", 0, "scale"], 0.5),
@@ -539,10 +564,17 @@ def test_integer_ids_pass_unquantized_to_integer_inputs(token_model, tmp_path):
     assert len(set(result.exit_indices.tolist())) == 2  # both exits taken
     with pytest.raises(ValueError, match=r"'tokens' takes integer ids \(int32\)"):
         interpreter.predict(ids.astype("float32"))
-    too_large = ids.copy()
-    too_large[5, 2] = 2**40
-    with pytest.raises(ValueError, match="holds 1 value.* outside the range of"):
-        interpreter.predict(too_large)
+    # The embedding has 20 rows: the manifest's value_range is [0, 19].
+    assert interpreter.manifest.segments[0].inputs[0].value_range == [0, 19]
+    for bad in (2**40, 20, -1):
+        outside = ids.copy()
+        outside[5, 2] = bad
+        with pytest.raises(
+            ValueError,
+            match=rf"'tokens' holds 1 value\(s\) outside \[0, 19\], the ids its "
+            rf"embedding table has rows for .*first: {bad} in sample 5",
+        ):
+            interpreter.predict(outside)
     with pytest.raises(ValueError, match="takes integer ids"):
         interpreter.predict(ids > 5)  # bool
 

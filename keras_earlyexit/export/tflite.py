@@ -225,7 +225,7 @@ def input_dict(model, x) -> dict[str, np.ndarray]:
     Returns:
         Dict of arrays with the same number of samples.
     """
-    specs = model.segments()[0].inputs
+    specs = model_inputs(model)
     names = [t.name for t in specs]
     arrays = gather_inputs(x, names)
     out = {}
@@ -242,6 +242,18 @@ def input_dict(model, x) -> dict[str, np.ndarray]:
     if len({len(a) for a in out.values()}) > 1 or len(arrays[0]) == 0:
         raise ValueError("Input arrays must hold the same, non-zero number of samples.")
     return out
+
+
+def model_inputs(model) -> list:
+    """Segment 1's input tensors in the model's own input order (that of a
+    list of arrays); Keras lists those of a segment, built from a dict of
+    named inputs, by name."""
+    from keras_earlyexit import graph
+
+    inputs = keras.tree.flatten(model.inputs)
+    names = graph.plan_segments(inputs, model.outputs)[0].names
+    by_name = {t.name: t for t in model.segments()[0].inputs}
+    return [by_name[names[id(t)]] for t in inputs]
 
 
 def graph_dtype(dtype: str) -> str:
@@ -353,7 +365,7 @@ def _convert(
     # The length the model is exported at, for an open sequence axis.
     lengths = [
         example[t.name].shape[1]
-        for t in segments[0].inputs
+        for t in model_inputs(model)
         if len(t.shape) > 1 and t.shape[1] is None
     ]
     macs = count_macs(model, warn=False, sequence_length=max(lengths, default=None))
@@ -383,9 +395,9 @@ def _convert(
             inputs, outputs = tensor_infos(data)
             for t in inputs:
                 t.value_range = ranges.get(t.name)
-            # Listed in the Keras order: the order of a list of arrays.
-            order = [t.name for t in segment.inputs]
-            inputs.sort(key=lambda t: order.index(t.name))
+            if k == 0:  # in the model's order: that of a list of arrays
+                order = [t.name for t in model_inputs(model)]
+                inputs.sort(key=lambda t: order.index(t.name))
             if micro:
                 micro_lib.check_micro_ops(
                     data,
@@ -837,7 +849,7 @@ def example_input(model, representative_data: dict | None) -> dict:
     if representative_data is not None:
         return {name: value[:1] for name, value in representative_data.items()}
     example = {}
-    for t in model.segments()[0].inputs:
+    for t in model_inputs(model):
         if any(d is None for d in t.shape[1:]):
             raise ValueError(
                 f"Input {t.name!r} has shape {tuple(t.shape)}: a dimension other "
