@@ -163,3 +163,16 @@ def test_float16_export_drops_the_ranges_with_a_warning(qat, digits):
     fake_quant = qat.predict(digits.x_test, verbose=0)[-1].argmax(-1)
     plain = float_model.predict(digits.x_test, verbose=0)[-1].argmax(-1)
     assert np.mean(fake_quant == plain) >= 0.97
+
+
+def test_quantize_aware_keeps_the_patience(trained_digits_model, digits):
+    patient = kee.EarlyExitModel(
+        trained_digits_model.inputs,
+        trained_digits_model.outputs,
+        criterion="patience",
+        patience=3,
+    )
+    model = quantize_aware(patient, representative_data=digits.x_val[:64])
+    assert model.criterion == "patience"
+    assert model.patience == 3
+    assert [g.patience for g in model.gates] == [3, 3, 3]

@@ -257,8 +257,12 @@ class QuantizedExitBranch(ExitBranch):
         pooled = [self.pooled_quantizer] if self._mean_pooled(self.input_rank) else []
         return [*pooled, *self.hidden_quantizers, self.logits_quantizer]
 
-    def call(self, inputs, training=None):
-        x = self._pool(inputs)  # (batch, features)
+    def call(self, inputs, padding_mask=None, mask=None, training=None):
+        if padding_mask is None:
+            padding_mask = mask
+        if padding_mask is not None:
+            self._check_mask(inputs.shape, padding_mask.shape)
+        x = self._pool(inputs, padding_mask)  # (batch, features)
         if self._mean_pooled(len(inputs.shape)):
             x = self.pooled_quantizer(x, training=training)
         for layer, quantizer in zip(self.hidden_layers, self.hidden_quantizers):

@@ -76,6 +76,7 @@ class QuantizedEarlyExitModel(EarlyExitModel):
                 gate.criterion,
                 threshold=gate.threshold,
                 temperature=gate.temperature,
+                patience=gate.patience if gate.criterion == "patience" else None,
                 name=gate.name,
             )
             for gate in self.gates
@@ -362,6 +363,7 @@ def _rebuild(model, convert, quantizers: bool, momentum: float = 0.99):
         name=model.name,
         criterion=model.criterion,
         thresholds=model.thresholds,
+        **({"patience": model.patience} if model.criterion == "patience" else {}),
     )
     rebuilt.set_temperatures([gate.temperature for gate in model.gates])
     for old, new in pairs:
