@@ -51,7 +51,7 @@ class ExitBranch(keras.layers.Layer):
         inputs: features of shape `(batch, units)`, `(batch, steps, channels)`
             or `(batch, height, width, channels)` (channels last).
         padding_mask: optional `(batch, steps)` mask of rank-3 `inputs`,
-            int or bool, nonzero/True for valid tokens.
+            int or bool: 1/True for valid tokens, 0/False for padding.
         mask: the Keras mask of `inputs`, passed by Keras itself.
         training: whether dropout is active.
 
@@ -208,9 +208,10 @@ class ExitBranch(keras.layers.Layer):
                 f"ExitBranch '{self.name}' received a padding mask of shape "
                 f"{mask_shape} for features of shape {input_shape}; the mask "
                 f"must have shape (batch, steps) = {expected}, one entry per "
-                "token (nonzero/True where the token is valid). Pass the "
-                "backbone's (batch, sequence_length) padding mask, not an "
-                "attention mask or a mask with a channel axis."
+                "token (1/True where the token is valid, 0/False for "
+                "padding). Pass the backbone's (batch, sequence_length) "
+                "padding mask, not an attention mask or a mask with a channel "
+                "axis."
             )
         if self.pooled_size > 1:
             raise ValueError(

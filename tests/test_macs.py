@@ -298,3 +298,22 @@ def test_sequence_length_must_be_a_positive_int():
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="sequence_length must be an int >= 1"):
             kee.count_macs(model, sequence_length=bad)
+
+
+def test_sequence_length_of_the_data_for_open_inputs():
+    from keras_earlyexit.evaluation.macs import sequence_length_of
+
+    tokens = keras.Input((None,), dtype="int32", name="tokens")
+    features = keras.Input((4,), name="features")
+    x = keras.layers.Embedding(10, 4)(tokens)
+    pooled = keras.layers.GlobalAveragePooling1D()(x)
+    model = keras.Model([tokens, features], keras.layers.Add()([pooled, features]))
+    ids, dense = np.zeros((2, 12), "int32"), np.zeros((2, 4), "float32")
+    assert sequence_length_of(model, [ids, dense]) == 12
+    assert sequence_length_of(model, {"features": dense, "tokens": ids}) == 12
+    fixed = keras.Sequential([keras.Input((5,)), keras.layers.Dense(2)])
+    assert sequence_length_of(fixed, np.zeros((2, 5))) is None
+    macs = kee.count_macs(
+        model, sequence_length=sequence_length_of(model, [ids, dense])
+    )
+    assert macs.segment_macs == [0]

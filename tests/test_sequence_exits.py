@@ -73,6 +73,19 @@ def test_masked_pooling_matches_numpy(rng, pooling, mask_dtype):
         )
 
 
+@pytest.mark.parametrize("pooling", ["avg", "max", "first"])
+def test_masked_pooling_channels_first(rng, pooling):
+    x = rng.normal(size=(4, STEPS, 3)).astype("float32")
+    mask = _padding_mask(rng, 4, STEPS)
+    layer = kee.ExitBranch(2, pooling=pooling, data_format="channels_first")
+    layer.build((4, 3, STEPS))
+    channels_first = ops.convert_to_tensor(np.swapaxes(x, 1, 2))
+    pooled = layer._pool(channels_first, ops.convert_to_tensor(mask))
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(pooled), _numpy_pool(x, mask, pooling), atol=1e-6
+    )
+
+
 def test_keras_mask_equals_explicit_padding_mask(rng):
     tokens = keras.Input((STEPS,), dtype="int32")
     padding_mask = keras.Input((STEPS,), dtype="int32")

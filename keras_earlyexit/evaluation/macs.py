@@ -229,6 +229,32 @@ def count_macs(
     return MacsReport(segment_macs, cumulative, rows, exit_names, sorted(uncounted))
 
 
+def sequence_length_of(model: keras.Model, x) -> int | None:
+    """The length of the sequences in `x` for the inputs of `model` whose
+    length is open (axis 1 `None`), to pass as `count_macs(model,
+    sequence_length=...)`; None when no input has an open length.
+
+    Args:
+        model: the model.
+        x: its input array(s), as for `model.predict` (a dict is matched
+            to the inputs by name).
+
+    Returns:
+        The longest such length in `x`, or None.
+    """
+    tensors = keras.tree.flatten(model.inputs)
+    if isinstance(x, dict):
+        arrays = [x.get(t.name) for t in tensors]
+    else:
+        arrays = keras.tree.flatten(x)
+    lengths = [
+        np.shape(a)[1]
+        for a, t in zip(arrays, tensors)
+        if len(t.shape) > 1 and t.shape[1] is None and np.ndim(a) > 1
+    ]
+    return max(lengths, default=None)
+
+
 def _graph_nodes(graph) -> list:
     """Nodes of a functional graph in topological order, walked back from
     the graph's own outputs, so a layer shared by several graphs (the model
