@@ -281,3 +281,118 @@ def test_paths_that_are_not_artifacts(digits, model, tmp_path):
         kee.calibrate("model.keras", x, y, max_accuracy_drop=0.01)
     with pytest.raises(ValueError, match="reference_model is for"):
         kee.calibrate(model, x, y, max_accuracy_drop=0.01, reference_model=model)
+
+
+# A patience artifact (criterion "patience"): its floors, and its patience.
+
+
+@pytest.fixture(scope="module")
+def pabee_artifacts(digits, tmp_path_factory) -> tuple[kee.EarlyExitModel, dict]:
+    """The demo CNN with criterion="patience" (patience 2), trained
+    briefly; its int8 bundle and the fused file assembled from it."""
+    keras.utils.set_random_seed(0)
+    model = demo.digits_cnn(width=8, criterion="patience", patience=2)
+    model.compile(keras.optimizers.Adam(3e-3), kee.EarlyExitLoss(label_smoothing=0.0))
+    model.fit(digits.x_train, digits.y_train, epochs=4, batch_size=32, verbose=0)
+    root = tmp_path_factory.mktemp("pabee_artifact")
+    bundle = kee.export.to_tflite(
+        model, str(root / "bundle"), representative_data=digits.x_val, verbose=0
+    )
+    manifest = read_manifest(bundle)
+    fused = str(root / "pabee.tflite")
+    with open(fused, "wb") as f:
+        segments = [read_segment(bundle, s) for s in manifest.segments]
+        f.write(fuse(manifest, segments, model_sha256(model)))
+    return model, {"bundle": bundle, "fused": fused}
+
+
+def _assert_figures_are_the_run(result, target, x, y):
+    """The calibrated figures are what the interpreter does with the
+    result's patience and floors."""
+    interpreter = GatedInterpreter(
+        target, patience=result.patience, thresholds=result.thresholds
+    )
+    run = interpreter.predict(x)
+    assert np.mean(run.classes == y) == pytest.approx(
+        result.expected_accuracy, abs=1e-12
+    )
+    shares = np.bincount(run.exit_indices, minlength=3) / len(y)
+    np.testing.assert_allclose(shares, result.exit_shares, atol=1e-12)
+
+
+def test_patience_artifact_floors_for_its_own_patience(pabee_artifacts, digits):
+    model, artifacts = pabee_artifacts
+    x, y = digits.x_val, digits.y_val
+    results = {
+        kind: kee.calibrate(path, x, y, max_accuracy_drop=0.02, reference_model=model)
+        for kind, path in artifacts.items()
+    }
+    for kind, result in results.items():
+        assert result.patience == 2  # the artifact's own
+        _assert_figures_are_the_run(result, artifacts[kind], x, y)
+        params = _confidence_params(artifacts[kind])
+        for t, q, (scale, zero_point) in zip(
+            result.thresholds, result.quantized_thresholds, params
+        ):
+            assert q == quantize_threshold(t, scale, zero_point)
+        # int8 streaks and floors move a few decisions: over seeds 0-4,
+        # same exit 0.983-0.997, same class 0.992-1.0.
+        assert result.exit_agreement >= 0.93 and result.class_agreement >= 0.95
+    assert results["bundle"].thresholds == results["fused"].thresholds
+    # No sample leaves exit 1 with patience 2 (its streak is 1).
+    assert results["bundle"].exit_shares[0] == 0.0
+
+
+# `calibrate`'s defaults, which it passes on to `calibrate_artifact`.
+SEARCH = dict(
+    delta=0.1,
+    guard=True,
+    risk_bound="binomial",
+    search_fraction=0.5,
+    num_candidates=256,
+    seed=0,
+)
+
+
+@pytest.mark.parametrize("kind", ["bundle", "fused"])
+def test_patience_artifact_chooses_the_patience(
+    pabee_artifacts, digits, tmp_path, kind
+):
+    from keras_earlyexit.evaluation.artifact import calibrate_artifact
+
+    _, artifacts = pabee_artifacts
+    x, y = digits.x_val, digits.y_val
+    copy = str(tmp_path / os.path.basename(artifacts[kind]))
+    (shutil.copytree if kind == "bundle" else shutil.copy)(artifacts[kind], copy)
+    result = calibrate_artifact(
+        copy, x, y, "max_accuracy_drop", 0.02, patience=[1, 2, 3], apply=True, **SEARCH
+    )
+    assert result.patience in (1, 2, 3)
+    _assert_figures_are_the_run(result, copy, x, y)
+    reloaded = GatedInterpreter(copy)  # apply wrote the patience and floors
+    assert (reloaded.patience, reloaded.thresholds) == (
+        result.patience,
+        result.thresholds,
+    )
+    # Patience alone: the floors stay 0.0, every p in [1, 3] is a candidate.
+    alone = calibrate_artifact(
+        copy, x, y, "max_accuracy_drop", 0.02, confidence_floor=False, **SEARCH
+    )
+    assert alone.thresholds == [0.0, 0.0] and alone.patience in (1, 2, 3)
+    _assert_figures_are_the_run(alone, copy, x, y)
+
+
+def test_patience_arguments_need_a_patience_artifact(artifacts, digits):
+    from keras_earlyexit.evaluation.artifact import calibrate_artifact
+
+    for kwargs in ({"patience": 2}, {"confidence_floor": False}):
+        with pytest.raises(ValueError, match="criterion='patience'"):
+            calibrate_artifact(
+                artifacts["bundle"],
+                digits.x_val,
+                digits.y_val,
+                "max_accuracy_drop",
+                0.02,
+                **kwargs,
+                **SEARCH,
+            )
