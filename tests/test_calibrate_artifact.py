@@ -40,7 +40,10 @@ def model(digits) -> kee.EarlyExitModel:
 def artifacts(model, digits, tmp_path_factory) -> dict:
     """The int8 bundle and the fused file assembled from it (what
     `to_tflite(..., fused=True)` does after converting the bundle)."""
-    root = tmp_path_factory.mktemp("artifact")
+    return _bundle_and_fused(model, digits, tmp_path_factory.mktemp("artifact"))
+
+
+def _bundle_and_fused(model, digits, root) -> dict:
     bundle = kee.export.to_tflite(
         model, str(root / "bundle"), representative_data=digits.x_val, verbose=0
     )
@@ -294,16 +297,9 @@ def pabee_artifacts(digits, tmp_path_factory) -> tuple[kee.EarlyExitModel, dict]
     model = demo.digits_cnn(width=8, criterion="patience", patience=2)
     model.compile(keras.optimizers.Adam(3e-3), kee.EarlyExitLoss(label_smoothing=0.0))
     model.fit(digits.x_train, digits.y_train, epochs=4, batch_size=32, verbose=0)
-    root = tmp_path_factory.mktemp("pabee_artifact")
-    bundle = kee.export.to_tflite(
-        model, str(root / "bundle"), representative_data=digits.x_val, verbose=0
+    return model, _bundle_and_fused(
+        model, digits, tmp_path_factory.mktemp("pabee_artifact")
     )
-    manifest = read_manifest(bundle)
-    fused = str(root / "pabee.tflite")
-    with open(fused, "wb") as f:
-        segments = [read_segment(bundle, s) for s in manifest.segments]
-        f.write(fuse(manifest, segments, model_sha256(model)))
-    return model, {"bundle": bundle, "fused": fused}
 
 
 def _assert_figures_are_the_run(result, target, x, y):
