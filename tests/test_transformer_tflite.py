@@ -217,12 +217,12 @@ def test_int64_ids_export_as_int32_in_float_modes(mode, task, tmp_path):
         np.testing.assert_array_equal(result.classes, expected.classes)
 
 
-def _masked_model() -> kee.EarlyExitModel:
-    """Token ids and a padding mask (int32, 1 = token), both of open
-    length; the mask is read again after the first exit, so it is carried
-    from segment 1 to segment 2 as an int32 tensor."""
+def _masked_model(mask_dtype: str = "int32") -> kee.EarlyExitModel:
+    """Token ids and a padding mask (1 = token), both of open length; the
+    mask is read again after the first exit, so it is carried from segment
+    1 to segment 2 as it is."""
     tokens = keras.Input((None,), dtype="int32", name="token_ids")
-    mask = keras.Input((None,), dtype="int32", name="padding_mask")
+    mask = keras.Input((None,), dtype=mask_dtype, name="padding_mask")
     keep = ops.expand_dims(ops.cast(mask, "float32"), -1)
     x = keras.layers.Embedding(VOCAB, DIM, name="embedding")(tokens) * keep
     x = _block(x, "relu", "block_1")
@@ -289,6 +289,32 @@ def test_padding_mask_input_and_sequence_length_fixed_at_export(task, tmp_path):
             ValueError, match="exactly 16 tokens.*received sequences of 20"
         ):
             interpreter.predict({k: np.zeros((2, 20), "int32") for k in x})
+
+
+def test_boolean_padding_mask(task, tmp_path):
+    keras.utils.set_random_seed(0)
+    model = _masked_model("bool")
+    ids = task[2][:40]
+    mask = np.arange(SEQ)[None] < np.arange(40)[:, None] % SEQ + 1
+    bundle = kee.export.to_tflite(
+        model,
+        str(tmp_path / "bool"),
+        representative_data={"token_ids": ids, "padding_mask": mask},
+        quantization="float32",
+        verbose=0,
+    )
+    interpreter = GatedInterpreter(bundle)
+    assert interpreter.manifest.segments[0].inputs[1].dtype == "bool"
+    logits = model.predict({"token_ids": ids, "padding_mask": mask}, verbose=0)
+    for given in (mask, mask.astype("int32")):  # bools, or integers 0 and 1
+        for k, thresholds in enumerate(([0.0], [1.0])):  # all out at exit k
+            interpreter.set_thresholds(thresholds)
+            result = interpreter.predict({"token_ids": ids, "padding_mask": given})
+            np.testing.assert_array_equal(result.classes, logits[k].argmax(-1))
+    with pytest.raises(ValueError, match="'padding_mask' takes a mask .* other values"):
+        interpreter.predict({"token_ids": ids, "padding_mask": mask * 2})
+    with pytest.raises(ValueError, match="'padding_mask' takes a mask"):
+        interpreter.predict({"token_ids": ids, "padding_mask": mask * 1.0})
 
 
 def test_bad_token_inputs_are_clear_errors(gelu_bundle, relu_exports, task):

@@ -52,13 +52,7 @@ RESOLVER_SPELLING = {
 
 
 # What to write instead of a layer whose op TFLite Micro lacks.
-MICRO_REPLACEMENTS = {
-    "GELU": "use activation='relu' instead of 'gelu'",
-    "ERF": "use activation='relu' instead of an exact 'gelu'",
-    "SELECT": "an Embedding with an input that broadcasts; give it ids of one shape",
-    "SIGN": "avoid ops.sign",
-    "LOG": "avoid logarithms in int8 models",
-}
+MICRO_REPLACEMENTS = {"GELU": "use activation='relu' instead of 'gelu'"}
 
 
 class UnsupportedOpError(ValueError):

@@ -1,9 +1,10 @@
 """`set_thresholds`: new exit thresholds for an exported model, without
 converting again.
 
-A bundle keeps its thresholds in `manifest.json` (float and quantized); a
-fused `.tflite` keeps them as constants of its graph and in its embedded
-manifest, with the file's hash. Either is rewritten whole into a temporary
+A bundle keeps its thresholds (and, for criterion `"patience"`, its
+patience) in `manifest.json` (float and quantized); a fused `.tflite` keeps
+them as constants of its graph and in its embedded manifest, with the
+file's hash. Either is rewritten whole into a temporary
 file next to it and renamed into place, so a reader sees the old model or
 the new one, never a mixture, and a rejected call changes nothing.
 """

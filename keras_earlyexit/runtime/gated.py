@@ -148,7 +148,7 @@ def prepare_input(array: np.ndarray, spec: TensorInfo) -> np.ndarray:
     sample_shape = tuple(spec.shape[1:])
     is_ids = not spec.quantized and np.dtype(spec.dtype).kind in "iu"
     if (
-        is_ids
+        (is_ids or spec.dtype == "bool")
         and array.ndim == len(spec.shape)
         and array.ndim >= 2
         and array.shape[2:] == sample_shape[1:]
@@ -170,6 +170,16 @@ def prepare_input(array: np.ndarray, spec: TensorInfo) -> np.ndarray:
             f"Input {spec.name!r} expects a batch of samples of shape "
             f"{sample_shape}, i.e. an array of shape (n, "
             f"{', '.join(map(str, sample_shape))}); received shape {array.shape}."
+        )
+    if spec.dtype == "bool":  # a mask: bools, or integers 0 and 1
+        if array.dtype.kind == "b" or (
+            array.dtype.kind in "iu" and np.isin(array, (0, 1)).all()
+        ):
+            return array.astype(bool, copy=False)
+        raise ValueError(
+            f"Input {spec.name!r} takes a mask (bool, or integers 0 and 1); "
+            f"received dtype {array.dtype}"
+            + (" with other values." if array.dtype.kind in "iu" else ".")
         )
     if is_ids:
         # Token ids: integers, passed on unquantized at the model's dtype.
