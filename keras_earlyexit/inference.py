@@ -26,6 +26,7 @@ import weakref
 import keras
 import numpy as np
 
+from keras_earlyexit import graph
 from keras_earlyexit.runtime.manifest import gate_passes
 from keras_earlyexit.runtime.patience import next_streak, patience_passes
 from keras_earlyexit.runtime.prediction import EarlyExitPrediction
@@ -366,6 +367,7 @@ def check_inputs(model, x) -> list[np.ndarray]:
     sizes = {len(a) for a in arrays}
     if len(sizes) > 1:
         raise ValueError(f"All inputs must have the same number of samples: {sizes}.")
+    graph.check_sequence_lengths(model, arrays)
     return [_cast_input(a, t) for a, t in zip(arrays, expected)]
 
 

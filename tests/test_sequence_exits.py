@@ -433,6 +433,9 @@ def test_bert_backbone_macs_and_sequence_limit(bert_model):
     with pytest.raises(ValueError, match=r"20 tokens; the model takes at most 16"):
         graph.check_sequence_lengths(bert_model, too_long)
     graph.check_sequence_lengths(bert_model, [np.zeros((2, 16), "int32")] * 3)
+    inputs = {t.name: np.ones((2, 20), "int32") for t in bert_model.inputs}
+    with pytest.raises(ValueError, match=r"the model takes at most 16"):
+        bert_model.predict_early(inputs)
 
 
 def test_bert_backbone_with_cls_pooling(rng):

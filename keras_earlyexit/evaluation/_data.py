@@ -157,9 +157,10 @@ def exit_outputs(
     inputs = inference.check_inputs(model, x)
     labels = check_labels(y, len(inputs[0]), model.num_classes)
     if cumulative_macs is None:
-        from keras_earlyexit.evaluation.macs import count_macs
+        from keras_earlyexit.evaluation.macs import count_macs, sequence_length_of
 
-        cumulative_macs = count_macs(model).cumulative_macs
+        length = sequence_length_of(model, x)
+        cumulative_macs = count_macs(model, sequence_length=length).cumulative_macs
     x = inputs[0] if len(inputs) == 1 else inputs
     outputs = model.predict(x, batch_size=batch_size, verbose=verbose)
     logits = np.stack([np.asarray(o, np.float32) for o in outputs])  # (E, n, C)

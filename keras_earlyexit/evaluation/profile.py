@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from keras_earlyexit.evaluation import _data
-from keras_earlyexit.evaluation.macs import count_macs
+from keras_earlyexit.evaluation.macs import count_macs, sequence_length_of
 
 # Per-exit threshold combinations evaluated for the Pareto front.
 _MAX_COMBINATIONS = 4096
@@ -339,7 +339,7 @@ def profile(
     report.plot("profile.png")
     ```
     """
-    macs = count_macs(model)
+    macs = count_macs(model, sequence_length=sequence_length_of(model, x))
     data = _data.exit_outputs(
         model, x, y, batch_size, verbose, cumulative_macs=macs.cumulative_macs
     )
