@@ -1,21 +1,24 @@
-"""A small int8 bundle and its C arrays, made once per test process and
-shared by test_c_arrays.py and test_micro_cpp.py."""
+"""Small int8 bundles (digits CNN, its patience variant, a token model)
+and their C arrays, made once per test process and shared by
+test_c_arrays.py, test_micro_cpp.py and test_android_kotlin.py."""
 
 import functools
 import os
+import warnings
 
 import keras
+import numpy as np
 
 import keras_earlyexit as kee
 from keras_earlyexit import demo
 
 
-def _small_int8_export(path: str, fused: bool) -> str:
+def _small_int8_export(path: str, fused: bool, **model_kwargs) -> str:
     """An untrained width-4 digits CNN, exported int8 to `path`. The
     thresholds are low, so that int8 thresholds are reachable and every
     exit (and carry) occurs."""
     keras.utils.set_random_seed(0)
-    model = demo.digits_cnn(width=4)
+    model = demo.digits_cnn(width=4, **model_kwargs)
     model.set_thresholds([0.12, 0.11])
     x = demo.load_digits(seed=0).x_val[:64]
     return kee.export.to_tflite(
@@ -39,6 +42,87 @@ def small_int8_fused(root: str) -> str:
     """The same model (seed, thresholds, calibration data) as an int8
     fused file under `root`."""
     return _small_int8_export(os.path.join(root, "fused_int8.tflite"), fused=True)
+
+
+@functools.cache
+def patience_int8_bundle(root: str) -> str:
+    """The same digits CNN with criterion "patience" (p = 2), its thresholds
+    (0.12, 0.11) the confidence floors, as a bundle under `root`."""
+    return _small_int8_export(
+        os.path.join(root, "patience_bundle"),
+        fused=False,
+        criterion="patience",
+        patience=2,
+    )
+
+
+@functools.cache
+def patience_int8_fused(root: str) -> str:
+    """`patience_int8_bundle`'s model as an int8 fused file."""
+    return _small_int8_export(
+        os.path.join(root, "patience_int8.tflite"),
+        fused=True,
+        criterion="patience",
+        patience=2,
+    )
+
+
+TOKEN_VOCABULARY = 20
+TOKEN_LENGTH = 8
+
+
+def token_samples(n: int, seed: int) -> dict[str, np.ndarray]:
+    """`n` samples of the token model, by input name: int32 `tokens` in
+    [0, vocabulary) and a `padding_mask` of 1 to 8 valid tokens (ids after
+    them are 0)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, TOKEN_LENGTH + 1, n)
+    mask = (np.arange(TOKEN_LENGTH)[None] < lengths[:, None]).astype("int32")
+    ids = rng.integers(1, TOKEN_VOCABULARY, (n, TOKEN_LENGTH)).astype("int32")
+    return {"tokens": ids * mask, "padding_mask": mask}
+
+
+@functools.cache
+def token_int8_bundle(root: str) -> str:
+    """A tiny token classifier that runs on TFLite Micro, as an int8 bundle
+    under `root`: int32 inputs `tokens` (an embedding of 20 rows:
+    value_range [0, 19]) and `padding_mask`; three exits of Dense/ReLU
+    features, each a masked average pooling (the mask is carried from
+    segment to segment as int32). Trained for a few epochs on class =
+    first token mod 4; each threshold is the median confidence of the
+    samples reaching its exit, so that every exit occurs."""
+    from keras_earlyexit.runtime import GatedInterpreter
+
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((TOKEN_LENGTH,), dtype="int32", name="tokens")
+    mask = keras.Input((TOKEN_LENGTH,), dtype="int32", name="padding_mask")
+    x = keras.layers.Embedding(TOKEN_VOCABULARY, 8, name="embedding")(tokens)
+    exits = []
+    for k, name in enumerate(["exit_1", "exit_2", "final"]):
+        x = keras.layers.Dense(8, activation="relu", name=f"dense_{k + 1}")(x)
+        exits.append(kee.ExitBranch(4, name=name)(x, padding_mask=mask))
+    model = kee.EarlyExitModel([tokens, mask], exits, name="tokens")
+    model.compile(keras.optimizers.Adam(1e-2), kee.EarlyExitLoss())
+    x = token_samples(512, seed=1)
+    model.fit(x, x["tokens"][:, 0] % 4, epochs=3, batch_size=64, verbose=0)
+    with warnings.catch_warnings():
+        # The mask's CAST to float and QUANTIZE stay float ops (TFLite
+        # Micro runs them); the exporter says so.
+        warnings.filterwarnings("ignore", message=".*still computes")
+        bundle = kee.export.to_tflite(
+            model,
+            os.path.join(root, "token_bundle"),
+            representative_data={k: v[:64] for k, v in x.items()},
+            quantization="int8",
+            verbose=0,
+        )
+    thresholds = []
+    for k in range(2):
+        reach = [1.0] * k + [0.0] * (2 - k)
+        result = GatedInterpreter(bundle, thresholds=reach).predict(x)
+        thresholds.append(float(np.median(result.confidences)))
+    kee.export.set_thresholds(bundle, thresholds)
+    return bundle
 
 
 @functools.cache

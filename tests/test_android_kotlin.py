@@ -44,6 +44,7 @@ from keras_earlyexit.runtime.manifest import (
     SegmentInfo,
     TensorInfo,
     quantize_threshold,
+    read_manifest,
     sha256_of,
 )
 
@@ -120,6 +121,15 @@ def _run(classpath: str, root: str, *commands: str) -> list[dict]:
 def _ok(reply: dict) -> dict:
     assert "error" not in reply, reply
     return reply
+
+
+def _assert_same_results(results: list[dict], expected) -> None:
+    """Replies' labels, exits and confidences are a Python runtime's."""
+    np.testing.assert_array_equal([r["label"] for r in results], expected.classes)
+    np.testing.assert_array_equal([r["exit"] for r in results], expected.exit_indices)
+    np.testing.assert_array_equal(
+        np.float32([r["confidence"] for r in results]), expected.confidences
+    )
 
 
 def _tensor(name, position, shape, dtype="int8", scale=None, zero_point=None):
@@ -702,11 +712,7 @@ def test_fused_file_runs_as_the_python_runtime(classpath, fused_assets, mode):
     else:
         assert opened["thresholds_quantized"] is None
     results = [_ok(r) for r in replies[1:-1]]
-    np.testing.assert_array_equal([r["label"] for r in results], expected.classes)
-    np.testing.assert_array_equal([r["exit"] for r in results], expected.exit_indices)
-    np.testing.assert_array_equal(
-        np.float32([r["confidence"] for r in results]), expected.confidences
-    )
+    _assert_same_results(results, expected)
     counts = np.bincount(expected.exit_indices, minlength=3).tolist()
     assert replies[-1]["exit_counts"] == counts
     assert min(counts) > 0, counts  # every exit is taken
@@ -888,3 +894,204 @@ def test_fused_close_and_arguments(classpath, fused_assets):
     assert _ok(replies[3])["live_interpreters"] == 1
     assert (replies[4]["live_interpreters"], replies[5]["live_interpreters"]) == (0, 0)
     assert replies[6]["message"] == "The classifier is closed."
+
+
+# Patience (PABEE) and int32 token inputs.
+
+
+def _patience_manifest(patience, criterion="patience"):
+    def edit(data):
+        data["criterion"] = criterion
+        data["patience"] = patience
+
+    return edit
+
+
+def test_patience_gating(classpath, assets):
+    """Stand-in bundle x = [c1, c2, l1, l2, l3] with criterion "patience":
+    a sample leaves exit k only when exits k - p + 1 .. k predict its class
+    and its confidence passes the threshold (a floor); setPatience changes
+    p, within [1, exits]."""
+    _edit_manifest(assets, "int8", "int8_patience", _patience_manifest(2))
+    agree = [0.5, 0.75, 1, 1, 3]  # classes 1, 1, 3; both floors reached
+    disagree = [0.5, 0.75, 1, 2, 3]  # classes 1, 2, 3
+    below_floor = [0.5, 0.6875, 1, 1, 1]  # classes 1, 1, 1; 0.6875 < 0.75
+    replies = _run(
+        classpath,
+        assets,
+        "open int8_patience",
+        _classify(agree),
+        _classify(disagree),
+        _classify(below_floor),
+        "patience 1",
+        _classify(agree),
+        "patience 3",
+        _classify(agree),
+        "patience 0",
+        "patience 4",
+        "counts",
+        "open int8",
+        "patience 2",
+    )
+    assert _ok(replies[0])["patience"] == 2
+    results = [(_ok(r)["exit"], r["label"]) for r in replies[1:4]]
+    assert results == [(1, 1), (2, 3), (2, 1)]
+    assert _ok(replies[4])["patience"] == 1
+    assert (_ok(replies[5])["exit"], replies[5]["label"]) == (0, 1)
+    assert _ok(replies[7])["exit"] == 2
+    expected = "patience must be in [1, 3] (the number of exits in a row"
+    assert replies[8]["message"].startswith(expected)
+    assert replies[9]["message"].startswith(expected)
+    assert replies[10]["exit_counts"] == [1, 1, 3]
+    assert _ok(replies[11])["patience"] == 0
+    assert replies[12]["message"].startswith(
+        "setPatience applies to bundles exported with criterion 'patience'"
+    )
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_patience_manifest(0), "has criterion 'patience' with patience 0; an intege"),
+        (_patience_manifest(4), "has criterion 'patience' with patience 4; an intege"),
+        (_patience_manifest(None), "has criterion 'patience' with patience null;"),
+        (_patience_manifest("2"), "has criterion 'patience' with patience 2; an inte"),
+        (_patience_manifest(2, "max_prob"), "gives patience 2 for criterion 'max_pr"),
+    ],
+    ids=["zero", "above_exits", "missing", "string", "other_criterion"],
+)
+def test_bad_patience_is_refused(classpath, assets, edit, message):
+    name = f"bad_patience_{len(os.listdir(assets))}"
+    _edit_manifest(assets, "int8", name, edit)
+    (reply,) = _run(classpath, assets, f"open {name}")
+    assert reply["error"] == "java.lang.IllegalArgumentException"
+    assert message in reply["message"], reply["message"]
+    assert (reply["live_interpreters"], reply["open_assets"]) == (0, 0)
+
+
+@pytest.fixture(scope="module")
+def real_bundles(classpath, tmp_path_factory) -> str:
+    """Assets holding real int8 bundles (kee.export.to_tflite): the patience
+    digits CNN (p = 2) and the token model (int32 ids and padding mask),
+    run by the stand-in through LiteRT."""
+    from _micro_bundle import patience_int8_bundle, token_int8_bundle
+
+    root = str(tmp_path_factory.getbasetemp())
+    assets_root = str(tmp_path_factory.mktemp("real_bundles"))
+    shutil.copytree(patience_int8_bundle(root), os.path.join(assets_root, "patience"))
+    shutil.copytree(token_int8_bundle(root), os.path.join(assets_root, "tokens"))
+    return assets_root
+
+
+REAL_SAMPLES = 40
+
+
+@pytest.mark.parametrize("patience", [None, 1])
+def test_patience_bundle_runs_as_the_python_runtime(classpath, real_bundles, patience):
+    """The real patience bundle on LiteRT: class, exit and confidence of
+    `GatedInterpreter` sample by sample, with the manifest's patience and
+    with setPatience."""
+    from keras_earlyexit import demo
+    from keras_earlyexit.runtime import GatedInterpreter
+
+    x = demo.load_digits(seed=0).x_test[:REAL_SAMPLES]
+    bundle = os.path.join(real_bundles, "patience")
+    expected = GatedInterpreter(bundle, patience=patience).predict(x)
+    commands = ["open patience"] + ([f"patience {patience}"] if patience else [])
+    replies = _run(
+        classpath,
+        real_bundles,
+        *commands,
+        *(_classify(sample.ravel()) for sample in x),
+        "counts",
+    )
+    assert _ok(replies[0])["patience"] == 2
+    results = [_ok(r) for r in replies[len(commands) : -1]]
+    _assert_same_results(results, expected)
+    counts = np.bincount(expected.exit_indices, minlength=3).tolist()
+    assert replies[-1]["exit_counts"] == counts
+    # p = 2 keeps every sample past exit 0; p = 1 lets some leave there.
+    assert (counts[0] == 0) == (patience is None), counts
+
+
+def _values(*inputs) -> str:
+    return "classify_values " + json.dumps([np.asarray(v).tolist() for v in inputs])
+
+
+def test_token_bundle_runs_as_the_python_runtime(classpath, real_bundles):
+    """int32 token ids and padding mask as IntArrays (by position and by
+    name) give `GatedInterpreter`'s class, exit and confidence on LiteRT,
+    sample by sample (the mask carried as int32 between segments)."""
+    from _micro_bundle import token_samples
+
+    from keras_earlyexit.runtime import GatedInterpreter
+
+    x = token_samples(REAL_SAMPLES, seed=2)
+    bundle = os.path.join(real_bundles, "tokens")
+    expected = GatedInterpreter(bundle).predict(x)
+    names = [t.name for t in read_manifest(bundle).segments[0].inputs]
+    named = [{k: x[k][i].tolist() for k in reversed(names)} for i in range(3)]
+    replies = _run(
+        classpath,
+        real_bundles,
+        "open tokens",
+        *(_values(*(x[name][i] for name in names)) for i in range(REAL_SAMPLES)),
+        *("classify_named_values " + json.dumps(sample) for sample in named),
+        "counts",
+    )
+    assert _ok(replies[0])["input_names"] == names
+    results = [_ok(r) for r in replies[1 : REAL_SAMPLES + 1]]
+    _assert_same_results(results, expected)
+    assert [_ok(r) for r in replies[REAL_SAMPLES + 1 : -1]] == results[:3]
+    assert len(set(expected.exit_indices.tolist())) == 3
+
+
+def test_token_bundle_refuses_bad_input(classpath, real_bundles):
+    """Floats for int32 inputs, a wrong length, ids outside the embedding's
+    rows, a missing input: each throws the classifier's message before
+    anything runs; the classifier stays usable."""
+    from _micro_bundle import TOKEN_VOCABULARY, token_samples
+
+    x = token_samples(1, seed=3)
+    bundle = os.path.join(real_bundles, "tokens")
+    names = [t.name for t in read_manifest(bundle).segments[0].inputs]
+    good = {k: v[0].tolist() for k, v in x.items()}
+
+    def sample(**changes):
+        values = dict(good, **changes)
+        return _values(*(values[name] for name in names))
+
+    ids = list(good["tokens"])
+    out_of_range = [TOKEN_VOCABULARY, *ids[1:]]
+    negative = [*ids[:3], -1, *ids[4:]]
+    replies = _run(
+        classpath,
+        real_bundles,
+        "open tokens",
+        _classify(*([float(v) for v in good[name]] for name in names)),
+        sample(tokens=ids[:7]),
+        sample(tokens=out_of_range),
+        sample(tokens=negative),
+        _values(*(good[name] for name in names[:1])),
+        "counts",
+        sample(),
+    )
+    errors = replies[1:6]
+    assert {r["error"] for r in errors} == {"java.lang.IllegalArgumentException"}
+    assert errors[0]["message"] == (
+        f"Input '{names[0]}' takes 8 int32 values (shape [1, 8]) as an IntArray; "
+        "received a FloatArray of 8."
+    )
+    assert errors[1]["message"] == (
+        "Input 'tokens' takes 8 int32 values (shape [1, 8]); received 7."
+    )
+    assert errors[2]["message"].startswith(
+        f"Input 'tokens' holds {TOKEN_VOCABULARY} at element 0; its values are in "
+        f"[0, {TOKEN_VOCABULARY - 1}]"
+    )
+    assert errors[3]["message"].startswith("Input 'tokens' holds -1 at element 3;")
+    assert errors[4]["message"] == (
+        f"The bundle takes 2 input(s) [{', '.join(names)}]; received 1 array(s)."
+    )
+    assert replies[6]["exit_counts"] == [0, 0, 0]  # nothing ran
+    assert "error" not in replies[7]

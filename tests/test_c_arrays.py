@@ -11,7 +11,15 @@ import sys
 
 import numpy as np
 import pytest
-from _micro_bundle import small_c_arrays, small_int8_bundle, small_int8_fused
+from _micro_bundle import (
+    TOKEN_VOCABULARY,
+    patience_int8_bundle,
+    patience_int8_fused,
+    small_c_arrays,
+    small_int8_bundle,
+    small_int8_fused,
+    token_int8_bundle,
+)
 
 from keras_earlyexit.export import BundleError, list_ops, read_manifest
 from keras_earlyexit.export.c_arrays import (
@@ -466,3 +474,110 @@ def test_fused_file_as_one_array_and_its_config(root, bundle, tmp_path):
     assert read_c_array(os.path.join(out, "fused_model_data.cc")) == data
     with pytest.raises(ValueError, match="contains the fused model"):
         to_c_arrays(fused, os.path.dirname(fused))
+
+
+# Prints the criterion, the patience and each segment-1 input's dtype and
+# value range.
+_PRINT_CRITERION = r"""
+#include <cstdio>
+#include "earlyexit_config.h"
+namespace config = earlyexit_config;
+int main() {
+  std::printf("%s %d %d\n", config::kCriterion, config::kPatience,
+              config::kModel.patience);
+  for (const auto& t : config::kSegment1Inputs) {
+    std::printf("%s %d %ld %ld\n", t.name, static_cast<int>(t.dtype),
+                static_cast<long>(t.min_value), static_cast<long>(t.max_value));
+  }
+}
+"""
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+@needs_compiler
+@pytest.mark.parametrize("kind", ["max_prob", "patience", "tokens"])
+def test_patience_and_input_ranges_compile_into_the_config(root, kind, tmp_path):
+    """kCriterion and kPatience (the manifest's p for "patience", else 0,
+    also in kModel); int32 inputs with their value range (token ids: the
+    embedding's rows; a padding mask: all of int32), other inputs with the
+    default range."""
+    bundle = {
+        "max_prob": small_int8_bundle,
+        "patience": patience_int8_bundle,
+        "tokens": token_int8_bundle,
+    }[kind](root)
+    manifest = read_manifest(bundle)
+    out = tmp_path / "model"
+    to_c_arrays(bundle, str(out))
+    lines = [
+        line.split() for line in _compile_and_run(out, _PRINT_CRITERION).splitlines()
+    ]
+    patience = "2" if kind == "patience" else "0"
+    assert lines[0] == [manifest.criterion, patience, patience]
+    dtypes = {"int8": 0, "float32": 1, "int32": 2}
+    expected = {t.name: [dtypes[t.dtype], *_INT32] for t in manifest.segments[0].inputs}
+    if kind == "tokens":
+        expected["tokens"][1:] = [0, TOKEN_VOCABULARY - 1]
+        assert expected["padding_mask"][0] == dtypes["int32"]
+    assert {line[0]: [int(v) for v in line[1:]] for line in lines[1:]} == expected
+
+
+def _tokens_header(bundle: str, value_range) -> str:
+    manifest = read_manifest(bundle)
+    tokens = next(t for t in manifest.segments[0].inputs if t.name == "tokens")
+    tokens.value_range = value_range
+    return _generate(bundle, manifest)[CONFIG_NAME]
+
+
+@pytest.mark.parametrize(
+    "value_range, expected",
+    [
+        ([0, TOKEN_VOCABULARY - 1], (0, TOKEN_VOCABULARY - 1)),
+        # Wider than the table: narrowed to its rows (GATHER's indices are
+        # not checked by TFLite Micro).
+        ([0, 1000], (0, TOKEN_VOCABULARY - 1)),
+        ([-5, 10], (0, 10)),
+        # No manifest range: the rows the graph's GATHER reads.
+        (None, (0, TOKEN_VOCABULARY - 1)),
+    ],
+)
+def test_token_range_is_narrowed_to_the_embedding_rows(root, value_range, expected):
+    header = _tokens_header(token_int8_bundle(root), value_range)
+    assert re.search(
+        rf'{{"tokens", \d+, earlyexit::DType::kInt32, 2, {{1, 8}}, 32u, 0.0f, 0, '
+        rf"{expected[0]}, {expected[1]}}}",
+        header,
+    ), header
+
+
+def test_token_range_outside_the_embedding_is_refused(root):
+    with pytest.raises(BundleError, match="indexes a table of 20 rows"):
+        _tokens_header(token_int8_bundle(root), [30, 40])
+
+
+@pytest.mark.parametrize("patience", [0, 4, -1, "2", True, 2.0, None])
+def test_bad_patience_is_refused(root, patience):
+    """Criterion "patience" needs an int in [1, exits] to be written into
+    C++; other criteria take none."""
+    bundle = patience_int8_bundle(root)
+    manifest = read_manifest(bundle)
+    manifest.patience = patience
+    with pytest.raises(BundleError, match="patience"):
+        _generate(bundle, manifest)
+
+
+def test_patience_for_another_criterion_is_refused(bundle):
+    manifest = read_manifest(bundle)
+    manifest.patience = 2
+    with pytest.raises(BundleError, match="patience must be null for criterion"):
+        _generate(bundle, manifest)
+
+
+def test_patience_fused_file_config(root, tmp_path):
+    """The fused header of a patience model names its patience (the graph
+    computes the streak)."""
+    out = tmp_path / "fused"
+    to_c_arrays(patience_int8_fused(root), str(out))
+    header = (out / FUSED_CONFIG_NAME).read_text()
+    assert 'kCriterion = "patience";' in header
+    assert "inline constexpr int kPatience = 2;" in header

@@ -28,10 +28,15 @@ import keras
 import numpy as np
 import pytest
 from _micro_bundle import (
+    TOKEN_VOCABULARY,
+    patience_int8_bundle,
+    patience_int8_fused,
     single_segment_bundle,
     small_c_arrays,
     small_int8_bundle,
     small_int8_fused,
+    token_int8_bundle,
+    token_samples,
 )
 
 from keras_earlyexit import demo
@@ -100,15 +105,51 @@ def test_runner_unit_test_passes(build_root, sanitize):
     assert re.search(r"runner_test: all \d+ checks passed", out), out
 
 
-def test_runner_with_a_generated_config(build_root, sanitize, tmp_path_factory):
+# Int8 bundles whose generated config config_check reads: max_prob, the
+# patience criterion (p = 2) and int32 token inputs with a padding mask.
+CONFIG_BUNDLES = {
+    "max_prob": small_int8_bundle,
+    "patience": patience_int8_bundle,
+    "tokens": token_int8_bundle,
+}
+
+
+def _c_arrays(root: str, kind: str, bundle: str) -> str:
+    """`to_c_arrays` of `bundle` under `root`, written once per kind."""
+    from keras_earlyexit.export.c_arrays import to_c_arrays
+
+    config = os.path.join(root, f"c_arrays_{kind}")
+    if not os.path.isdir(config):
+        to_c_arrays(bundle, config)
+    return config
+
+
+@pytest.mark.parametrize("kind", list(CONFIG_BUNDLES))
+def test_runner_with_a_generated_config(kind, build_root, sanitize, tmp_path_factory):
     root = str(tmp_path_factory.getbasetemp())
-    manifest = read_manifest(small_int8_bundle(root))
-    build_dir = _build_dir(build_root, "config", sanitize)
-    out = _make("config_check", build_dir, sanitize, CONFIG_DIR=small_c_arrays(root))
+    bundle = CONFIG_BUNDLES[kind](root)
+    manifest = read_manifest(bundle)
+    build_dir = _build_dir(build_root, f"config_{kind}", sanitize)
+    config = (
+        small_c_arrays(root) if kind == "max_prob" else _c_arrays(root, kind, bundle)
+    )
+    out = _make("config_check", build_dir, sanitize, CONFIG_DIR=config)
     lines = [line.split() for line in out.splitlines()]
     model = next(line for line in lines if line[0] == "model")
     assert int(model[1]) == len(manifest.segments)
     assert int(model[2]) == manifest.num_classes
+    patience = manifest.patience or 0
+    assert ["criterion", manifest.criterion, str(patience), str(patience)] in lines
+    # int32 inputs: the manifest's value_range, or all of int32.
+    ranges = {
+        line[1]: [int(v) for v in line[2:]] for line in lines if line[0] == "range"
+    }
+    int32_inputs = [t for t in manifest.segments[0].inputs if t.dtype == "int32"]
+    assert ranges == {
+        t.name: t.value_range or [-(2**31), 2**31 - 1] for t in int32_inputs
+    }
+    if kind == "tokens":
+        assert ranges["tokens"] == [0, TOKEN_VOCABULARY - 1]
     segments = [line for line in lines if line[0] == "segment"]
     tensors = {
         (int(line[1]), line[2], line[3]): line for line in lines if line[0] == "tensor"
@@ -134,11 +175,12 @@ def test_runner_with_a_generated_config(build_root, sanitize, tmp_path_factory):
             got = tensors[(k, role, t.name)]
             assert int(got[4]) == t.position, (role, t.name)
             assert [int(d) for d in got[9:]] == t.shape
-            assert float(got[7]) == pytest.approx(t.scale, rel=1e-6)
-            assert int(got[8]) == t.zero_point
+            assert float(got[7]) == pytest.approx(t.scale or 0.0, rel=1e-6)
+            assert int(got[8]) == (t.zero_point or 0)
     assert "init ok" in out
     # The routing over the real config, computed here from the manifest: for
     # each k, confidences one step below the thresholds before k, at it at k.
+    # Every exit predicts class 0 there: the streak at exit j is j + 1.
     quantized = [s.gate.threshold_quantized for s in manifest.segments]
     routes = [line for line in lines if line[0] == "route"]
     assert len(routes) == len(quantized)
@@ -146,7 +188,7 @@ def test_runner_with_a_generated_config(build_root, sanitize, tmp_path_factory):
         expected = len(quantized) - 1
         for j, q in enumerate(quantized[:-1]):
             confidence = min(max(q - 1 if j < k else q, -128), 127)
-            if confidence >= q:
+            if confidence >= q and j + 1 >= patience:
                 expected = j
                 break
         assert int(route[2]) == expected, (k, route)
@@ -433,3 +475,150 @@ def test_fused_file_in_a_plain_micro_interpreter(
     assert proc.returncode == 1, proc.stderr
     assert len(proc.stdout.splitlines()) == 1  # the first sample ran
     assert "run failed: " in proc.stderr and "NaN" in proc.stderr, proc.stderr
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _config_header(root: str, kind: str, bundle: str) -> tuple[str, str]:
+    """`to_c_arrays` of a bundle, and its earlyexit_config.h."""
+    config = _c_arrays(root, kind, bundle)
+    return config, _read(os.path.join(config, "earlyexit_config.h"))
+
+
+def _host_main(tflm, sanitize, build_root, config: str, name: str) -> str:
+    build_dir = _build_dir(build_root, f"host_main_{name}", sanitize)
+    _make("host_main", build_dir, sanitize, CONFIG_DIR=config, **tflm)
+    return os.path.join(build_dir, "host_main")
+
+
+def _results(proc: subprocess.CompletedProcess) -> np.ndarray:
+    return np.array([line.split() for line in proc.stdout.splitlines()], float)
+
+
+def _assert_same(got: np.ndarray, expected) -> None:
+    assert len(got) == len(expected.classes)
+    np.testing.assert_array_equal(got[:, 0], expected.classes)
+    np.testing.assert_array_equal(got[:, 1], expected.exit_indices)
+    np.testing.assert_array_equal(got[:, 2].astype(np.float32), expected.confidences)
+
+
+def test_patience_bundle_on_tflite_micro(tflm, sanitize, build_root, tmp_path_factory):
+    """A patience bundle (p = 2, floors 0.12 and 0.11) through to_c_arrays:
+    the C++ runner keeps each sample's class and streak as
+    `GatedInterpreter(backend="micro")` does, sample by sample, with the
+    manifest's patience and with patience and floors set before Init; a
+    patience outside [1, exits] is refused with its status."""
+    pytest.importorskip("tflite_micro")
+    from keras_earlyexit.runtime import GatedInterpreter
+
+    root = str(tmp_path_factory.getbasetemp())
+    bundle = patience_int8_bundle(root)
+    config, header = _config_header(root, "patience", bundle)
+    assert "inline constexpr int kPatience = 2;" in header
+    program = _host_main(tflm, sanitize, build_root, config, "patience")
+    x, samples = _samples(bundle, str(tmp_path_factory.mktemp("patience")))
+    counts = {}
+    for thresholds, patience in [(None, None), (None, 1), ([0.05, 0.05], 3)]:
+        command = [program, samples]
+        if thresholds is not None:
+            command.append(",".join(f"{t:.9g}" for t in thresholds))
+        if patience is not None:
+            command += ["--patience", str(patience)]
+        got = _results(_run(command))
+        expected = GatedInterpreter(
+            bundle, backend="micro", thresholds=thresholds, patience=patience
+        ).predict(x)
+        _assert_same(got, expected)
+        counts[patience] = np.bincount(expected.exit_indices, minlength=3).tolist()
+    # p = 2: no sample leaves exit 0 (a streak of 1), some leave exit 1; p = 1
+    # is the floor alone; p = 3: every sample reaches the final exit.
+    assert counts[None][0] == 0 and counts[None][1] > 0, counts
+    assert counts[1][0] > 0, counts
+    assert counts[3] == [0, 0, len(x)], counts
+    for bad in ("0", "4", "-1", "two"):
+        proc = subprocess.run(
+            [program, samples, "--patience", bad], capture_output=True, text=True
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert "patience: give an int from 1 to the number of exits" in proc.stderr
+        assert proc.stdout == ""
+
+
+def _token_sample_file(bundle: str, x: dict, path: str) -> str:
+    """Each sample's inputs in the config's order (segment 1's in the
+    manifest), int32 bytes, one sample after the other."""
+    names = [t.name for t in read_manifest(bundle).segments[0].inputs]
+    np.concatenate([x[name].astype("<i4") for name in names], axis=1).tofile(path)
+    return path
+
+
+def test_token_bundle_on_tflite_micro(tflm, sanitize, build_root, tmp_path_factory):
+    """int32 token ids and padding masks through to_c_arrays: the config
+    says int32 with the embedding's id range, the C++ runner (the mask
+    carried as int32 from segment to segment) equals
+    `GatedInterpreter(backend="micro")` sample by sample, an id outside
+    [0, 19] stops host_main with its status, and tflm_test's token checks
+    (wrong dtype or size, ids out of range, a config that says float32)
+    return statuses."""
+    pytest.importorskip("tflite_micro")
+    from keras_earlyexit.runtime import GatedInterpreter
+
+    root = str(tmp_path_factory.getbasetemp())
+    bundle = token_int8_bundle(root)
+    config, header = _config_header(root, "tokens", bundle)
+    assert "earlyexit::DType::kInt32" in header
+    assert f", 0, {TOKEN_VOCABULARY - 1}}}" in header
+    program = _host_main(tflm, sanitize, build_root, config, "tokens")
+    directory = str(tmp_path_factory.mktemp("tokens"))
+    x = token_samples(120, seed=2)
+    samples = _token_sample_file(bundle, x, os.path.join(directory, "ids.bin"))
+    expected = GatedInterpreter(bundle, backend="micro").predict(x)
+    _assert_same(_results(_run([program, samples])), expected)
+    assert len(np.unique(expected.exit_indices)) == 3
+
+    bad = {k: v[:3].copy() for k, v in x.items()}
+    bad["tokens"][2, 0] = TOKEN_VOCABULARY
+    path = _token_sample_file(bundle, bad, os.path.join(directory, "bad.bin"))
+    proc = subprocess.run([program, path], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert len(proc.stdout.splitlines()) == 2  # the samples before it ran
+    assert "run failed: an int32 input value is outside the range" in proc.stderr
+
+    build_dir = _build_dir(build_root, "tflm_test_tokens", sanitize)
+    out = _make("tflm_test", build_dir, sanitize, CONFIG_DIR=config, **tflm)
+    assert re.search(r"tflm_test: all \d+ checks passed", out), out
+
+
+def test_patience_fused_file_in_a_plain_micro_interpreter(
+    tflm, sanitize, build_root, tmp_path_factory
+):
+    """The fused file of the patience model computes the streak in its
+    graph: FusedRunner reads its class, exit and confidence outputs as
+    `FusedInterpreter(backend="micro")` and the patience bundle's
+    `GatedInterpreter` give them, sample by sample."""
+    pytest.importorskip("tflite_micro")
+    from keras_earlyexit.runtime import FusedInterpreter, GatedInterpreter
+
+    root = str(tmp_path_factory.getbasetemp())
+    fused = patience_int8_fused(root)
+    config = _c_arrays(root, "patience_fused", fused)
+    header = _read(os.path.join(config, "earlyexit_fused_config.h"))
+    assert "inline constexpr int kPatience = 2;" in header
+    build_dir = _build_dir(build_root, "patience_fused", sanitize)
+    _make("fused_main", build_dir, sanitize, CONFIG_DIR=config, **tflm)
+    from keras_earlyexit.runtime.gated import quantize
+
+    interpreter = FusedInterpreter(fused, backend="micro")
+    x = demo.load_digits(seed=0).x_test
+    spec = interpreter.manifest.inputs[0]
+    samples = str(tmp_path_factory.mktemp("patience_fused") / "int8.bin")
+    quantize(x, spec.scale, spec.zero_point).tofile(samples)
+    got = _results(_run([os.path.join(build_dir, "fused_main"), samples]))
+    expected = interpreter.predict(x)
+    _assert_same(got, expected)
+    bundle = GatedInterpreter(patience_int8_bundle(root), backend="micro").predict(x)
+    _assert_same(got, bundle)
+    assert set(expected.exit_indices.tolist()) == {1, 2}

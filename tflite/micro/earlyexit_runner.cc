@@ -175,6 +175,9 @@ const char* StatusString(Status status) {
     case Status::kNonFiniteInput:
       return "an input value is NaN or infinite: refused, the model's answer "
              "would be meaningless";
+    case Status::kBadPatience:
+      return "patience: give an int from 1 to the number of exits, for a model "
+             "exported with criterion \"patience\"";
     case Status::kInputOutOfRange:
       return "an int32 input value is outside the range the model takes "
              "(token ids: 0 to the vocabulary size - 1, see the input's "
@@ -297,6 +300,7 @@ Status EarlyExitRunner::Init() {
       thresholds_quantized_[k] = config_.segments[k].threshold_quantized;
     }
   }
+  if (!patience_set_) patience_ = config_.patience;
   ResetCounts();
   initialized_ = true;
   return Status::kOk;
@@ -322,6 +326,16 @@ Status EarlyExitRunner::SetThresholds(const float* thresholds, int count) {
                                 : 0;
   }
   thresholds_set_ = true;
+  return Status::kOk;
+}
+
+Status EarlyExitRunner::SetPatience(int patience) {
+  if (!ConfigShapeFits(config_)) return Status::kBadConfig;
+  if (config_.patience == 0 || patience < 1 || patience > config_.num_segments) {
+    return Status::kBadPatience;
+  }
+  patience_ = patience;
+  patience_set_ = true;
   return Status::kOk;
 }
 
@@ -446,12 +460,12 @@ Status EarlyExitRunner::Run(const void* const* inputs, Result* result) {
     if (!segment->Invoke()) return Status::kInvokeFailed;
     // gated.py: `if k == last or gate_passes(confidence, threshold)`; for
     // patience, patience_passes(streak, patience, confidence, threshold).
-    if (config_.patience > 0) {
+    if (patience_ > 0) {
       const int label = ArgMax(s.logits, segment->output(s.logits.position).data);
       streak = label == previous_label ? streak + 1 : 1;
       previous_label = label;
     }
-    const bool patient = config_.patience == 0 || streak >= config_.patience;
+    const bool patient = patience_ == 0 || streak >= patience_;
     if (k == last ||
         (patient && Confident(k, segment->output(s.confidence.position).data))) {
       *result = MakeResult(k);

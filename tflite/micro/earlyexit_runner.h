@@ -133,6 +133,7 @@ enum class Status : uint8_t {
   kBadInput,            // null pointer, or wrong number of inputs
   kNonFiniteInput,      // NaN or infinity in a float input
   kInputOutOfRange,     // an int32 input value outside [min_value, max_value]
+  kBadPatience,         // not in [1, exits], or a model of another criterion
 };
 
 const char* StatusString(Status status);
@@ -209,8 +210,12 @@ class EarlyExitRunner {
   }
 
   int num_exits() const { return config_.num_segments; }
-  // The config's patience (0: not the patience criterion).
-  int patience() const { return config_.patience; }
+  // Criterion "patience": replaces the config's patience (1 to
+  // num_exits()). May be called before Init: the value is kept instead of
+  // the config's. kBadPatience out of range or for another criterion.
+  Status SetPatience(int patience);
+  // The patience in use (0: not the patience criterion).
+  int patience() const { return patience_; }
   uint32_t exit_count(int k) const { return exit_counts_[k]; }
   uint32_t invocations(int k) const { return invocations_[k]; }
   void ResetCounts();
@@ -228,6 +233,8 @@ class EarlyExitRunner {
   size_t carry_buffer_size_;
   bool initialized_ = false;
   bool thresholds_set_ = false;  // by SetThresholds, before or after Init
+  bool patience_set_ = false;    // by SetPatience, before or after Init
+  int patience_ = 0;
   float thresholds_[kMaxSegments] = {};
   int32_t thresholds_quantized_[kMaxSegments] = {};
   uint32_t exit_counts_[kMaxSegments] = {};

@@ -6,14 +6,16 @@
 // refuses stops the program with its status. Build: `make host_main
 // TFLM_DIR=... CONFIG_DIR=...`.
 //
-//   host_main SAMPLES_FILE [T1,T2,...]
+//   host_main SAMPLES_FILE [T1,T2,...] [--patience P]
 //
 // Thresholds given on the command line replace the config's (one per
-// non-final exit); they are set before Init, as firmware may do.
+// non-final exit), and --patience the patience of a model of criterion
+// "patience"; both are set before Init, as firmware may do.
 
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 
 #include "earlyexit_config.h"
 #include "earlyexit_runner.h"
@@ -51,8 +53,21 @@ bool ParseThresholds(const char* text, float* out, int count) {
 
 int main(int argc, char** argv) {
   static_assert(kNumInputs <= earlyexit::kMaxInputs, "too many model inputs");
-  if (argc != 2 && argc != 3) {
-    std::fprintf(stderr, "usage: %s SAMPLES_FILE [T1,T2,...]\n", argv[0]);
+  const char* thresholds_arg = nullptr;
+  const char* patience_arg = nullptr;
+  bool usage = argc < 2;
+  for (int a = 2; a < argc && !usage; ++a) {
+    if (std::strcmp(argv[a], "--patience") == 0 && a + 1 < argc && !patience_arg) {
+      patience_arg = argv[++a];
+    } else if (thresholds_arg == nullptr) {
+      thresholds_arg = argv[a];
+    } else {
+      usage = true;
+    }
+  }
+  if (usage) {
+    std::fprintf(stderr, "usage: %s SAMPLES_FILE [T1,T2,...] [--patience P]\n",
+                 argv[0]);
     return 2;
   }
   static tflite::MicroMutableOpResolver<config::kNumOps> resolver;
@@ -64,10 +79,23 @@ int main(int argc, char** argv) {
   static earlyexit::TflmEarlyExit<config::kNumSegments> model(
       config::kModel, resolver, g_arena, sizeof(g_arena), g_carry,
       sizeof(g_carry));
-  if (argc == 3) {
+  if (patience_arg != nullptr) {
+    char* end = nullptr;
+    const long patience = std::strtol(patience_arg, &end, 10);
+    const bool number = end != patience_arg && *end == '\0' &&
+                        patience >= INT32_MIN && patience <= INT32_MAX;
+    const earlyexit::Status set =
+        number ? model.runner().SetPatience(static_cast<int>(patience))
+               : earlyexit::Status::kBadPatience;
+    if (set != earlyexit::Status::kOk) {
+      std::fprintf(stderr, "patience: %s\n", earlyexit::StatusString(set));
+      return 2;
+    }
+  }
+  if (thresholds_arg != nullptr) {
     float thresholds[config::kNumSegments] = {};
     const int count = config::kNumSegments - 1;
-    if (!ParseThresholds(argv[2], thresholds, count)) {
+    if (!ParseThresholds(thresholds_arg, thresholds, count)) {
       std::fprintf(stderr, "thresholds: give %d comma-separated numbers\n", count);
       return 2;
     }

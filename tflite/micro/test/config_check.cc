@@ -2,7 +2,8 @@
 // directory and link its segment_*_model_data.cc), prints the config for
 // tests/test_micro_cpp.py to compare with manifest.json, and runs the
 // runner's routing over segments that are plain buffers sized from the
-// config (no TFLite Micro): a confidence at the quantized threshold exits.
+// config (no TFLite Micro): a confidence at the quantized threshold exits
+// (with patience, once the streak allows: every exit predicts class 0).
 //
 //   config_check [THRESHOLDS_FILE]
 //
@@ -101,6 +102,15 @@ int main(int argc, char** argv) {
   if (argc == 2 && !PrintQuantizedThresholds(argv[1])) return 2;
   std::printf("model %d %d %zu %zu %d\n", config::kNumSegments, config::kNumClasses,
               config::kArenaSize, config::kCarryBufferSize, config::kNumOps);
+  std::printf("criterion %s %d %d\n", config::kCriterion, config::kPatience,
+              config::kModel.patience);
+  for (int i = 0; i < config::kSegments[0].num_inputs; ++i) {
+    const TensorConfig& t = config::kSegment1Inputs[i];
+    if (t.dtype == earlyexit::DType::kInt32) {
+      std::printf("range %s %ld %ld\n", t.name, static_cast<long>(t.min_value),
+                  static_cast<long>(t.max_value));
+    }
+  }
 #define PRINT_OP(name) std::printf("op %s\n", #name);
   EARLYEXIT_OPS(PRINT_OP)
 #undef PRINT_OP

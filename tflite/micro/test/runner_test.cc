@@ -429,18 +429,35 @@ void TestPatienceNeedsAgreeingExits() {
   CHECK_EQ(f.runner.exit_count(2), 3u);
 
   // Patience 1: the threshold alone decides, as for other criteria.
-  model.patience = 1;
-  Int8Fixture one(model);
-  CHECK_EQ(one.runner.Init(), Status::kOk);
-  CHECK_EQ(RunOrFail(one.runner, disagree).exit_index, 0);
+  CHECK_EQ(f.runner.SetPatience(1), Status::kOk);
+  CHECK_EQ(f.runner.patience(), 1);
+  CHECK_EQ(RunOrFail(f.runner, disagree).exit_index, 0);
   // Patience 3 (every exit): no non-final exit reaches a streak of 3.
-  model.patience = 3;
-  Int8Fixture all(model);
-  CHECK_EQ(all.runner.Init(), Status::kOk);
-  CHECK_EQ(RunOrFail(all.runner, agree).exit_index, 2);
+  CHECK_EQ(f.runner.SetPatience(3), Status::kOk);
+  CHECK_EQ(RunOrFail(f.runner, agree).exit_index, 2);
+  // Set before Init: kept instead of the config's.
+  Int8Fixture before(model);
+  CHECK_EQ(before.runner.SetPatience(1), Status::kOk);
+  CHECK_EQ(before.runner.Init(), Status::kOk);
+  CHECK_EQ(before.runner.patience(), 1);
+  CHECK_EQ(RunOrFail(before.runner, disagree).exit_index, 0);
 }
 
 void TestBadPatienceIsRefused() {
+  // SetPatience: 1 to the number of exits, for a patience model only.
+  ModelConfig model = kModel;
+  model.patience = 2;
+  Int8Fixture f(model);
+  CHECK_EQ(f.runner.Init(), Status::kOk);
+  CHECK_EQ(f.runner.SetPatience(0), Status::kBadPatience);
+  CHECK_EQ(f.runner.SetPatience(4), Status::kBadPatience);
+  CHECK_EQ(f.runner.SetPatience(-2), Status::kBadPatience);
+  CHECK_EQ(f.runner.patience(), 2);  // unchanged
+  Int8Fixture max_prob;
+  CHECK_EQ(max_prob.runner.SetPatience(2), Status::kBadPatience);
+  CHECK_EQ(max_prob.runner.Init(), Status::kOk);
+  CHECK_EQ(max_prob.runner.patience(), 0);
+  // In the config: 0 (another criterion) or 1 to the number of exits.
   const int bad[] = {-1, 4, 1000};
   for (int patience : bad) {
     ModelConfig model = kModel;
@@ -727,7 +744,7 @@ void TestErrors() {
     EarlyExitRunner runner{kModel, missing, f.carry, sizeof(f.carry)};
     CHECK_EQ(runner.Init(), Status::kBadConfig);
   }
-  for (int s = 0; s <= static_cast<int>(Status::kInputOutOfRange); ++s) {
+  for (int s = 0; s <= static_cast<int>(Status::kBadPatience); ++s) {
     CHECK(std::strcmp(earlyexit::StatusString(static_cast<Status>(s)),
                       "unknown status") != 0);
   }

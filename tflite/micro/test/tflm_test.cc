@@ -28,10 +28,33 @@ using earlyexit::TensorConfig;
 
 constexpr int kN = config::kNumSegments;
 static_assert(kN >= 2, "tflm_test needs a bundle with two or more segments");
+constexpr int kNumInputs = config::kSegments[0].num_inputs;
+// Segment 1's first input: int8 (quantized floats) or int32.
 constexpr const TensorConfig& kInput = config::kSegment1Inputs[0];
-constexpr bool kTokens = kInput.dtype == DType::kInt32;
-static_assert(kInput.dtype == DType::kInt8 || kTokens,
-              "tflm_test needs an int8 bundle (int8 or int32 first input)");
+constexpr bool kInt8Input = kInput.dtype == DType::kInt8;
+static_assert(kInt8Input || kInput.dtype == DType::kInt32,
+              "tflm_test needs an int8 bundle (int8 or int32 inputs)");
+
+// The input of token ids, if any: int32 with a bounded range.
+constexpr int TokenInput() {
+  for (int i = 0; i < kNumInputs; ++i) {
+    const TensorConfig& t = config::kSegment1Inputs[i];
+    if (t.dtype == DType::kInt32 && t.max_value < INT32_MAX) return i;
+  }
+  return -1;
+}
+constexpr int kTokenInput = TokenInput();
+constexpr bool kTokens = kTokenInput >= 0;
+constexpr int kTokenSlot = kTokens ? kTokenInput : 0;
+constexpr const TensorConfig& kIds = config::kSegment1Inputs[kTokenSlot];
+
+constexpr size_t MaxInputBytes() {
+  size_t bytes = 0;
+  for (int i = 0; i < kNumInputs; ++i) {
+    if (config::kSegment1Inputs[i].bytes > bytes) bytes = config::kSegment1Inputs[i].bytes;
+  }
+  return bytes;
+}
 static_assert(config::kSegments[0].confidence.dtype == DType::kInt8,
               "tflm_test needs an int8 bundle");
 constexpr int kMaxTensors = 8;
@@ -46,10 +69,20 @@ static_assert(CopyFits(), "raise kMaxTensors for this model");
 
 alignas(16) uint8_t g_arena[config::kArenaSize + 16];
 alignas(16) uint8_t g_carry[config::kCarryBufferSize];
-constexpr int kNumInputs = config::kSegments[0].num_inputs;
-// Every input of segment 1, zeros: int8 values, or token id 0.
-alignas(16) uint8_t g_inputs[kNumInputs][kInput.bytes + 16];
+// One buffer per input of segment 1 (a few bytes spare, for inputs of the
+// wrong size); Zeros() fills them with zeros (int8 values, token id 0, an
+// empty mask).
+alignas(16) uint8_t g_inputs[kNumInputs][MaxInputBytes() + 16];
 alignas(16) int8_t g_sample[kInput.bytes];
+
+const void* const* Zeros() {
+  static const void* pointers[kNumInputs];
+  for (int i = 0; i < kNumInputs; ++i) {
+    std::memset(g_inputs[i], 0, sizeof(g_inputs[i]));
+    pointers[i] = g_inputs[i];
+  }
+  return pointers;
+}
 
 tflite::MicroMutableOpResolver<config::kNumOps>& Resolver() {
   static tflite::MicroMutableOpResolver<config::kNumOps> resolver;
@@ -115,7 +148,7 @@ void TestArenaTooSmallIsRefusedUpFront() {
 }
 
 void TestInitComparesTensorsWithTheConfig() {
-  if constexpr (!kTokens) {
+  if constexpr (kInt8Input) {
     {
       Config c;
       c.inputs[0][0].scale *= 2.0f;
@@ -132,13 +165,13 @@ void TestInitComparesTensorsWithTheConfig() {
     // values or int32 ids.
     Config c;
     TensorConfig& t = c.inputs[0][0];
-    const size_t values = kTokens ? t.bytes / 4 : t.bytes;
+    const size_t values = kInt8Input ? t.bytes : t.bytes / 4;
     t = {t.name, t.position, DType::kFloat32, t.rank, {}, values * 4, 0.0f, 0};
     for (int d = 0; d < t.rank; ++d) t.dims[d] = kInput.dims[d];
     CHECK_EQ(c.Init(), Status::kTensorMismatch);
   }
-  if constexpr (kTokens) {
-    // int8 of the same shape where the model takes int32 ids.
+  if constexpr (!kInt8Input) {
+    // int8 of the same shape where the model takes int32 values.
     Config c;
     TensorConfig& t = c.inputs[0][0];
     t = {t.name, t.position, DType::kInt8, t.rank, {}, t.bytes / 4, 0.5f, 0};
@@ -219,48 +252,46 @@ void TestTokenInputs() {
     earlyexit::TflmEarlyExit<kN> m(config::kModel, Resolver(), g_arena,
                                    config::kArenaSize, g_carry, sizeof(g_carry));
     CHECK_EQ(m.Init(), Status::kOk);
-    CHECK(kInput.min_value == 0);
-    CHECK(kInput.max_value < INT32_MAX);
+    CHECK(kIds.min_value == 0);
+    const void* const* raw = Zeros();
     earlyexit::InputData inputs[kNumInputs];
     for (int i = 0; i < kNumInputs; ++i) {
       const TensorConfig& t = config::kSegment1Inputs[i];
-      std::memset(g_inputs[i], 0, sizeof(g_inputs[i]));
       inputs[i] = {g_inputs[i], t.bytes, t.dtype};
     }
-    int32_t* ids = reinterpret_cast<int32_t*>(g_inputs[0]);
-    const size_t count = kInput.bytes / 4;
+    earlyexit::InputData& tokens = inputs[kTokenSlot];
+    int32_t* ids = reinterpret_cast<int32_t*>(g_inputs[kTokenSlot]);
+    const size_t count = kIds.bytes / 4;
     Result r = {-1, -1, 0.0f};
-    ids[count - 1] = kInput.max_value;
+    ids[count - 1] = kIds.max_value;
     CHECK_EQ(m.runner().Run(inputs, kNumInputs, &r), Status::kOk);
     const Result first = r;
     CHECK(first.exit_index >= 0 && first.exit_index < kN);
     const uint32_t invoked = m.runner().invocations(0);
-    ids[count - 1] = kInput.max_value + 1;
+    ids[count - 1] = kIds.max_value + 1;
     CHECK_EQ(m.runner().Run(inputs, kNumInputs, &r), Status::kInputOutOfRange);
     ids[count - 1] = 0;
     ids[0] = -1;
     CHECK_EQ(m.runner().Run(inputs, kNumInputs, &r), Status::kInputOutOfRange);
     ids[0] = INT32_MIN;
-    const void* raw[kNumInputs];
-    for (int i = 0; i < kNumInputs; ++i) raw[i] = g_inputs[i];
     CHECK_EQ(m.runner().Run(raw, &r), Status::kInputOutOfRange);
     ids[0] = 0;
     // Floats, int8 bytes, too few or too many bytes, a wrong count.
-    inputs[0].dtype = DType::kFloat32;
+    tokens.dtype = DType::kFloat32;
     CHECK_EQ(m.runner().Run(inputs, kNumInputs, &r), Status::kBadInput);
-    inputs[0].dtype = DType::kInt8;
-    inputs[0].bytes = count;
+    tokens.dtype = DType::kInt8;
+    tokens.bytes = count;
     CHECK_EQ(m.runner().Run(inputs, kNumInputs, &r), Status::kBadInput);
-    inputs[0].dtype = DType::kInt32;
-    inputs[0].bytes = kInput.bytes - 4;
+    tokens.dtype = DType::kInt32;
+    tokens.bytes = kIds.bytes - 4;
     CHECK_EQ(m.runner().Run(inputs, kNumInputs, &r), Status::kBadInput);
-    inputs[0].bytes = kInput.bytes + 4;
+    tokens.bytes = kIds.bytes + 4;
     CHECK_EQ(m.runner().Run(inputs, kNumInputs, &r), Status::kBadInput);
-    inputs[0].bytes = kInput.bytes;
+    tokens.bytes = kIds.bytes;
     CHECK_EQ(m.runner().Run(inputs, kNumInputs + 1, &r), Status::kBadInput);
     CHECK_EQ(m.runner().Run(inputs, kNumInputs - 1, &r), Status::kBadInput);
     CHECK_EQ(m.runner().invocations(0), invoked);  // none of these ran
-    ids[count - 1] = kInput.max_value;
+    ids[count - 1] = kIds.max_value;
     CHECK_EQ(m.runner().Run(inputs, kNumInputs, &r), Status::kOk);
     CHECK_EQ(r.label, first.label);
     CHECK_EQ(r.exit_index, first.exit_index);
@@ -280,18 +311,17 @@ void TestRunAndThresholds() {
   for (int k = 0; k + 1 < kN; ++k) {
     CHECK_EQ(m.runner().threshold_quantized(k), earlyexit::kNeverQuantized);
   }
-  std::memset(g_sample, 0, sizeof(g_sample));
   Result r = {-1, -1, 0.0f};
-  CHECK_EQ(m.runner().Run(g_sample, &r), Status::kOk);
+  CHECK_EQ(m.runner().Run(Zeros(), &r), Status::kOk);
   CHECK_EQ(r.exit_index, kN - 1);
   CHECK_EQ(m.runner().Run(static_cast<const void*>(nullptr), &r), Status::kBadInput);
-  CHECK_EQ(m.runner().Run(g_sample, nullptr), Status::kBadInput);
+  CHECK_EQ(m.runner().Run(Zeros(), nullptr), Status::kBadInput);
   // Threshold 0 at exit 1: every sample leaves there.
   float zero[kN] = {};
   CHECK_EQ(m.runner().SetThresholds(zero, kN - 1), Status::kOk);
-  CHECK_EQ(m.runner().Run(g_sample, &r), Status::kOk);
+  CHECK_EQ(m.runner().Run(Zeros(), &r), Status::kOk);
   CHECK_EQ(r.exit_index, 0);
-  if constexpr (!kTokens) {
+  if constexpr (kInt8Input) {
     // Quantizing a NaN sample is refused, and the sample is left as it was.
     float x[kInput.bytes];
     for (float& v : x) v = 0.5f;

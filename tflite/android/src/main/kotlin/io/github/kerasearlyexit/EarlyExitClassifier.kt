@@ -203,9 +203,12 @@ class EarlyExitClassifier(
 
     /**
      * Criterion "patience": how many exits in a row must predict a sample's
-     * class before it leaves (1 to [numExits]); 0 for the other criteria.
+     * class before it leaves (1 to [numExits]; the manifest's until
+     * [setPatience]); 0 for the other criteria.
      */
-    val patience: Int
+    var patience: Int
+        private set
+    private val patienceCriterion: Boolean
     private var closed = false
 
     init {
@@ -225,6 +228,7 @@ class EarlyExitClassifier(
                 "names; convert again."
         }
         patience = readPatience(manifest, entries.length(), "assets/$assetDir/manifest.json")
+        patienceCriterion = patience > 0
         val opened = ArrayList<Segment>(entries.length())
         try {
             for (k in 0 until entries.length()) {
@@ -332,6 +336,22 @@ class EarlyExitClassifier(
             val c = segment.confidence
             if (c.quantized) segment.thresholdQuantized = quantizeThreshold(t, c.scale, c.zeroPoint)
         }
+    }
+
+    /**
+     * Sets the patience of a bundle exported with criterion "patience": an
+     * int in [1, [numExits]] (1: the thresholds alone decide). The manifest
+     * stays as it is.
+     */
+    fun setPatience(patience: Int) {
+        require(patienceCriterion) {
+            "setPatience applies to bundles exported with criterion '$PATIENCE'; this one has another."
+        }
+        require(patience in 1..numExits) {
+            "patience must be in [1, $numExits] (the number of exits in a row that must agree). " +
+                "Received: $patience"
+        }
+        this.patience = patience
     }
 
     override fun classifySample(inputs: Array<out Any>): EarlyExitResult {

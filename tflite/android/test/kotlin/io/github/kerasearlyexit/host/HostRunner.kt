@@ -10,6 +10,7 @@
 //   classify_values [[...], ...]  classify_named_values {"name": [...]}
 //     (_values: an array of JSON integers is an IntArray, others FloatArrays)
 //   thresholds [t, ...]           quantize_threshold [[t, scale, zero_point], ...]
+//   patience P
 //   counts                        close
 // classify, counts and close act on the classifier opened last.
 package io.github.kerasearlyexit.host
@@ -104,6 +105,10 @@ fun main(args: Array<String>) {
                 "thresholds" -> {
                     classifier!!.setThresholds(floats(JSONArray(argument)))
                     reply.put("thresholds", JSONArray(classifier.thresholds.map { it.toDouble() }))
+                }
+                "patience" -> {
+                    classifier!!.setPatience(argument.toInt())
+                    reply.put("patience", classifier.patience)
                 }
                 "quantize_threshold" -> {
                     val a = JSONArray(argument)
