@@ -169,6 +169,33 @@ def test_gelu_blocks_tflite_micro_naming_the_op_and_layer(gelu_model, task, tmp_
     assert not os.path.exists(target)
 
 
+def test_ids_that_reach_the_embedding_through_an_op_block_tflite_micro(tmp_path):
+    """The runtimes cannot check ids computed inside the model, so Keras's
+    wrap of negative ids stays: a SELECT, which TFLite Micro lacks. The
+    export names it; LiteRT runs it."""
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((SEQ,), dtype="int32", name="tokens")
+    clipped = ops.minimum(tokens, VOCAB - 1)
+    x = keras.layers.Embedding(VOCAB, DIM, name="embedding")(clipped)
+    exit_1 = kee.ExitBranch(CLASSES, name="exit_1")(x)
+    x = keras.layers.Dense(DIM, activation="relu")(x)
+    model = kee.EarlyExitModel(tokens, [exit_1, kee.ExitBranch(CLASSES)(x)])
+    ids = first_marker_task(20, seed=1)[0]
+    with pytest.raises(kee.export.UnsupportedOpError) as error:
+        kee.export.to_tflite(
+            model, str(tmp_path / "m"), representative_data=ids, verbose=0
+        )
+    for part in ("op SELECT (", "'embedding'", "straight from a model input"):
+        assert part in str(error.value), str(error.value)
+    bundle = kee.export.to_tflite(
+        model, str(tmp_path / "m"), representative_data=ids, verbose=0, micro=False
+    )
+    assert kee.export.read_manifest(bundle).segments[0].inputs[0].value_range is None
+    expected = np.argmax(model.predict(ids, verbose=0)[0], -1)
+    result = GatedInterpreter(bundle, thresholds=[0.0]).predict(ids)
+    assert np.mean(result.classes == expected) >= 0.9
+
+
 def test_relu_variant_runs_on_tflite_micro(relu_model, relu_exports, task):
     bundle, path = relu_exports
     for segment in kee.export.read_manifest(bundle).segments:

@@ -52,7 +52,14 @@ RESOLVER_SPELLING = {
 
 
 # What to write instead of a layer whose op TFLite Micro lacks.
-MICRO_REPLACEMENTS = {"GELU": "use activation='relu' instead of 'gelu'"}
+MICRO_REPLACEMENTS = {
+    "GELU": "use activation='relu' instead of 'gelu'",
+    # Keras's Embedding wraps negative ids with a SELECT; the exporter
+    # drops it for ids that come straight from a model input.
+    "SELECT": "an Embedding writes it to wrap negative ids: feed the Embedding "
+    "its ids straight from a model input, whose range the runtimes check, "
+    "and the export drops it",
+}
 
 
 class UnsupportedOpError(ValueError):
