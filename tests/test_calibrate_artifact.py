@@ -354,14 +354,12 @@ SEARCH = dict(
 def test_patience_artifact_chooses_the_patience(
     pabee_artifacts, digits, tmp_path, kind
 ):
-    from keras_earlyexit.evaluation.artifact import calibrate_artifact
-
     _, artifacts = pabee_artifacts
     x, y = digits.x_val, digits.y_val
     copy = str(tmp_path / os.path.basename(artifacts[kind]))
     (shutil.copytree if kind == "bundle" else shutil.copy)(artifacts[kind], copy)
-    result = calibrate_artifact(
-        copy, x, y, "max_accuracy_drop", 0.02, patience=[1, 2, 3], apply=True, **SEARCH
+    result = kee.calibrate(
+        copy, x, y, max_accuracy_drop=0.02, patience=[1, 2, 3], apply=True, **SEARCH
     )
     assert result.patience in (1, 2, 3)
     _assert_figures_are_the_run(result, copy, x, y)
@@ -371,8 +369,8 @@ def test_patience_artifact_chooses_the_patience(
         result.thresholds,
     )
     # Patience alone: the floors stay 0.0, every p in [1, 3] is a candidate.
-    alone = calibrate_artifact(
-        copy, x, y, "max_accuracy_drop", 0.02, confidence_floor=False, **SEARCH
+    alone = kee.calibrate(
+        copy, x, y, max_accuracy_drop=0.02, confidence_floor=False, **SEARCH
     )
     assert alone.thresholds == [0.0, 0.0] and alone.patience in (1, 2, 3)
     _assert_figures_are_the_run(alone, copy, x, y)

@@ -330,11 +330,6 @@ def calibrate(
     if guarantee is not None:
         search.update(guarantee=guarantee, per_exit=per_exit)
     if artifact.is_artifact(model):
-        if patience is not None or not confidence_floor:
-            raise ValueError(
-                "patience and confidence_floor calibrate a Keras model with "
-                "criterion='patience'; calibrate that model, then export it."
-            )
         return artifact.calibrate_artifact(
             model,
             x_val,
@@ -345,6 +340,8 @@ def calibrate(
             temperature_scaling=temperature_scaling,
             apply=apply,
             verbose=verbose,
+            patience=patience,
+            confidence_floor=confidence_floor,
             **search,
         )
     if reference_model is not None:
