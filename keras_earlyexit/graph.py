@@ -261,7 +261,11 @@ def build_segment(plan: SegmentPlan, gate, name: str) -> keras.Model:
     logits = tensors[id(plan.logits)]
     outputs["logits"] = logits
     outputs["confidence"] = gate(logits)
-    return keras.Model(new_inputs, outputs, name=name)
+    segment = keras.Model(new_inputs, outputs, name=name)
+    # Keras lists the inputs of a dict-built model by name; callers feeding
+    # the model's input arrays in order need the original order.
+    segment.input_order = tuple(new_inputs)
+    return segment
 
 
 def _carried_dtype(mask) -> str:

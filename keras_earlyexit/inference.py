@@ -135,7 +135,7 @@ class _LoopRunner:
         # Patience: class at the previous exit and streak, per row in play.
         previous = np.full(n, -1, np.int64)
         streak = np.zeros(n, np.int64)
-        carry = dict(zip(self.input_names[0], x))
+        carry = dict(zip(self.segments[0].input_order, x))
         last = len(self.segments) - 1
         for k in range(len(self.segments)):
             out = self._call(k, carry, len(rows))
@@ -275,7 +275,7 @@ class _GraphRunner:
             tf.zeros([n], tf.int64),
             tf.zeros([n], tf.float32),
         )
-        carry = dict(zip(self.input_names[0], x))
+        carry = dict(zip(self.segments[0].input_order, x))
         # Class at the previous exit and streak (read only with `track`).
         agreement = (tf.fill([n], tf.constant(-1, tf.int64)), tf.zeros([n], tf.int64))
         return self._from(
@@ -345,8 +345,17 @@ def check_inputs(model, x) -> list[np.ndarray]:
     """The model's input arrays from `x`, checked: count, sample shape,
     non-empty, equal lengths, dtype and finite values (see `_cast_input`);
     cast to the inputs' dtypes."""
-    arrays = [np.asarray(v) for v in keras.tree.flatten(x)]
     expected = keras.tree.flatten(model.inputs)
+    if isinstance(x, dict):
+        missing = [t.name for t in expected if t.name not in x]
+        if missing:
+            raise ValueError(
+                f"Inputs {missing} are missing from the dict of inputs, which "
+                f"has keys {sorted(x)}. Key each array by its model input's "
+                f"name: {[t.name for t in expected]}."
+            )
+        x = [x[t.name] for t in expected]
+    arrays = [np.asarray(v) for v in keras.tree.flatten(x)]
     if len(arrays) != len(expected):
         raise ValueError(
             f"The model takes {len(expected)} input(s); received {len(arrays)}."

@@ -148,3 +148,28 @@ def test_bad_input_leaves_the_compiled_path_usable(digits):
     again = model.predict_early(x, [0.5, 0.5])
     np.testing.assert_array_equal(again.classes, expected.classes)
     np.testing.assert_array_equal(again.exit_indices, expected.exit_indices)
+
+
+def test_inputs_are_fed_in_model_order_as_a_list_or_by_name():
+    # Input names in reverse alphabetical order, of different dtypes: a
+    # segment built from a dict lists its inputs by name, not in this order.
+    tokens = keras.Input((6,), dtype="int32", name="z_tokens")
+    mask = keras.Input((6,), dtype="bool", name="a_mask")
+    hidden = keras.layers.Embedding(20, 4)(tokens)
+    e1 = kee.ExitBranch(3, name="exit_1")(hidden, padding_mask=mask)
+    hidden = keras.layers.Dense(4, activation="relu")(hidden)
+    e2 = kee.ExitBranch(3, name="final")(hidden, padding_mask=mask)
+    model = kee.EarlyExitModel([tokens, mask], [e1, e2], thresholds=[0.5])
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 20, (16, 6)).astype("int32")
+    valid = np.arange(6)[None, :] < rng.integers(1, 7, (16, 1))
+    full = [np.asarray(o) for o in model.predict([ids, valid], verbose=0)]
+    by_list = model.predict_early([ids, valid], batch_size=16)
+    by_name = model.predict_early({"a_mask": valid, "z_tokens": ids}, batch_size=16)
+    for result in (by_list, by_name):
+        exits = result.exit_indices
+        expected = np.where(exits == 0, full[0].argmax(-1), full[1].argmax(-1))
+        np.testing.assert_array_equal(result.classes, expected)
+    np.testing.assert_array_equal(by_list.exit_indices, by_name.exit_indices)
+    with pytest.raises(ValueError, match="missing from the dict"):
+        model.predict_early({"tokens": ids, "a_mask": valid})

@@ -248,12 +248,9 @@ def model_inputs(model) -> list:
     """Segment 1's input tensors in the model's own input order (that of a
     list of arrays); Keras lists those of a segment, built from a dict of
     named inputs, by name."""
-    from keras_earlyexit import graph
-
-    inputs = keras.tree.flatten(model.inputs)
-    names = graph.plan_segments(inputs, model.outputs)[0].names
-    by_name = {t.name: t for t in model.segments()[0].inputs}
-    return [by_name[names[id(t)]] for t in inputs]
+    first = model.segments()[0]
+    by_name = {t.name: t for t in first.inputs}
+    return [by_name[name] for name in first.input_order]
 
 
 def graph_dtype(dtype: str) -> str:
