@@ -83,16 +83,11 @@ def token_samples(n: int, seed: int) -> dict[str, np.ndarray]:
 
 
 @functools.cache
-def token_int8_bundle(root: str) -> str:
-    """A tiny token classifier that runs on TFLite Micro, as an int8 bundle
-    under `root`: int32 inputs `tokens` (an embedding of 20 rows:
-    value_range [0, 19]) and `padding_mask`; three exits of Dense/ReLU
-    features, each a masked average pooling (the mask is carried from
-    segment to segment as int32). Trained for a few epochs on class =
-    first token mod 4; each threshold is the median confidence of the
-    samples reaching its exit, so that every exit occurs."""
-    from keras_earlyexit.runtime import GatedInterpreter
-
+def _token_model():
+    """A tiny token classifier that runs on TFLite Micro: int32 inputs
+    `tokens` (an embedding of 20 rows) and `padding_mask`; three exits of
+    Dense/ReLU features, each a masked average pooling. Trained for a few
+    epochs on class = first token mod 4."""
     keras.utils.set_random_seed(0)
     tokens = keras.Input((TOKEN_LENGTH,), dtype="int32", name="tokens")
     mask = keras.Input((TOKEN_LENGTH,), dtype="int32", name="padding_mask")
@@ -105,17 +100,34 @@ def token_int8_bundle(root: str) -> str:
     model.compile(keras.optimizers.Adam(1e-2), kee.EarlyExitLoss())
     x = token_samples(512, seed=1)
     model.fit(x, x["tokens"][:, 0] % 4, epochs=3, batch_size=64, verbose=0)
+    return model
+
+
+def _token_export(path: str, fused: bool) -> str:
     with warnings.catch_warnings():
         # The mask's CAST to float and QUANTIZE stay float ops (TFLite
         # Micro runs them); the exporter says so.
         warnings.filterwarnings("ignore", message=".*still computes")
-        bundle = kee.export.to_tflite(
-            model,
-            os.path.join(root, "token_bundle"),
-            representative_data={k: v[:64] for k, v in x.items()},
+        return kee.export.to_tflite(
+            _token_model(),
+            path,
+            representative_data=token_samples(64, seed=1),
             quantization="int8",
+            fused=fused,
             verbose=0,
         )
+
+
+@functools.cache
+def token_int8_bundle(root: str) -> str:
+    """`_token_model` as an int8 bundle under `root` (tokens' value_range
+    [0, 19]; the mask is carried from segment to segment as int32). Each
+    threshold is the median confidence of the samples reaching its exit,
+    so that every exit occurs."""
+    from keras_earlyexit.runtime import GatedInterpreter
+
+    bundle = _token_export(os.path.join(root, "token_bundle"), fused=False)
+    x = token_samples(512, seed=1)
     thresholds = []
     for k in range(2):
         reach = [1.0] * k + [0.0] * (2 - k)
@@ -123,6 +135,17 @@ def token_int8_bundle(root: str) -> str:
         thresholds.append(float(np.median(result.confidences)))
     kee.export.set_thresholds(bundle, thresholds)
     return bundle
+
+
+@functools.cache
+def token_int8_fused(root: str) -> str:
+    """`_token_model` as an int8 fused file under `root`, with the bundle's
+    thresholds."""
+    from keras_earlyexit.export import read_manifest
+
+    fused = _token_export(os.path.join(root, "token_int8.tflite"), fused=True)
+    kee.export.set_thresholds(fused, read_manifest(token_int8_bundle(root)).thresholds)
+    return fused
 
 
 @functools.cache

@@ -973,13 +973,14 @@ def test_bad_patience_is_refused(classpath, assets, edit, message):
 def real_bundles(classpath, tmp_path_factory) -> str:
     """Assets holding real int8 bundles (kee.export.to_tflite): the patience
     digits CNN (p = 2) and the token model (int32 ids and padding mask),
-    run by the stand-in through LiteRT."""
-    from _micro_bundle import patience_int8_bundle, token_int8_bundle
+    and the token model's fused file, run by the stand-in through LiteRT."""
+    from _micro_bundle import patience_int8_bundle, token_int8_bundle, token_int8_fused
 
     root = str(tmp_path_factory.getbasetemp())
     assets_root = str(tmp_path_factory.mktemp("real_bundles"))
     shutil.copytree(patience_int8_bundle(root), os.path.join(assets_root, "patience"))
     shutil.copytree(token_int8_bundle(root), os.path.join(assets_root, "tokens"))
+    shutil.copy(token_int8_fused(root), os.path.join(assets_root, "tokens.tflite"))
     return assets_root
 
 
@@ -1095,3 +1096,40 @@ def test_token_bundle_refuses_bad_input(classpath, real_bundles):
     )
     assert replies[6]["exit_counts"] == [0, 0, 0]  # nothing ran
     assert "error" not in replies[7]
+
+
+def test_token_fused_file_runs_as_the_python_runtime(classpath, real_bundles):
+    """The token model's fused file: IntArray inputs, one call per sample,
+    `FusedInterpreter`'s class, exit and confidence; floats for an int32
+    input and ids outside the embedding are refused."""
+    from _micro_bundle import TOKEN_VOCABULARY, token_samples
+
+    x = token_samples(REAL_SAMPLES, seed=2)
+    path = os.path.join(real_bundles, "tokens.tflite")
+    expected = FusedInterpreter(path).predict(x)
+    names = [t.name for t in _manifest(path).inputs]
+    bad = {k: v[0].copy() for k, v in x.items()}
+    bad["tokens"][5] = TOKEN_VOCABULARY
+    replies = _run(
+        classpath,
+        real_bundles,
+        "open_fused tokens.tflite",
+        *(_values(*(x[name][i] for name in names)) for i in range(REAL_SAMPLES)),
+        _values(*(bad[name] for name in names)),
+        _classify(*(x[name][0].astype(float) for name in names)),
+        "counts",
+    )
+    assert _ok(replies[0])["input_names"] == names
+    results = [_ok(r) for r in replies[1 : REAL_SAMPLES + 1]]
+    _assert_same_results(results, expected)
+    assert len(set(expected.exit_indices.tolist())) == 3
+    out_of_range, floats = replies[REAL_SAMPLES + 1 : REAL_SAMPLES + 3]
+    assert out_of_range["message"].startswith(
+        f"Input 'tokens' holds {TOKEN_VOCABULARY} at element 5; its values are in"
+    )
+    assert floats["message"].startswith(
+        f"Input '{names[0]}' takes 8 int32 values (shape [1, 8]) as an IntArray; "
+        "received a FloatArray of 8."
+    )
+    counts = np.bincount(expected.exit_indices, minlength=3).tolist()
+    assert replies[-1]["exit_counts"] == counts  # the refused ones did not run

@@ -36,6 +36,7 @@ from _micro_bundle import (
     small_int8_bundle,
     small_int8_fused,
     token_int8_bundle,
+    token_int8_fused,
     token_samples,
 )
 
@@ -622,3 +623,53 @@ def test_patience_fused_file_in_a_plain_micro_interpreter(
     bundle = GatedInterpreter(patience_int8_bundle(root), backend="micro").predict(x)
     _assert_same(got, bundle)
     assert set(expected.exit_indices.tolist()) == {1, 2}
+
+
+def test_token_fused_file_in_a_plain_micro_interpreter(
+    tflm, sanitize, build_root, tmp_path_factory
+):
+    """The token model's fused file (int32 ids and padding mask) in
+    FusedRunner: the config says int32 with the ids' range, each sample's
+    class, exit and confidence are those of `FusedInterpreter(backend=
+    "micro")` and of the token bundle; an id outside the embedding and
+    float samples are refused with their statuses."""
+    pytest.importorskip("tflite_micro")
+    from keras_earlyexit.runtime import FusedInterpreter, GatedInterpreter
+
+    root = str(tmp_path_factory.getbasetemp())
+    fused = token_int8_fused(root)
+    config = _c_arrays(root, "tokens_fused", fused)
+    header = _read(os.path.join(config, "earlyexit_fused_config.h"))
+    assert re.search(
+        rf'{{"tokens", \d, earlyexit::DType::kInt32, 2, {{1, 8}}, 32u, 0.0f, 0, 0, '
+        rf"{TOKEN_VOCABULARY - 1}}}",
+        header,
+    ), header
+    build_dir = _build_dir(build_root, "tokens_fused", sanitize)
+    _make("fused_main", build_dir, sanitize, CONFIG_DIR=config, **tflm)
+    program = os.path.join(build_dir, "fused_main")
+    interpreter = FusedInterpreter(fused, backend="micro")
+    names = [t.name for t in interpreter.manifest.inputs]
+    directory = str(tmp_path_factory.mktemp("tokens_fused"))
+
+    def sample_file(x: dict, name: str) -> str:
+        path = os.path.join(directory, name)
+        np.concatenate([x[n].astype("<i4") for n in names], axis=1).tofile(path)
+        return path
+
+    x = token_samples(120, seed=2)
+    got = _results(_run([program, sample_file(x, "ids.bin")]))
+    _assert_same(got, interpreter.predict(x))
+    _assert_same(
+        got, GatedInterpreter(token_int8_bundle(root), backend="micro").predict(x)
+    )
+
+    bad = {k: v[:2].copy() for k, v in x.items()}
+    bad["tokens"][1, 3] = -1
+    for command, message in [
+        ([program, sample_file(bad, "bad.bin")], "an int32 input value is outside"),
+        ([program, sample_file(x, "as_floats.bin"), "--float"], "Run needs a result"),
+    ]:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1, proc.stderr
+        assert f"run failed: {message}" in proc.stderr, proc.stderr

@@ -8,8 +8,15 @@ Writes, for a bundle made by `to_tflite`:
 - `earlyexit_config.h`: an `earlyexit::ModelConfig` for the runner in
   `tflite/micro/` (per segment: input, logits, confidence and carry tensors
   with their positions, shapes, dtypes and int8 parameters; thresholds in
-  float and int8; MACs), the tensor arena size, the carry buffer size, and
-  `EARLYEXIT_OPS(OP)`, the `MicroMutableOpResolver` ops the segments use.
+  float and int8; MACs; the patience of criterion `"patience"`), the tensor
+  arena size, the carry buffer size, and `EARLYEXIT_OPS(OP)`, the
+  `MicroMutableOpResolver` ops the segments use.
+
+Integer model inputs (token ids, padding masks) are int32 in the config,
+each with the range of values the runner lets through: the manifest's
+`value_range`, narrowed to the rows of every embedding table (GATHER) the
+input reaches in the graph, because TFLite Micro reads the table with the
+ids unchecked.
 
 For a fused file (`to_tflite(..., fused=True)`; its embedded manifest is
 checked first, hash included), writes `fused_model_data.cc/.h`, the file

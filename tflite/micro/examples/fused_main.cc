@@ -6,9 +6,11 @@
 //
 //   fused_main SAMPLES_FILE [--float]
 //
-// Samples are the model input's raw bytes (int8 models: already
-// quantized), or with --float float32 values that FusedRunner quantizes;
-// a sample it refuses (NaN, infinity) stops the program with its status.
+// A sample is every input's raw bytes in config order (int8 inputs already
+// quantized, float32 values, int32 token ids), or with --float every
+// input's values as float32, which FusedRunner quantizes (models with int32
+// inputs take no floats). A sample it refuses (NaN, infinity, an id out of
+// range) stops the program with its status.
 
 #include <cstdint>
 #include <cstdio>
@@ -21,20 +23,32 @@
 namespace {
 
 namespace config = earlyexit_config;
+constexpr int kNumInputs = config::kNumInputs;
 
-constexpr size_t kSampleBytes = config::kInputs[0].bytes;
-constexpr size_t kSampleValues =
-    config::kInputs[0].dtype == earlyexit::DType::kInt8 ? kSampleBytes
-                                                        : kSampleBytes / 4;
+constexpr size_t Values(const earlyexit::TensorConfig& t) {
+  return t.dtype == earlyexit::DType::kInt8 ? t.bytes : t.bytes / 4;
+}
+
+constexpr size_t SampleBytes() {
+  size_t bytes = 0;
+  for (const earlyexit::TensorConfig& t : config::kInputs) bytes += t.bytes;
+  return bytes;
+}
+
+constexpr size_t SampleValues() {
+  size_t values = 0;
+  for (const earlyexit::TensorConfig& t : config::kInputs) values += Values(t);
+  return values;
+}
 
 alignas(16) uint8_t g_arena[config::kArenaSize];
-alignas(16) uint8_t g_sample[kSampleBytes];
-float g_float_sample[kSampleValues];
+alignas(16) uint8_t g_sample[SampleBytes()];
+float g_float_sample[SampleValues()];
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  static_assert(config::kNumInputs == 1, "fused_main reads single-input models");
+  static_assert(kNumInputs <= earlyexit::kMaxFusedInputs, "too many model inputs");
   const bool floats = argc == 3 && std::strcmp(argv[2], "--float") == 0;
   if (argc != 2 && !floats) {
     std::fprintf(stderr, "usage: %s SAMPLES_FILE [--float]\n", argv[0]);
@@ -59,34 +73,47 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "cannot open %s\n", argv[1]);
     return 2;
   }
-  unsigned counts[config::kNumExits] = {};
+  // Each input's place in a sample.
+  earlyexit::InputData inputs[kNumInputs];
+  const float* float_inputs[kNumInputs];
+  size_t counts[kNumInputs];
+  size_t offset = 0;
+  size_t value_offset = 0;
+  for (int i = 0; i < kNumInputs; ++i) {
+    const earlyexit::TensorConfig& t = config::kInputs[i];
+    inputs[i] = {g_sample + offset, t.bytes, t.dtype};
+    float_inputs[i] = g_float_sample + value_offset;
+    counts[i] = Values(t);
+    offset += t.bytes;
+    value_offset += Values(t);
+  }
+  unsigned exits[config::kNumExits] = {};
   for (;;) {
     earlyexit::Result result;
     earlyexit::Status run;
     if (floats) {
-      if (std::fread(g_float_sample, sizeof(float), kSampleValues, f) != kSampleValues) {
+      if (std::fread(g_float_sample, sizeof(float), SampleValues(), f) !=
+          SampleValues()) {
         break;
       }
-      const float* inputs[] = {g_float_sample};
-      const size_t sizes[] = {kSampleValues};
-      run = model.RunFloat(inputs, sizes, 1, &result);
+      run = model.RunFloat(float_inputs, counts, kNumInputs, &result);
     } else {
-      if (std::fread(g_sample, 1, kSampleBytes, f) != kSampleBytes) break;
-      run = model.Run(g_sample, sizeof(g_sample), &result);
+      if (std::fread(g_sample, 1, SampleBytes(), f) != SampleBytes()) break;
+      run = model.Run(inputs, kNumInputs, &result);
     }
     if (run != earlyexit::Status::kOk) {
       std::fprintf(stderr, "run failed: %s\n", earlyexit::StatusString(run));
       std::fclose(f);
       return 1;
     }
-    ++counts[result.exit_index];
+    ++exits[result.exit_index];
     std::printf("%d %d %.9g\n", result.label, result.exit_index,
                 static_cast<double>(result.confidence));
   }
   std::fclose(f);
   for (int k = 0; k < config::kNumExits; ++k) {
     std::fprintf(stderr, "exit %d (%s): %u samples\n", k, config::kExitNames[k],
-                 counts[k]);
+                 exits[k]);
   }
   return 0;
 }

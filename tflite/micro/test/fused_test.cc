@@ -154,6 +154,22 @@ int main() {
   CHECK_EQ(again.label, result.label);
   CHECK_EQ(again.exit_index, result.exit_index);
   CHECK_EQ(again.confidence, result.confidence);
+  // The checked Run: dtype, byte count and input count before anything.
+  const earlyexit::DType dtype = config::kInputs[0].dtype;
+  earlyexit::InputData typed[2] = {{raw, sizeof(raw), dtype}, {raw, sizeof(raw), dtype}};
+  Result checked{};
+  CHECK_EQ(runner.Run(typed, 1, &checked), Status::kOk);
+  CHECK_EQ(checked.label, result.label);
+  CHECK_EQ(checked.exit_index, result.exit_index);
+  CHECK_EQ(runner.Run(typed, 2, &checked), Status::kBadInput);
+  CHECK_EQ(runner.Run(typed, 1, nullptr), Status::kBadInput);
+  typed[0].dtype = earlyexit::DType::kInt32;
+  CHECK_EQ(runner.Run(typed, 1, &checked), Status::kBadInput);
+  typed[0].dtype = dtype;
+  typed[0].bytes = sizeof(raw) + 1;
+  CHECK_EQ(runner.Run(typed, 1, &checked), Status::kBadInput);
+  typed[0] = {nullptr, sizeof(raw), dtype};
+  CHECK_EQ(runner.Run(typed, 1, &checked), Status::kBadInput);
   CHECK(result.exit_index >= 0 && result.exit_index < config::kNumExits);
   CHECK(result.label >= 0 && result.label < config::kNumClasses);
   CHECK(result.confidence >= 0.0f && result.confidence <= 1.0f);
