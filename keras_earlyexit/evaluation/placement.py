@@ -94,7 +94,9 @@ class ExitPlacement:
     def build_model(self):
         """The backbone with the proposed exits attached (`attach_exits`),
         their heads set to the trained probes and the thresholds applied;
-        fine-tune or calibrate it as any `EarlyExitModel`.
+        fine-tune or calibrate it as any `EarlyExitModel`. To calibrate it
+        again, use data the probes were not trained on: on the part of `x`
+        they were fitted to, their confidences are too high.
 
         Returns:
             An `EarlyExitModel` sharing the backbone's layers.
