@@ -241,7 +241,12 @@ def fuse(
         criterion=manifest.criterion,
         exit_names=list(manifest.exit_names),
         boundary=manifest.boundary.split(":")[0],
-        inputs=[TensorInfo(**vars(t)) for t in manifest.segments[0].inputs],
+        # The main graph takes the inputs in the manifest's list order (the
+        # model's), which need not be segment 1's positions.
+        inputs=[
+            TensorInfo(**{**vars(t), "position": i})
+            for i, t in enumerate(manifest.segments[0].inputs)
+        ],
         outputs=list(OUTPUT_NAMES if logits else OUTPUT_NAMES[:3]),
         exits=exits,
         source_sha256=source_sha256,
