@@ -26,6 +26,7 @@ _EXPORTS = {
     "exit_weights": "keras_earlyexit.losses",
     "EarlyExitModel": "keras_earlyexit.models",
     "quantize_aware": "keras_earlyexit.quantization",
+    "suggest_exits": "keras_earlyexit.evaluation",
 }
 _SUBPACKAGES = ("export", "generation", "quantization", "runtime")
 

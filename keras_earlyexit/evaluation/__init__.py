@@ -1,12 +1,19 @@
-"""Evaluation: MACs per exit, profiles of accuracy against compute, and
-threshold calibration."""
+"""Evaluation: MACs per exit, profiles of accuracy against compute,
+threshold calibration and exit placement."""
 
 from keras_earlyexit.evaluation.calibrate import CalibrationResult, calibrate
 from keras_earlyexit.evaluation.macs import LayerMacs, MacsReport, count_macs
+from keras_earlyexit.evaluation.placement import (
+    CandidateExit,
+    ExitPlacement,
+    suggest_exits,
+)
 from keras_earlyexit.evaluation.profile import ProfileReport, SweepPoint, profile
 
 __all__ = [
     "CalibrationResult",
+    "CandidateExit",
+    "ExitPlacement",
     "LayerMacs",
     "MacsReport",
     "ProfileReport",
@@ -14,4 +21,5 @@ __all__ = [
     "calibrate",
     "count_macs",
     "profile",
+    "suggest_exits",
 ]
