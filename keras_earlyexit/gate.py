@@ -4,6 +4,7 @@ the threshold it must reach."""
 import numbers
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_earlyexit import criteria
@@ -11,6 +12,11 @@ from keras_earlyexit import criteria
 _PACKAGE = "keras_earlyexit"
 # Patience of a patience gate built without one: two exits in a row agree.
 DEFAULT_PATIENCE = 2
+# Policy of a learned gate before fitting: sigmoid(8 * (top-1 - 0.5)), a
+# monotone function of the top-1 probability (as max_prob, on another
+# scale): weight 8 on top-1, 0 on the other features.
+INITIAL_POLICY_WEIGHTS = (8.0, 0.0, 0.0, 0.0)
+INITIAL_POLICY_BIAS = -4.0
 
 
 def check_threshold(value, what: str = "threshold") -> float:
@@ -28,6 +34,32 @@ def check_threshold(value, what: str = "threshold") -> float:
             "every sample leave."
         )
     return value
+
+
+def check_policy(weights, bias) -> tuple[np.ndarray, float]:
+    """The weights and bias of a learned gate as float32 numbers, one weight
+    per `criteria.POLICY_FEATURES`, all finite; or a ValueError."""
+    names = criteria.POLICY_FEATURES
+    try:
+        weights = np.asarray(weights, dtype=np.float32)
+        bias = np.float32(bias)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"policy_weights must be {len(names)} numbers (one per feature "
+            f"{', '.join(names)}) and policy_bias a number. Received: "
+            f"{weights!r}, {bias!r}"
+        ) from None
+    if weights.shape != (len(names),):
+        raise ValueError(
+            f"policy_weights must hold {len(names)} numbers, one per feature "
+            f"({', '.join(names)}). Received shape {weights.shape}."
+        )
+    if not (np.all(np.isfinite(weights)) and np.isfinite(bias)):
+        raise ValueError(
+            "policy_weights and policy_bias must be finite. Received: "
+            f"{weights.tolist()}, {float(bias)}"
+        )
+    return weights, float(bias)
 
 
 def check_patience(value, num_exits: int | None = None) -> int:
@@ -68,9 +100,24 @@ class ExitGate(keras.layers.Layer):
     (`keras_earlyexit.runtime.patience.patience_passes`); the gate itself
     computes the confidence only. `patience` is a non-trainable weight too.
 
+    With `criterion="learned"` the confidence is a logistic exit policy,
+    `sigmoid(policy_bias + sum_i policy_weights[i] * feature_i)` over the
+    features `criteria.POLICY_FEATURES` of the temperature-scaled logits
+    (top-1 probability and its margin over the top-2, largest logit and its
+    margin over the second), fitted by
+    `kee.fit_exit_policy` to predict whether this exit's answer is right
+    (or agrees with the final exit). The weights and bias are
+    non-trainable weights, so they are saved with the model and frozen into
+    each exported segment (MUL, ADD and LOGISTIC ops, which TFLite Micro
+    runs in int8); no runtime needs to know the criterion. Before fitting,
+    the score is `sigmoid(8 * (top1 - 0.5))`: a monotone function of the
+    top-1 probability, so a threshold t lets the same samples leave as a
+    max_prob threshold of `0.5 + log(t / (1 - t)) / 8` (0.9 ~ 0.775;
+    the score stays below 0.982).
+
     Args:
-        criterion: `"max_prob"`, `"margin"`, `"entropy"` or `"patience"`
-            (see `keras_earlyexit.criteria.confidence`).
+        criterion: `"max_prob"`, `"margin"`, `"entropy"`, `"patience"` or
+            `"learned"` (see `keras_earlyexit.criteria.confidence`).
         threshold: float in [0, 1]; 1.0 means no sample leaves here.
             Default 0.9, or 0.0 (no floor) for `"patience"`.
         temperature: float > 0 dividing the logits before the softmax (set
@@ -78,6 +125,11 @@ class ExitGate(keras.layers.Layer):
         patience: for `criterion="patience"` only: how many exits in a row
             must agree, an int >= 1 (default 2). PABEE's patience t is
             `patience = t + 1`.
+        policy_weights: for `criterion="learned"` only: one weight per
+            feature of `criteria.POLICY_FEATURES` (default
+            `INITIAL_POLICY_WEIGHTS`, monotone in the top-1 probability).
+        policy_bias: for `criterion="learned"` only: the bias (default
+            `INITIAL_POLICY_BIAS`).
 
     Call arguments:
         logits: `(batch, num_classes)` tensor.
@@ -95,6 +147,8 @@ class ExitGate(keras.layers.Layer):
     exits_here = gate_passes(confidence, gate.threshold)
 
     pabee = ExitGate("patience", patience=3)  # 3 exits in a row agree
+
+    learned = ExitGate("learned")  # weights fitted by kee.fit_exit_policy
     ```
     """
 
@@ -104,6 +158,8 @@ class ExitGate(keras.layers.Layer):
         threshold: float | None = None,
         temperature: float = 1.0,
         patience: int | None = None,
+        policy_weights=None,
+        policy_bias: float | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -114,36 +170,46 @@ class ExitGate(keras.layers.Layer):
                 f"this gate's criterion is {criterion!r}. Pass "
                 "criterion='patience' or leave patience unset."
             )
+        if criterion != "learned" and (
+            policy_weights is not None or policy_bias is not None
+        ):
+            raise ValueError(
+                "policy_weights and policy_bias apply only to "
+                f"criterion='learned'; this gate's criterion is {criterion!r}."
+            )
         if threshold is None:
             threshold = 0.0 if criterion == "patience" else 0.9
         threshold = check_threshold(threshold)
         temperature = self._check_temperature(temperature)
         # Scalars that depend on no input shape: created here so that
         # thresholds can be read and set before the gate is ever called.
-        self.threshold_variable = self.add_weight(
-            shape=(),
-            initializer=keras.initializers.Constant(threshold),
-            trainable=False,
-            name="threshold",
-        )
-        self.temperature_variable = self.add_weight(
-            shape=(),
-            initializer=keras.initializers.Constant(temperature),
-            trainable=False,
-            name="temperature",
-        )
+        self.threshold_variable = self._fixed_weight("threshold", threshold)
+        self.temperature_variable = self._fixed_weight("temperature", temperature)
         self.patience_variable = None
         if criterion == "patience":
-            self.patience_variable = self.add_weight(
-                shape=(),
-                initializer=keras.initializers.Constant(
-                    check_patience(DEFAULT_PATIENCE if patience is None else patience)
-                ),
-                dtype="int32",
-                trainable=False,
-                name="patience",
+            patience = DEFAULT_PATIENCE if patience is None else patience
+            self.patience_variable = self._fixed_weight(
+                "patience", check_patience(patience), dtype="int32"
             )
+        self.policy_weights_variable = self.policy_bias_variable = None
+        if criterion == "learned":
+            weights, bias = check_policy(
+                INITIAL_POLICY_WEIGHTS if policy_weights is None else policy_weights,
+                INITIAL_POLICY_BIAS if policy_bias is None else policy_bias,
+            )
+            self.policy_weights_variable = self._fixed_weight("policy_weights", weights)
+            self.policy_bias_variable = self._fixed_weight("policy_bias", bias)
         self.built = True
+
+    def _fixed_weight(self, name: str, value, dtype: str | None = None):
+        """A non-trainable weight holding `value` (a scalar or a vector)."""
+        return self.add_weight(
+            shape=np.shape(value),
+            initializer=keras.initializers.Constant(value),
+            dtype=dtype,
+            trainable=False,
+            name=name,
+        )
 
     @staticmethod
     def _check_temperature(value) -> float:
@@ -184,9 +250,37 @@ class ExitGate(keras.layers.Layer):
             )
         self.patience_variable.assign(check_patience(value))
 
+    @property
+    def policy(self) -> tuple[np.ndarray, float] | None:
+        """`(weights, bias)` of a learned gate (None for other criteria)."""
+        if self.policy_weights_variable is None:
+            return None
+        return (
+            np.asarray(ops.convert_to_numpy(self.policy_weights_variable), np.float32),
+            float(ops.convert_to_numpy(self.policy_bias_variable)),
+        )
+
+    def set_policy(self, weights, bias: float) -> None:
+        """Sets a learned gate's policy: one weight per feature of
+        `criteria.POLICY_FEATURES`, and the bias."""
+        if self.policy_weights_variable is None:
+            raise ValueError(
+                f"This gate's criterion is {self.criterion!r}; a policy applies "
+                "only to criterion='learned'."
+            )
+        weights, bias = check_policy(weights, bias)
+        self.policy_weights_variable.assign(weights)
+        self.policy_bias_variable.assign(bias)
+
     def call(self, logits):
         temperature = ops.cast(self.temperature_variable, logits.dtype)
-        return criteria.confidence(logits, self.criterion, temperature)
+        policy = None
+        if self.policy_weights_variable is not None:
+            policy = (
+                ops.cast(self.policy_weights_variable, logits.dtype),
+                ops.cast(self.policy_bias_variable, logits.dtype),
+            )
+        return criteria.confidence(logits, self.criterion, temperature, policy)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0],)
@@ -202,4 +296,8 @@ class ExitGate(keras.layers.Layer):
         )
         if self.patience_variable is not None:
             config["patience"] = self.patience
+        if self.policy_weights_variable is not None:
+            weights, bias = self.policy
+            config["policy_weights"] = [float(w) for w in weights]
+            config["policy_bias"] = bias
         return config

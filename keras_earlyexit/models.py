@@ -122,7 +122,10 @@ class EarlyExitModel(keras.Model):
             the last is the final classifier.
         name: model name.
         criterion: criterion of the gates (`"max_prob"`, `"margin"`,
-            `"entropy"` or `"patience"`, see `ExitGate`).
+            `"entropy"`, `"patience"` or `"learned"`, see `ExitGate`). The
+            policies of `"learned"` gates are fitted by
+            `kee.fit_exit_policy`; before that, their score is a monotone
+            function of the top-1 probability.
         thresholds: one threshold per non-final exit (default 0.9 each;
             0.0, no confidence floor, for `"patience"`).
         patience: with `criterion="patience"`, how many exits in a row must
@@ -140,6 +143,11 @@ class EarlyExitModel(keras.Model):
 
     # PABEE: leave when 3 exits in a row agree (with no confidence floor).
     pabee = EarlyExitModel(inputs, exits, criterion="patience", patience=3)
+
+    # Learned exit policies: fit on one split, calibrate on another.
+    learned = EarlyExitModel(inputs, exits, criterion="learned")
+    kee.fit_exit_policy(learned, x_fit, y_fit)
+    kee.calibrate(learned, x_cal, y_cal, max_accuracy_drop=0.01, apply=True)
     ```
     """
 
