@@ -17,7 +17,7 @@ on the test split: `build_model()` (probe heads as exits, with the
 thresholds calibrated on the held-out part of the placement data), gated
 accuracy and average MACs from `kee.profile` on the test split.
 
-Run: `KERAS_BACKEND=jax python benchmarks/placement.py` (about 15 minutes on
+Run: `KERAS_BACKEND=jax python benchmarks/placement.py` (about 20 minutes on
 2 cores; trained backbones are kept in `results/placement_*.keras`).
 Writes `benchmarks/results/placement.{md,json}`.
 """
