@@ -24,6 +24,7 @@ _EXPORTS = {
     "EarlyExitLoss": "keras_earlyexit.losses",
     "ExitCurriculum": "keras_earlyexit.losses",
     "exit_weights": "keras_earlyexit.losses",
+    "fit_exit_policy": "keras_earlyexit.evaluation",
     "EarlyExitModel": "keras_earlyexit.models",
     "quantize_aware": "keras_earlyexit.quantization",
     "suggest_exits": "keras_earlyexit.evaluation",
