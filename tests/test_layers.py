@@ -89,7 +89,8 @@ def _numpy_confidence(z, criterion, temperature=1.0):
     return 1 - h / math.log(z.shape[-1])
 
 
-@pytest.mark.parametrize("criterion", criteria.CRITERIA)
+# The learned gate's score is checked against NumPy in tests/test_policy.py.
+@pytest.mark.parametrize("criterion", [c for c in criteria.CRITERIA if c != "learned"])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_gate_matches_numpy(criterion, temperature):
     z = np.random.default_rng(3).normal(size=(32, 5)).astype("float32") * 3
