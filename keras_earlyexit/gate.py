@@ -104,12 +104,13 @@ class ExitGate(keras.layers.Layer):
     `sigmoid(policy_bias + sum_i policy_weights[i] * feature_i)` over the
     features `criteria.POLICY_FEATURES` of the temperature-scaled logits
     (top-1 probability and its margin over the top-2, largest logit and its
-    margin over the second), fitted by
-    `kee.fit_exit_policy` to predict whether this exit's answer is right
-    (or agrees with the final exit). The weights and bias are
-    non-trainable weights, so they are saved with the model and frozen into
-    each exported segment (MUL, ADD and LOGISTIC ops, which TFLite Micro
-    runs in int8); no runtime needs to know the criterion. Before fitting,
+    margin over the second), fitted by `kee.fit_exit_policy` to predict
+    whether this exit's answer is right (or agrees with the final exit).
+    The weights and bias are non-trainable weights, so they are saved with
+    the model and frozen into each exported segment (ops that TFLite Micro
+    runs in int8, ending in LOGISTIC); no runtime needs to know the
+    criterion. Temperature scaling does not apply (the fit scales each
+    feature). Before fitting,
     the score is `sigmoid(8 * (top1 - 0.5))`: a monotone function of the
     top-1 probability, so a threshold t lets the same samples leave as a
     max_prob threshold of `0.5 + log(t / (1 - t)) / 8` (0.9 ~ 0.775;
