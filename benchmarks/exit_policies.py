@@ -123,8 +123,12 @@ def calibrated(outputs, guard: bool = True):
         return calibrate_outputs(outputs, "max_accuracy_drop", MAX_DROP, guard=guard)
 
 
-def figures(outputs, thresholds) -> dict:
-    accuracy, macs, _, exits = outputs.simulate(thresholds)
+def figures(outputs, thresholds, exits=None, accuracy=None) -> dict:
+    """Drop, MACs and exit shares of `thresholds` on `outputs`: simulated,
+    or of the `exits` and `accuracy` a real run gave."""
+    if exits is None:
+        accuracy, _, _, exits = outputs.simulate(thresholds)
+    macs = float(outputs.cumulative_macs[exits].mean())
     final = float(outputs.correct[:, -1].mean())
     return {
         "thresholds": [round(float(t), 4) for t in thresholds],
@@ -166,21 +170,9 @@ def learned_on_model(model, data, target: str, test) -> dict:
         learned, *result.validation_data, max_accuracy_drop=MAX_DROP
     )
     prediction = learned.predict_early(data.x_test, calibration.thresholds)
-    rows = np.arange(len(data.y_test))
     accuracy = float(np.mean(prediction.classes == data.y_test))
-    macs = float(test.cumulative_macs[prediction.exit_indices].mean())
-    final = float(test.correct[:, -1].mean())
     return {
-        "thresholds": [round(float(t), 4) for t in calibration.thresholds],
-        "accuracy": accuracy,
-        "drop_points": round(100 * (final - accuracy), 2),
-        "average_macs": macs,
-        "speedup": round(float(test.cumulative_macs[-1]) / macs, 2),
-        "exit_shares": [
-            round(float(s), 4)
-            for s in np.bincount(prediction.exit_indices, minlength=test.num_exits)
-            / len(rows)
-        ],
+        **figures(test, calibration.thresholds, prediction.exit_indices, accuracy),
         "fitted_exits": exits,
         "weights": [[round(float(v), 3) for v in w] for w in result.weights],
         "biases": [round(b, 3) for b in result.biases],
