@@ -145,6 +145,27 @@ def test_temperature_scaling_and_saving(trained_digits_model, digits, tmp_path):
     assert "thresholds" in str(result) and "temperatures" in str(result)
 
 
+def test_temperature_scaling_is_refused_for_learned_gates(trained_digits_model, digits):
+    learned = kee.EarlyExitModel(
+        trained_digits_model.inputs, trained_digits_model.outputs, criterion="learned"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"temperature_scaling=True does not apply to learned gates.*"
+        r"kee\.fit_exit_policy.*without temperature_scaling",
+    ):
+        kee.calibrate(
+            learned,
+            digits.x_val,
+            digits.y_val,
+            max_accuracy_drop=0.01,
+            temperature_scaling=True,
+        )
+    # Without temperature scaling the learned score is calibrated as usual.
+    result = kee.calibrate(learned, digits.x_val, digits.y_val, max_accuracy_drop=0.05)
+    assert result.temperatures is None and result.bound <= 0.05
+
+
 def test_impossible_targets_say_what_is_reachable(trained_digits_model, digits):
     model, x, y = trained_digits_model, digits.x_val, digits.y_val
     with pytest.raises(ValueError, match=r"not reachable.*macs_budget >= 0\.0"):

@@ -229,7 +229,9 @@ def calibrate(
         delta: failure probability of the bounds, in (0, 1).
         temperature_scaling: fit one softmax temperature per exit on the
             validation negative log-likelihood (on the search part for
-            `risk`) before searching thresholds.
+            `risk`) before searching thresholds. Not for learned gates
+            (`criterion="learned"`): refit their policy with
+            `kee.fit_exit_policy` instead.
         guard: use the upper confidence bound (see above) for
             `max_accuracy_drop` and `macs_budget`.
         risk_bound: `"binomial"` or `"hoeffding"`.
@@ -353,6 +355,8 @@ def calibrate(
             "is its own reference."
         )
     _data.check_model(model)
+    if temperature_scaling:
+        _check_temperature_scaling(model)
     patience_values = _patience_values(model, patience, confidence_floor)
     if (
         guarantee is not None
@@ -394,6 +398,22 @@ def calibrate(
     if apply:
         result.apply(model)
     return result
+
+
+def _check_temperature_scaling(model) -> None:
+    """Refuses temperature scaling for learned gates: their policy's
+    weights were fitted to features of the logits at the gate's current
+    temperature, so a new temperature would feed them other features."""
+    learned = [k for k, g in enumerate(model.gates) if g.criterion == "learned"]
+    if learned:
+        raise ValueError(
+            "temperature_scaling=True does not apply to learned gates (criterion="
+            f"'learned', exits {learned}): their exit policy reads features of "
+            "the raw logits and was fitted at the gates' current temperature, "
+            "so a new temperature would invalidate the fit. To recalibrate the "
+            "policy, refit it with kee.fit_exit_policy on other samples, then "
+            "calibrate without temperature_scaling."
+        )
 
 
 def _patience_values(model, patience, confidence_floor) -> list[int] | None:
