@@ -23,6 +23,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+# `kee.calibrate`'s guarantees (its module imports Keras; --help must not).
+GUARANTEES = ("high_probability", "expectation")
+
 
 def load_model(path: str):
     """Loads a `.keras` file holding an `EarlyExitModel`."""
@@ -280,9 +283,26 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
         help="the guarantees hold with probability >= 1 - delta (default 0.1)",
     )
     parser.add_argument(
+        "--guarantee",
+        choices=GUARANTEES,
+        help="a finite-sample promise for --max-accuracy-drop or --risk: "
+        "high_probability (w.p. >= 1 - delta over the validation draw, the "
+        "target holds on new data) or expectation (it holds on average over "
+        "draws; saves more). Default: the approximate guard for "
+        "--max-accuracy-drop, Learn then Test for --risk",
+    )
+    parser.add_argument(
+        "--per-exit",
+        action="store_true",
+        help="with --guarantee, per-exit thresholds ordered on half of the data "
+        "and certified on the other half, instead of one shared threshold "
+        "certified on all of it (for many thousand samples)",
+    )
+    parser.add_argument(
         "--temperature-scaling",
         action="store_true",
-        help="fit one softmax temperature per exit before the thresholds",
+        help="fit one softmax temperature per exit before the thresholds "
+        "(not for learned gates)",
     )
     parser.add_argument(
         "--output",
@@ -297,6 +317,17 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
+    if args.per_exit and args.guarantee is None:
+        raise SystemExit(
+            "error: --per-exit chooses the thresholds of a guarantee: add "
+            "--guarantee high_probability or --guarantee expectation, or drop "
+            "--per-exit."
+        )
+    if args.guarantee is not None and args.macs_budget is not None:
+        raise SystemExit(
+            "error: --guarantee applies to --max-accuracy-drop and --risk; "
+            "--macs-budget is kept by the guard. Drop --guarantee."
+        )
     output = output_path(args.output, ".keras", strict=True)
     _check_input_path(args.model, "model file")
     x, y = load_npz(args.data)
@@ -314,6 +345,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
             risk=args.risk,
             delta=args.delta,
             temperature_scaling=args.temperature_scaling,
+            guarantee=args.guarantee,
+            per_exit=args.per_exit,
             batch_size=args.batch_size,
             verbose=int(args.verbose),
         )

@@ -121,6 +121,48 @@ def test_calibrate_saves_thresholds(files, digits, capsys):
     np.testing.assert_allclose(loaded.thresholds, expected.thresholds, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "options, kwargs, promise",
+    [
+        (
+            ["--max-accuracy-drop", "0.02", "--guarantee", "high_probability"],
+            dict(max_accuracy_drop=0.02, guarantee="high_probability"),
+            "with probability >= 0.9 over the validation draw, the accuracy drop "
+            "on new data is <= 0.02 (finite-sample guarantee)",
+        ),
+        (
+            ["--risk", "0.1", "--guarantee", "expectation", "--per-exit"],
+            dict(risk=0.1, guarantee="expectation", per_exit=True),
+            "averaged over validation draws, the disagreement rate with the final "
+            "exit on new data is <= 0.1",
+        ),
+    ],
+)
+def test_calibrate_with_a_guarantee(files, digits, capsys, options, kwargs, promise):
+    _, model_path, data_path = files
+    assert cli.main(["calibrate", model_path, data_path, *options]) == 0
+    expected = kee.calibrate(
+        keras.saving.load_model(model_path), digits.x_val, digits.y_val, **kwargs
+    )
+    assert expected.guarantee == kwargs["guarantee"]
+    out = capsys.readouterr().out
+    assert out == f"{expected}\n"  # the same thresholds and report
+    assert f"promise:           {promise}" in out
+
+
+def test_guarantee_options_are_checked_before_any_work(files, capsys):
+    folder, model_path, _ = files
+    missing = str(folder / "missing.npz")  # never read: the options fail first
+    argv = ["calibrate", model_path, missing]
+    with pytest.raises(SystemExit, match="--per-exit chooses the thresholds of a"):
+        cli.main([*argv, "--risk", "0.1", "--per-exit"])
+    with pytest.raises(SystemExit, match="--macs-budget is kept by the guard"):
+        cli.main([*argv, "--macs-budget", "0.2", "--guarantee", "expectation"])
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--risk", "0.1", "--guarantee", "always"])
+    assert "invalid choice: 'always'" in capsys.readouterr().err
+
+
 def test_errors(files, capsys):
     folder, model_path, data_path = files
     with pytest.raises(SystemExit):  # a target is required

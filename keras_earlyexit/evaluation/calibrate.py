@@ -40,6 +40,7 @@ class CalibrationResult:
         delta: the bounds hold with probability >= 1 - delta.
         guarantee: `"high_probability"`, `"expectation"`, or None for the
             guard of `max_accuracy_drop` / `macs_budget` (see `calibrate`).
+        guard: whether that guard was on (`calibrate`'s `guard`).
         temperatures: per exit, when temperature scaling was fitted (else
             None: the gates' temperatures are kept).
         shared_threshold: the best single threshold for all exits under the
@@ -67,6 +68,7 @@ class CalibrationResult:
     num_samples: int = 0
     patience: int | None = None
     guarantee: str | None = None
+    guard: bool = True
 
     def apply(self, model):
         """Sets the model's thresholds (and fitted temperatures, and
@@ -99,11 +101,10 @@ class CalibrationResult:
             f"{self.expected_share:.1%} of {self.full_macs:,} "
             f"({1 / max(self.expected_share, 1e-12):.2f}x fewer)",
             "  exit shares:       " + ", ".join(f"{s:.1%}" for s in self.exit_shares),
-            f"  guarded bound:     {self.bound:.4f} "
-            + (
-                "(expected over calibrations)"
-                if self.guarantee == "expectation"
-                else f"(holds w.p. >= {1 - self.delta})"
+            f"  guarded bound:     {self.bound:.4f}",
+            "  promise:           "
+            + promise(
+                self.target, self.target_value, self.delta, self.guarantee, self.guard
             ),
         ]
         if self.shared_threshold is not None:
@@ -112,6 +113,54 @@ class CalibrationResult:
                 f"{self.shared_macs:,.0f} MACs per sample"
             )
         return "\n".join(lines)
+
+
+def promise(
+    target: str,
+    value: float,
+    delta: float,
+    guarantee: str | None = None,
+    guard: bool = True,
+) -> str:
+    """What thresholds calibrated for `target=value` promise, in words.
+
+    Args:
+        target: `"max_accuracy_drop"`, `"macs_budget"` or `"risk"`.
+        value: the value asked for.
+        delta: failure probability of the bounds.
+        guarantee: `calibrate`'s `guarantee` (None, `"high_probability"` or
+            `"expectation"`).
+        guard: `calibrate`'s `guard`.
+
+    Returns:
+        One sentence, e.g. for `guarantee="high_probability"`: "with
+        probability >= 0.9 over the validation draw, the accuracy drop on
+        new data is <= 0.01 (finite-sample guarantee)".
+    """
+    quantity = {
+        "max_accuracy_drop": "the accuracy drop",
+        "macs_budget": "the average MACs share",
+        "risk": "the disagreement rate with the final exit",
+    }[target]
+    certain = f"with probability >= {1 - delta:g} over the validation draw, "
+    if guarantee == "expectation":
+        return (
+            f"averaged over validation draws, {quantity} on new data is <= "
+            f"{value:g} (expectation guarantee, conformal risk control)"
+        )
+    if guarantee == "high_probability":
+        return (
+            f"{certain}{quantity} on new data is <= {value:g} (finite-sample guarantee)"
+        )
+    if target == "risk":
+        return f"{certain}{quantity} on new data is <= {value:g} (Learn then Test)"
+    if guard:
+        return (
+            f"the upper confidence bound (level {1 - delta:g}) of {quantity} on "
+            f"the validation data is <= {value:g} (approximate: a normal bound on "
+            "the data the search also saw)"
+        )
+    return f"{quantity} on the validation data is <= {value:g} (no guard)"
 
 
 def calibrate(
@@ -563,6 +612,7 @@ def _calibrate_patience_only(
                 delta=delta,
                 num_samples=n,
                 patience=p,
+                guard=guard,
             )
         )
     return min(candidates, key=_patience_rank(target))
@@ -687,6 +737,7 @@ def calibrate_outputs(
         shared_macs=shared_macs,
         num_samples=n,
         guarantee=guarantee,
+        guard=guard,
     )
     return result
 
