@@ -141,7 +141,8 @@ class QuantizedEarlyExitModel(EarlyExitModel):
 
     def float_model(self) -> EarlyExitModel:
         """The same network without fake quantization (fine-tuned weights,
-        gates' thresholds and temperatures), as a plain `EarlyExitModel`."""
+        gates with their thresholds, temperatures and policies), as a plain
+        `EarlyExitModel`."""
         return _rebuild(self, _dequantized_layer, quantizers=False)
 
     def get_config(self):
@@ -176,16 +177,17 @@ def quantize_aware(
 ) -> QuantizedEarlyExitModel:
     """Rebuilds an `EarlyExitModel` for quantization-aware training.
 
-    The copy has the same exits, gates, thresholds, temperatures and weights
-    (the original is left untouched), with TFLite's int8 scheme simulated
-    in `keras.ops` on every backend: kernels of `Conv1D`, `Conv2D` and
-    `DepthwiseConv2D` fake-quantized per output channel, `Dense` kernels
-    per tensor, symmetric; activations per tensor, asymmetric, with ranges
-    tracked during `fit` (moving averages of batch min/max); confidences
-    on the int8 softmax grid. Fine-tune it with `compile` and `fit`, then
-    export with `kee.export.to_tflite(qat_model, ..., quantization="int8")`:
-    the converter takes the tracked ranges as the int8 scales and zero
-    points, so the int8 model computes what the fake-quant model computes.
+    The copy has the same exits, gates (thresholds, temperatures, patience,
+    learned exit policies) and weights (the original is left untouched),
+    with TFLite's int8 scheme simulated in `keras.ops` on every backend:
+    kernels of `Conv1D`, `Conv2D` and `DepthwiseConv2D` fake-quantized per
+    output channel, `Dense` kernels per tensor, symmetric; activations per
+    tensor, asymmetric, with ranges tracked during `fit` (moving averages
+    of batch min/max); confidences on the int8 softmax grid. Fine-tune it
+    with `compile` and `fit`, then export with
+    `kee.export.to_tflite(qat_model, ..., quantization="int8")`: the
+    converter takes the tracked ranges as the int8 scales and zero points,
+    so the int8 model computes what the fake-quant model computes.
 
     Args:
         model: a trained `EarlyExitModel`.
@@ -303,7 +305,7 @@ def _dequantized_layer(layer):
 
 def _rebuild(model, convert, quantizers: bool, momentum: float = 0.99):
     """Copies `model`'s graph layer by layer through `convert`, with weights,
-    gates and thresholds.
+    gates (thresholds, temperatures, patience, learned policies).
 
     With `quantizers`, a tracked range follows every model input and every
     layer with a range of its own; a tensor that a later exit segment reads
@@ -366,6 +368,9 @@ def _rebuild(model, convert, quantizers: bool, momentum: float = 0.99):
         **({"patience": model.patience} if model.criterion == "patience" else {}),
     )
     rebuilt.set_temperatures([gate.temperature for gate in model.gates])
+    for gate, new_gate in zip(model.gates, rebuilt.gates):
+        if gate.policy is not None:  # a learned gate's fitted policy
+            new_gate.set_policy(*gate.policy)
     for old, new in pairs:
         _copy_weights(old, new)
     return rebuilt
