@@ -127,14 +127,14 @@ def test_calibrate_saves_thresholds(files, digits, capsys):
         (
             ["--max-accuracy-drop", "0.02", "--guarantee", "high_probability"],
             dict(max_accuracy_drop=0.02, guarantee="high_probability"),
-            "with probability >= 0.9 over the validation draw, the accuracy drop "
-            "on new data is <= 0.02 (finite-sample guarantee)",
+            "with probability >= 0.9 over the draw of the validation data, the "
+            "accuracy drop on new data is <= 0.02 (finite-sample guarantee)",
         ),
         (
             ["--risk", "0.1", "--guarantee", "expectation", "--per-exit"],
             dict(risk=0.1, guarantee="expectation", per_exit=True),
-            "averaged over validation draws, the disagreement rate with the final "
-            "exit on new data is <= 0.1",
+            "averaged over draws of the validation data, the disagreement rate "
+            "with the final exit on new data is <= 0.1",
         ),
     ],
 )

@@ -97,7 +97,38 @@ def test_table_reports_every_candidate(placed):
     shares = [c.share for c in placed.candidates]
     assert shares == sorted(shares) and shares[-1] <= 1.0
     assert "exit_1" in text and "fewer" in text
+    assert "upper confidence bound (level 0.9) of the accuracy drop" in text
     assert placed.to_markdown().count("|") > 20
+
+
+def test_high_probability_guarantee_states_its_promise(backbone, unseen):
+    placed = suggest_exits(
+        backbone,
+        *unseen,
+        max_accuracy_drop=0.03,
+        guarantee="high_probability",
+        exit_kwargs={"pooled_size": 2},
+        epochs=20,
+    )
+    assert placed.guarantee == "high_probability" and placed.exit_layers
+    # One shared threshold per exit set, certified on the held-out part.
+    assert len(set(placed.thresholds)) == 1 and placed.thresholds[0] < 1.0
+    # Measured over backbone seeds 0-2 x split seeds 0-2 on TensorFlow:
+    # every set certified, MACs share 0.044 to 0.122, held-out drop -1.1
+    # to +2.1 pt.
+    assert placed.expected_share < 0.3
+    assert placed.expected_accuracy >= placed.final_accuracy - 0.03 - 1e-9
+    promise = (
+        "Promise of the thresholds: with probability >= 0.9 over the draw of "
+        "the held-out samples, the accuracy drop on new data is <= 0.03 "
+        "(finite-sample guarantee). It is for these exits"
+    )
+    assert promise in str(placed) and promise in placed.to_markdown()
+    x, y = unseen
+    with pytest.raises(ValueError, match="guarantee must be None, 'high_prob"):
+        suggest_exits(backbone, x, y, guarantee="always")
+    with pytest.raises(ValueError, match="applies to max_accuracy_drop; macs_bud"):
+        suggest_exits(backbone, x, y, macs_budget=0.5, guarantee="expectation")
 
 
 def test_candidates_are_block_boundaries():

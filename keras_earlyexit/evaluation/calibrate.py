@@ -121,6 +121,7 @@ def promise(
     delta: float,
     guarantee: str | None = None,
     guard: bool = True,
+    data: str = "validation data",
 ) -> str:
     """What thresholds calibrated for `target=value` promise, in words.
 
@@ -131,21 +132,22 @@ def promise(
         guarantee: `calibrate`'s `guarantee` (None, `"high_probability"` or
             `"expectation"`).
         guard: `calibrate`'s `guard`.
+        data: what the thresholds were calibrated on, in words.
 
     Returns:
         One sentence, e.g. for `guarantee="high_probability"`: "with
-        probability >= 0.9 over the validation draw, the accuracy drop on
-        new data is <= 0.01 (finite-sample guarantee)".
+        probability >= 0.9 over the draw of the validation data, the
+        accuracy drop on new data is <= 0.01 (finite-sample guarantee)".
     """
     quantity = {
         "max_accuracy_drop": "the accuracy drop",
         "macs_budget": "the average MACs share",
         "risk": "the disagreement rate with the final exit",
     }[target]
-    certain = f"with probability >= {1 - delta:g} over the validation draw, "
+    certain = f"with probability >= {1 - delta:g} over the draw of the {data}, "
     if guarantee == "expectation":
         return (
-            f"averaged over validation draws, {quantity} on new data is <= "
+            f"averaged over draws of the {data}, {quantity} on new data is <= "
             f"{value:g} (expectation guarantee, conformal risk control)"
         )
     if guarantee == "high_probability":
@@ -157,10 +159,10 @@ def promise(
     if guard:
         return (
             f"the upper confidence bound (level {1 - delta:g}) of {quantity} on "
-            f"the validation data is <= {value:g} (approximate: a normal bound on "
-            "the data the search also saw)"
+            f"the {data} is <= {value:g} (approximate: a normal bound on the "
+            "data the search also saw)"
         )
-    return f"{quantity} on the validation data is <= {value:g} (no guard)"
+    return f"{quantity} on the {data} is <= {value:g} (no guard)"
 
 
 def calibrate(

@@ -11,7 +11,7 @@ from keras import ops
 from keras_earlyexit import graph as graph_lib
 from keras_earlyexit.criteria import confidence
 from keras_earlyexit.evaluation import _data
-from keras_earlyexit.evaluation.calibrate import calibrate_outputs
+from keras_earlyexit.evaluation.calibrate import GUARANTEES, calibrate_outputs, promise
 from keras_earlyexit.evaluation.macs import count_macs
 from keras_earlyexit.evaluation.profile import _md_table, _text_table
 from keras_earlyexit.inference import check_inputs
@@ -71,6 +71,12 @@ class ExitPlacement:
         target: `"max_accuracy_drop"` or `"macs_budget"`.
         target_value: the value asked for.
         num_samples: held-out samples the figures come from.
+        num_classes: classes of the exit heads.
+        exit_kwargs: keyword arguments of every exit head.
+        delta: failure probability of the guard or guarantee.
+        guard: whether `calibrate`'s guard was on.
+        guarantee: `calibrate`'s guarantee the thresholds were chosen
+            with (None: the guard).
     """
 
     exit_layers: list[str]
@@ -87,6 +93,9 @@ class ExitPlacement:
     num_samples: int
     num_classes: int = 0
     exit_kwargs: dict = field(default_factory=dict)
+    delta: float = 0.1
+    guard: bool = True
+    guarantee: str | None = None
     _backbone: object = field(default=None, repr=False)
     _final: str = field(default="auto", repr=False)
     _weights: dict = field(default_factory=dict, repr=False)
@@ -151,6 +160,18 @@ class ExitPlacement:
             f"{self.expected_macs:,.0f} MACs per sample = {self.expected_share:.1%} "
             f"of {self.full_macs:,} ({1 / max(self.expected_share, 1e-12):.2f}x "
             "fewer); exit shares " + ", ".join(f"{s:.1%}" for s in self.exit_shares),
+            "Promise of the thresholds: "
+            + promise(
+                self.target,
+                self.target_value,
+                self.delta,
+                self.guarantee,
+                self.guard,
+                data="held-out samples",
+            )
+            + ". It is for these exits: they were chosen on the same samples, "
+            "so calibrate build_model() on new data for a promise that holds "
+            "after the choice.",
         ]
 
     def __str__(self) -> str:
@@ -185,6 +206,7 @@ def suggest_exits(
     validation_split: float = 0.3,
     delta: float = 0.1,
     guard: bool = True,
+    guarantee: str | None = None,
     seed: int = 0,
     verbose: int = 0,
 ) -> ExitPlacement:
@@ -205,10 +227,11 @@ def suggest_exits(
        head's weights afterwards), on `1 - validation_split` of the data.
     3. Placement: on the held-out part, the probes' max-prob confidences
        simulate gated inference; for a set of exits, `calibrate`'s search
-       and guard give the least average MACs within the target, counting
-       every exit head a sample passes. Exits are added greedily (the one
-       that lowers MACs most, while it saves at least 1% of the full
-       model's MACs) and then removed while that costs less than 1%.
+       and guard (or its `guarantee`) give the least average MACs within
+       the target, counting every exit head a sample passes. Exits are
+       added greedily (the one that lowers MACs most, while it saves at
+       least 1% of the full model's MACs) and then removed while that
+       costs less than 1%.
        With `macs_budget`, the same search maximizes accuracy instead.
 
     Args:
@@ -236,8 +259,20 @@ def suggest_exits(
         learning_rate: Adam learning rate of the probes.
         batch_size: batch size of feature extraction and probe training.
         validation_split: held-out fraction, in (0, 1).
-        delta: failure probability of `calibrate`'s guard.
+        delta: failure probability of `calibrate`'s guard or guarantee.
         guard: use `calibrate`'s upper confidence bound for the target.
+        guarantee: as in `calibrate`, for `max_accuracy_drop`: None
+            (default: the approximate guard), `"high_probability"` (with
+            probability >= 1 - `delta` over the draw of the held-out part,
+            the accuracy drop on new data is <= the target) or
+            `"expectation"` (it is on average over draws). Each candidate
+            set's thresholds are then one shared threshold certified on
+            the held-out part; a finite-sample promise of 1 point needs a
+            few hundred held-out samples even when no answer is lost. The
+            promise is for the thresholds of a given exit set: the set is
+            chosen on the same held-out samples, so for a promise that
+            holds after that choice, calibrate `build_model()` again on
+            new data (`kee.calibrate(..., guarantee=...)`).
         seed: seed of the split and probe initialization.
         verbose: 1 prints progress.
 
@@ -257,6 +292,16 @@ def suggest_exits(
     ```
     """
     target, value = _check_target(max_accuracy_drop, macs_budget)
+    if guarantee is not None and guarantee not in GUARANTEES:
+        raise ValueError(
+            "guarantee must be None, 'high_probability' or 'expectation'. "
+            f"Received: {guarantee!r}"
+        )
+    if guarantee is not None and target == "macs_budget":
+        raise ValueError(
+            f"guarantee={guarantee!r} applies to max_accuracy_drop; macs_budget "
+            "is guarded by guard=True. Drop guarantee."
+        )
     if final not in ("auto", "new"):
         raise ValueError(f"final must be 'auto' or 'new'. Received: {final!r}")
     if not 0.0 < validation_split < 1.0:
@@ -319,7 +364,9 @@ def suggest_exits(
         )
         for (layer, tensor, macs), h, z in zip(layers, heads, logits)
     ]
-    search = _Placement(rows_table, logits, final_held, held_labels, full, delta, guard)
+    search = _Placement(
+        rows_table, logits, final_held, held_labels, full, delta, guard, guarantee
+    )
     chosen = search.greedy(target, value)
     if chosen is None:
         raise ValueError(search.unreachable(target, value))
@@ -342,6 +389,9 @@ def suggest_exits(
         num_samples=len(held_rows),
         num_classes=num_classes,
         exit_kwargs=exit_kwargs,
+        delta=delta,
+        guard=guard,
+        guarantee=guarantee,
         _backbone=backbone,
         _final="backbone" if use_backbone_head else "new",
         _weights={
@@ -584,10 +634,14 @@ def _head_macs(head) -> int:
 class _Placement:
     """Gated inference simulated on the held-out part for sets of exits."""
 
-    def __init__(self, rows, logits, final_logits, labels, full, delta, guard):
+    def __init__(
+        self, rows, logits, final_logits, labels, full, delta, guard, guarantee
+    ):
         self.rows, self.logits, self.final = rows, logits, final_logits
         self.labels, self.full = labels, full
-        self.search = dict(delta=delta, guard=guard, num_candidates=64)
+        self.search = dict(
+            delta=delta, guard=guard, num_candidates=64, guarantee=guarantee
+        )
         self.cache = {}
 
     def outputs(self, chosen) -> _data.ExitOutputs:
@@ -694,10 +748,17 @@ class _Placement:
             if reach
             else " No candidate saves MACs even at max_accuracy_drop=0.5."
         )
+        guarantee = self.search["guarantee"]
+        relax = {
+            None: "guard=False",
+            "high_probability": "guarantee='expectation' or None",
+            "expectation": "guarantee=None",
+        }[guarantee]
         return (
             f"max_accuracy_drop={value} cannot be reached with early exits on "
             f"these {len(self.labels)} held-out samples: no set of candidate exits "
             "meets it and saves MACs (exit heads included)." + what + " Use a "
-            "larger max_accuracy_drop, more data (the guard's margin shrinks), "
-            "guard=False, or train the backbone longer."
+            "larger max_accuracy_drop, more data (the "
+            + ("guard's margin" if guarantee is None else "certified bound's margin")
+            + f" shrinks), {relax}, or train the backbone longer."
         )
