@@ -11,6 +11,7 @@ from keras_earlyexit.quantization.layers import (
     QuantizedDepthwiseConv2D,
     QuantizedExitBranch,
     QuantizedExitGate,
+    QuantizedSeparableConv2D,
 )
 from keras_earlyexit.quantization.qat import QuantizedEarlyExitModel, quantize_aware
 
@@ -23,5 +24,6 @@ __all__ = [
     "QuantizedEarlyExitModel",
     "QuantizedExitBranch",
     "QuantizedExitGate",
+    "QuantizedSeparableConv2D",
     "quantize_aware",
 ]

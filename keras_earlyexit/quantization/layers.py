@@ -2,7 +2,9 @@
 
 TFLite int8 (the scheme `to_tflite(..., quantization="int8")` produces):
 - weights of `CONV_2D` and `DEPTHWISE_CONV_2D`: int8, symmetric, one scale
-  per output channel, range [-127, 127] (scale = max|w| / 127);
+  per output channel, range [-127, 127] (scale = max|w| / 127); a
+  `SeparableConv2D` is a `DEPTHWISE_CONV_2D` and a 1x1 `CONV_2D`, with an
+  int8 tensor between them;
 - weights of `FULLY_CONNECTED`: int8, symmetric, one scale for the tensor
   (the converter's quantization-aware path takes no per-channel range on a
   `Dense` kernel: it transposes the kernel and refuses the axis);
@@ -193,6 +195,64 @@ class QuantizedDepthwiseConv2D(keras.layers.DepthwiseConv2D):
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantizedSeparableConv2D(keras.layers.SeparableConv2D):
+    """`SeparableConv2D` as the TFLite converter lowers it: a
+    `DEPTHWISE_CONV_2D` (kernel per channel, no bias, no activation) whose
+    int8 output has a range of its own, then a 1x1 `CONV_2D` (kernel per
+    output channel, with the bias and the fused activation).
+
+    Args:
+        momentum: of the tracked range between the two convolutions (see
+            `ActivationQuantizer`).
+        **kwargs: the arguments of `SeparableConv2D`.
+    """
+
+    def __init__(self, *args, momentum: float = 0.99, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.momentum = float(momentum)
+        self.depthwise_quantizer = ActivationQuantizer(momentum, name="depthwise_quant")
+
+    def quantizers(self) -> list[ActivationQuantizer]:
+        """The range this layer tracks inside it."""
+        return [self.depthwise_quantizer]
+
+    def call(self, inputs, training=None):
+        h, w, channels, multiplier = self.depthwise_kernel.shape
+        flat = ops.reshape(self.depthwise_kernel, (h, w, channels * multiplier))
+        depthwise = ops.reshape(
+            fake_quant_weights(flat, axis=-1), self.depthwise_kernel.shape
+        )
+        x = ops.depthwise_conv(
+            inputs,
+            depthwise,
+            strides=self.strides,
+            padding=self.padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+        x = self.depthwise_quantizer(x, training=training)
+        outputs = ops.conv(
+            x,
+            fake_quant_weights(self.pointwise_kernel, axis=-1),
+            strides=1,
+            padding="valid",
+            data_format=self.data_format,
+        )
+        if self.use_bias:
+            shape = [1] * len(outputs.shape)
+            shape[-1 if self.data_format == "channels_last" else 1] = -1
+            outputs = ops.add(outputs, ops.reshape(self.bias, shape))
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    def get_config(self):
+        config = super().get_config()
+        config["momentum"] = self.momentum
+        return config
 
 
 def quantized_dense(layer: keras.layers.Dense, x):

@@ -19,6 +19,7 @@ from keras_earlyexit.quantization.layers import (
     QuantizedDepthwiseConv2D,
     QuantizedExitBranch,
     QuantizedExitGate,
+    QuantizedSeparableConv2D,
     activation_name,
 )
 
@@ -30,6 +31,7 @@ _WEIGHTED = {
     keras.layers.Conv2D: QuantizedConv2D,
     keras.layers.DepthwiseConv2D: QuantizedDepthwiseConv2D,
     keras.layers.Dense: QuantizedDense,
+    keras.layers.SeparableConv2D: QuantizedSeparableConv2D,
     ExitBranch: QuantizedExitBranch,
 }
 # Layers whose int8 output keeps its input's scale and zero point (the
@@ -107,7 +109,7 @@ class QuantizedEarlyExitModel(EarlyExitModel):
         for layer in self.layers:
             if isinstance(layer, ActivationQuantizer):
                 found.append(layer)
-            elif isinstance(layer, QuantizedExitBranch):
+            elif isinstance(layer, (QuantizedExitBranch, QuantizedSeparableConv2D)):
                 found.extend(layer.quantizers())
         return found
 
@@ -181,7 +183,9 @@ def quantize_aware(
     learned exit policies) and weights (the original is left untouched),
     with TFLite's int8 scheme simulated in `keras.ops` on every backend:
     kernels of `Conv1D`, `Conv2D` and `DepthwiseConv2D` fake-quantized per
-    output channel, `Dense` kernels per tensor, symmetric; activations per
+    output channel, `Dense` kernels per tensor, symmetric; `SeparableConv2D`
+    as TFLite runs it (a depthwise and a 1x1 convolution, both kernels per
+    channel, with an int8 tensor between them); activations per
     tensor, asymmetric, with ranges tracked during `fit` (moving averages
     of batch min/max); confidences on the int8 softmax grid. Fine-tune it
     with `compile` and `fit`, then export with
@@ -253,11 +257,11 @@ def _unsupported(layer, why: str = "") -> ValueError:
     return ValueError(
         f"quantize_aware cannot fake-quantize layer '{layer.name}' "
         f"({type(layer).__name__}){why}. Supported: Conv1D, Conv2D, "
-        "DepthwiseConv2D, Dense, ExitBranch (activations linear, relu, "
-        "relu6), Add, Concatenate, ReLU, Activation (relu, relu6), pooling, "
-        "Reshape, Flatten, Dropout, ZeroPadding. Fold BatchNormalization into "
-        "the preceding convolution and split SeparableConv2D into "
-        "DepthwiseConv2D and a 1x1 Conv2D before quantize_aware."
+        "DepthwiseConv2D, SeparableConv2D, Dense, ExitBranch (activations "
+        "linear, relu, relu6), Add, Concatenate, ReLU, Activation (relu, "
+        "relu6), pooling, Reshape, Flatten, Dropout, ZeroPadding. Fold "
+        "BatchNormalization into the preceding convolution before "
+        "quantize_aware."
     )
 
 
@@ -271,6 +275,9 @@ def _quantized_layer(layer, momentum: float):
             if base is ExitBranch:
                 config = dict(layer.get_config(), momentum=momentum)
                 return quantized.from_config(config), "inside"
+            config = layer.get_config()
+            if base is keras.layers.SeparableConv2D:  # a range inside
+                config["momentum"] = momentum
             name = activation_name(layer.activation)
             if name not in FUSED_ACTIVATIONS:
                 raise _unsupported(
@@ -278,7 +285,7 @@ def _quantized_layer(layer, momentum: float):
                 )
             if getattr(layer, "groups", 1) != 1:
                 raise _unsupported(layer, ": grouped convolution")
-            return quantized.from_config(layer.get_config()), "own"
+            return quantized.from_config(config), "own"
     if isinstance(layer, _SAME_RANGE):
         return layer.__class__.from_config(layer.get_config()), "same"
     if type(layer) in _OWN_RANGE:
