@@ -8,12 +8,13 @@ converts every output to NumPy once per segment):
 - TensorFlow: the whole gated batch is one graph (`tf.function` traced once
   for any batch size: segments, gates, compaction and the results), so a
   batch costs one call whatever the number of exits;
-- JAX: one `jax.jit` of each segment's stateless call. XLA compiles per
-  shape, so a batch is padded to the next *bucket* (`bucket_size`: exact up
-  to 4, then 4 sizes per octave, at most 25% padding): a run of any length
-  compiles a bounded set of shapes;
-- PyTorch: the eager calls under `torch.inference_mode`, exact batch sizes,
-  carries kept as tensors on their device.
+- JAX and PyTorch: each segment's stateless call compiled per shape
+  (`jax.jit`; `torch.jit.trace`, which replays the tensor operations
+  without Keras' per-layer Python work), so a batch is padded to the next
+  *bucket* (`bucket_size`: exact up to 4, then 4 sizes per octave, at most
+  25% padding): a run of any length compiles a bounded set of shapes. On
+  PyTorch the calls run under `torch.inference_mode` and the carries stay
+  tensors on their device.
 
 A patience gate (PABEE) also needs each sample's class at the previous exit
 and its streak: the loops keep them per sample still in play and compact
@@ -106,10 +107,13 @@ def gated_runner(model):
     runner = _RUNNERS.get(model)
     if runner is None or runner.segments is not segments:
         backend = keras.backend.backend()
-        kind = {"tensorflow": _GraphRunner, "jax": _JaxRunner}.get(
-            backend, _EagerRunner
-        )
-        runner = kind(segments)
+        kinds = {"tensorflow": _GraphRunner, "jax": _JaxRunner, "torch": _TorchRunner}
+        if backend not in kinds:
+            raise ValueError(
+                f"predict_early runs on the {sorted(kinds)} backends; the "
+                f"Keras backend is '{backend}'. Set KERAS_BACKEND to one of them."
+            )
+        runner = kinds[backend](segments)
         _RUNNERS[model] = runner
     return runner
 
@@ -168,9 +172,57 @@ class _LoopRunner:
         return 0
 
 
-class _EagerRunner(_LoopRunner):
-    """PyTorch (and any other eager backend): exact batch sizes, no
-    autograd bookkeeping, carries stay tensors on their device."""
+class _StatelessLoopRunner(_LoopRunner):
+    """A loop whose segments run as compiled stateless calls (variable
+    values as arguments, so weights changed later are used) on batches
+    padded to `bucket_size`: one compiled function per segment and bucket
+    reached. Outputs keep their padded rows (sliced off when read); a carry
+    that loses no sample goes on unchanged.
+
+    Subclasses define `_compile(k, values, inputs)` (segment k's compiled
+    call for inputs of this size), `_pad`, `_to_numpy` and `_take`.
+    """
+
+    def __init__(self, segments: list):
+        super().__init__(segments)
+        # Walking the layers for their variables costs more than a small
+        # segment's call: the list is taken once, the values at each call.
+        self.variables = [list(s.variables) for s in segments]
+        self.compiled = [{} for _ in segments]  # per segment: bucket -> call
+
+    def _stateless(self, k: int):
+        """Segment k as a function of its variables' values and inputs."""
+        segment, variables = self.segments[k], self.variables[k]
+        names = self.input_names[k]
+
+        def call(values, *inputs):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return segment(dict(zip(names, inputs)), training=False)
+
+        return call
+
+    def _call(self, k: int, carry: dict, n: int) -> dict:
+        size = bucket_size(n)
+        inputs = [self._pad(carry[name], size) for name in self.input_names[k]]
+        values = [v.value for v in self.variables[k]]
+        function = self.compiled[k].get(size)
+        if function is None:
+            function = self._compile(k, values, inputs)
+            self.compiled[k][size] = function
+        return function(values, *inputs)
+
+    def compiled_count(self) -> int:
+        return sum(len(c) for c in self.compiled)
+
+
+class _TorchRunner(_StatelessLoopRunner):
+    """PyTorch: each segment traced (`torch.jit.trace`) once per bucket
+    size, under `torch.inference_mode`, carries kept as tensors on their
+    device. A traced call replays the segment's tensor operations without
+    Keras' per-layer Python work, which costs more than the arithmetic of a
+    small segment (`torch.compile` does not capture Keras layers without
+    graph breaks and recompilations). A segment that cannot be traced runs
+    eagerly."""
 
     def __call__(self, x: list, gates: np.ndarray, patience: int | None = None):
         import torch
@@ -178,12 +230,35 @@ class _EagerRunner(_LoopRunner):
         with torch.inference_mode():
             return super().__call__(x, gates, patience)
 
-    def _call(self, k: int, carry: dict, n: int) -> dict:
-        carry = {name: keras.ops.convert_to_tensor(v) for name, v in carry.items()}
-        return self.segments[k](carry, training=False)
+    def _compile(self, k: int, values: list, inputs: list):
+        import warnings
+
+        import torch
+
+        call = self._stateless(k)
+        with warnings.catch_warnings():
+            # Tracer warnings flag sizes fixed in the trace: each trace
+            # serves one bucket size only.
+            warnings.simplefilter("ignore")
+            try:
+                return torch.jit.trace(
+                    call, (values, *inputs), strict=False, check_trace=False
+                )
+            except Exception:  # any layer the tracer cannot follow
+                return call
+
+    def _pad(self, value, size: int):
+        import torch
+
+        value = keras.ops.convert_to_tensor(value)
+        if len(value) == size:
+            return value
+        return torch.cat(
+            [value, value[-1:].expand(size - len(value), *value.shape[1:])]
+        )
 
     def _to_numpy(self, value, n: int) -> np.ndarray:
-        return keras.ops.convert_to_numpy(value)
+        return keras.ops.convert_to_numpy(value[:n])
 
     def _take(self, value, rows: np.ndarray):
         import torch
@@ -191,42 +266,23 @@ class _EagerRunner(_LoopRunner):
         return value.index_select(0, torch.as_tensor(rows, device=value.device))
 
 
-class _JaxRunner(_LoopRunner):
-    """`jax.jit` of each segment's stateless call on batches padded to
-    `bucket_size`; the jit caches hold one executable per bucket reached.
-    Outputs keep their padded rows (sliced off when read); a carry that
-    loses no sample goes on unchanged."""
+class _JaxRunner(_StatelessLoopRunner):
+    """JAX: `jax.jit` of each segment's stateless call, one executable per
+    bucket size reached."""
 
-    def __init__(self, segments: list):
-        super().__init__(segments)
+    def _compile(self, k: int, values: list, inputs: list):
         import jax
 
-        def stateless(segment, variables):
-            def call(values, inputs):
-                with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                    return segment(inputs, training=False)
+        return jax.jit(self._stateless(k))
 
-            return jax.jit(call)
-
-        # Walking the layers for their variables costs more than a small
-        # segment's call: the list is taken once, the values at each call
-        # (so weights changed later are used).
-        self.variables = [list(s.variables) for s in segments]
-        self.functions = [stateless(s, v) for s, v in zip(segments, self.variables)]
-
-    def _call(self, k: int, carry: dict, n: int) -> dict:
-        size = bucket_size(n)
-        carry = {name: _pad_rows(v, size) for name, v in carry.items()}
-        return self.functions[k]([v.value for v in self.variables[k]], carry)
+    def _pad(self, value, size: int):
+        return _pad_rows(value, size)
 
     def _to_numpy(self, value, n: int) -> np.ndarray:
         return np.asarray(value)[:n]
 
     def _take(self, value, rows: np.ndarray) -> np.ndarray:
         return np.asarray(value)[rows]
-
-    def compiled_count(self) -> int:
-        return sum(f._cache_size() for f in self.functions)
 
 
 def _pad_rows(value, size: int):

@@ -1,5 +1,5 @@
 """predict_early's compiled paths (one TensorFlow graph per batch, jax.jit
-on padded buckets, PyTorch inference mode) against `predict` and the gate
+and PyTorch traces on padded buckets) against `predict` and the gate
 rule; the compiled-function cache stays bounded; bad input."""
 
 import keras
@@ -121,16 +121,13 @@ def test_compiled_cache_stays_bounded(digits):
         model.predict_early(x[:n], thresholds, batch_size=n)
     counts.append(runner.compiled_count())
     assert gated_runner(model) is runner
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
+    if keras.backend.backend() == "tensorflow":
         assert counts == [1, 1]  # one graph for every batch size
-    elif backend == "jax":
+    else:  # one jit / trace per segment and bucket size reached
         buckets = len({bucket_size(n) for n in range(1, 97)})
-        assert counts[1] <= model.num_exits * buckets
+        assert 0 < counts[1] <= model.num_exits * buckets
         # New batch sizes fall into the buckets already compiled, mostly.
         assert counts[1] - counts[0] <= model.num_exits * 4
-    else:
-        assert counts == [0, 0]  # eager: nothing compiled
 
 
 def test_bad_input_leaves_the_compiled_path_usable(digits):
