@@ -127,7 +127,7 @@ def test_high_probability_guarantee_states_its_promise(backbone, unseen):
     x, y = unseen
     with pytest.raises(ValueError, match="guarantee must be None, 'high_prob"):
         suggest_exits(backbone, x, y, guarantee="always")
-    with pytest.raises(ValueError, match="applies to max_accuracy_drop; macs_bud"):
+    with pytest.raises(ValueError, match="does not apply to macs_budget"):
         suggest_exits(backbone, x, y, macs_budget=0.5, guarantee="expectation")
 
 

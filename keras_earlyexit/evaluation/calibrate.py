@@ -97,10 +97,9 @@ class CalibrationResult:
         lines += [
             f"  expected accuracy: {self.expected_accuracy:.4f} "
             f"(final exit {self.final_accuracy:.4f})",
-            f"  expected MACs:     {self.expected_macs:,.0f} per sample = "
-            f"{self.expected_share:.1%} of {self.full_macs:,} "
-            f"({1 / max(self.expected_share, 1e-12):.2f}x fewer)",
-            "  exit shares:       " + ", ".join(f"{s:.1%}" for s in self.exit_shares),
+            "  expected MACs:     "
+            + macs_text(self.expected_macs, self.expected_share, self.full_macs),
+            f"  exit shares:       {percentages(self.exit_shares)}",
             f"  guarded bound:     {self.bound:.4f}",
             "  promise:           "
             + promise(
@@ -113,6 +112,20 @@ class CalibrationResult:
                 f"{self.shared_macs:,.0f} MACs per sample"
             )
         return "\n".join(lines)
+
+
+def macs_text(macs: float, share: float, full_macs: int) -> str:
+    """Average MACs per sample, as a share of the full model's and as a
+    reduction: "32,227 MACs per sample = 7.2% of 447,616 (13.96x fewer)"."""
+    return (
+        f"{macs:,.0f} MACs per sample = {share:.1%} of {full_macs:,} "
+        f"({1 / max(share, 1e-12):.2f}x fewer)"
+    )
+
+
+def percentages(shares) -> str:
+    """Shares as comma-separated percentages: "70.2%, 23.0%, 6.8%"."""
+    return ", ".join(f"{s:.1%}" for s in shares)
 
 
 def promise(
@@ -356,21 +369,12 @@ def calibrate(
         raise ValueError(
             f"search_fraction must be in (0, 1). Received: {search_fraction}"
         )
-    if guarantee is not None and guarantee not in GUARANTEES:
-        raise ValueError(
-            "guarantee must be None, 'high_probability' or 'expectation'. "
-            f"Received: {guarantee!r}"
-        )
+    check_guarantee(guarantee, target)
     if per_exit and guarantee is None:
         raise ValueError(
             "per_exit=True chooses the path of a guarantee; without one the "
             "search is per exit already. Pass guarantee='high_probability' "
             "or 'expectation', or drop per_exit."
-        )
-    if guarantee is not None and target == "macs_budget":
-        raise ValueError(
-            f"guarantee={guarantee!r} applies to max_accuracy_drop and risk; "
-            "macs_budget is guarded by guard=True. Drop guarantee."
         )
     from keras_earlyexit.evaluation import artifact
 
@@ -449,6 +453,21 @@ def calibrate(
     if apply:
         result.apply(model)
     return result
+
+
+def check_guarantee(guarantee: str | None, target: str) -> None:
+    """Refuses an unknown `guarantee`, or one for `macs_budget` (which the
+    guard keeps: the MACs of a setting are no per-sample loss to certify)."""
+    if guarantee is not None and guarantee not in GUARANTEES:
+        raise ValueError(
+            "guarantee must be None, 'high_probability' or 'expectation'. "
+            f"Received: {guarantee!r}"
+        )
+    if guarantee is not None and target == "macs_budget":
+        raise ValueError(
+            f"guarantee={guarantee!r} does not apply to macs_budget, which "
+            "guard=True keeps. Drop guarantee, or give max_accuracy_drop."
+        )
 
 
 def _check_temperature_scaling(model) -> None:

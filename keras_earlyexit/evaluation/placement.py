@@ -11,7 +11,13 @@ from keras import ops
 from keras_earlyexit import graph as graph_lib
 from keras_earlyexit.criteria import confidence
 from keras_earlyexit.evaluation import _data
-from keras_earlyexit.evaluation.calibrate import GUARANTEES, calibrate_outputs, promise
+from keras_earlyexit.evaluation.calibrate import (
+    calibrate_outputs,
+    check_guarantee,
+    macs_text,
+    percentages,
+    promise,
+)
 from keras_earlyexit.evaluation.macs import count_macs
 from keras_earlyexit.evaluation.profile import _md_table, _text_table
 from keras_earlyexit.inference import check_inputs
@@ -157,9 +163,8 @@ class ExitPlacement:
             f"Proposed exits: {self.exit_layers} (thresholds [{thresholds}])",
             f"Expected on {self.num_samples} held-out samples: accuracy "
             f"{self.expected_accuracy:.4f} (final exit {self.final_accuracy:.4f}), "
-            f"{self.expected_macs:,.0f} MACs per sample = {self.expected_share:.1%} "
-            f"of {self.full_macs:,} ({1 / max(self.expected_share, 1e-12):.2f}x "
-            "fewer); exit shares " + ", ".join(f"{s:.1%}" for s in self.exit_shares),
+            + macs_text(self.expected_macs, self.expected_share, self.full_macs)
+            + f"; exit shares {percentages(self.exit_shares)}",
             "Promise of the thresholds: "
             + promise(
                 self.target,
@@ -292,16 +297,7 @@ def suggest_exits(
     ```
     """
     target, value = _check_target(max_accuracy_drop, macs_budget)
-    if guarantee is not None and guarantee not in GUARANTEES:
-        raise ValueError(
-            "guarantee must be None, 'high_probability' or 'expectation'. "
-            f"Received: {guarantee!r}"
-        )
-    if guarantee is not None and target == "macs_budget":
-        raise ValueError(
-            f"guarantee={guarantee!r} applies to max_accuracy_drop; macs_budget "
-            "is guarded by guard=True. Drop guarantee."
-        )
+    check_guarantee(guarantee, target)
     if final not in ("auto", "new"):
         raise ValueError(f"final must be 'auto' or 'new'. Received: {final!r}")
     if not 0.0 < validation_split < 1.0:
