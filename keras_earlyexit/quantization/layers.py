@@ -177,24 +177,35 @@ class QuantizedDepthwiseConv2D(keras.layers.DepthwiseConv2D):
     (TFLite's channel `c * depth_multiplier + m`)."""
 
     def call(self, inputs):
-        h, w, channels, multiplier = self.kernel.shape
-        flat = ops.reshape(self.kernel, (h, w, channels * multiplier))
-        kernel = ops.reshape(fake_quant_weights(flat, axis=-1), self.kernel.shape)
-        outputs = ops.depthwise_conv(
-            inputs,
-            kernel,
-            strides=self.strides,
-            padding=self.padding,
-            dilation_rate=self.dilation_rate,
-            data_format=self.data_format,
-        )
-        if self.use_bias:
-            shape = [1] * len(outputs.shape)
-            shape[-1 if self.data_format == "channels_last" else 1] = -1
-            outputs = ops.add(outputs, ops.reshape(self.bias, shape))
-        if self.activation is not None:
-            outputs = self.activation(outputs)
-        return outputs
+        outputs = _quantized_depthwise(self, inputs, self.kernel)
+        return _bias_and_activation(self, outputs)
+
+
+def _quantized_depthwise(layer, inputs, kernel):
+    """`layer`'s depthwise convolution with `kernel` (h, w, channels,
+    multiplier) fake-quantized per output channel `c * multiplier + m`."""
+    h, w, channels, multiplier = kernel.shape
+    flat = ops.reshape(kernel, (h, w, channels * multiplier))
+    kernel = ops.reshape(fake_quant_weights(flat, axis=-1), kernel.shape)
+    return ops.depthwise_conv(
+        inputs,
+        kernel,
+        strides=layer.strides,
+        padding=layer.padding,
+        dilation_rate=layer.dilation_rate,
+        data_format=layer.data_format,
+    )
+
+
+def _bias_and_activation(layer, outputs):
+    """A convolution's bias and activation, as the float layer adds them."""
+    if layer.use_bias:
+        shape = [1] * len(outputs.shape)
+        shape[-1 if layer.data_format == "channels_last" else 1] = -1
+        outputs = ops.add(outputs, ops.reshape(layer.bias, shape))
+    if layer.activation is not None:
+        outputs = layer.activation(outputs)
+    return outputs
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -220,19 +231,7 @@ class QuantizedSeparableConv2D(keras.layers.SeparableConv2D):
         return [self.depthwise_quantizer]
 
     def call(self, inputs, training=None):
-        h, w, channels, multiplier = self.depthwise_kernel.shape
-        flat = ops.reshape(self.depthwise_kernel, (h, w, channels * multiplier))
-        depthwise = ops.reshape(
-            fake_quant_weights(flat, axis=-1), self.depthwise_kernel.shape
-        )
-        x = ops.depthwise_conv(
-            inputs,
-            depthwise,
-            strides=self.strides,
-            padding=self.padding,
-            dilation_rate=self.dilation_rate,
-            data_format=self.data_format,
-        )
+        x = _quantized_depthwise(self, inputs, self.depthwise_kernel)
         x = self.depthwise_quantizer(x, training=training)
         outputs = ops.conv(
             x,
@@ -241,13 +240,7 @@ class QuantizedSeparableConv2D(keras.layers.SeparableConv2D):
             padding="valid",
             data_format=self.data_format,
         )
-        if self.use_bias:
-            shape = [1] * len(outputs.shape)
-            shape[-1 if self.data_format == "channels_last" else 1] = -1
-            outputs = ops.add(outputs, ops.reshape(self.bias, shape))
-        if self.activation is not None:
-            outputs = self.activation(outputs)
-        return outputs
+        return _bias_and_activation(self, outputs)
 
     def get_config(self):
         config = super().get_config()
