@@ -61,6 +61,16 @@ def test_help_answers_without_loading_keras():
     assert "usage: keras-earlyexit bench" in done.stdout
 
 
+def test_runs_as_python_module():
+    done = subprocess.run(
+        [sys.executable, "-m", "keras_earlyexit", "--help"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage: keras-earlyexit" in done.stdout
+
+
 def test_every_option_has_help_text():
     parser = cli.build_parser()
     (commands,) = [a for a in parser._actions if a.dest == "command"]
