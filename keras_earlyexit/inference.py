@@ -68,9 +68,11 @@ def predict_early(
         np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.float32)
     )
     gates = _gate_values(thresholds)
-    for start in range(0, n, batch_size):
-        rows = slice(start, min(start + batch_size, n))
-        classes, exits, confidences = runner([v[rows] for v in x], gates, patience)
+    slices = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    batches = [[v[rows] for v in x] for rows in slices]
+    for rows, (classes, exits, confidences) in zip(
+        slices, runner(batches, gates, patience)
+    ):
         result.classes[rows] = classes
         result.exit_indices[rows] = exits
         result.confidences[rows] = confidences
@@ -122,15 +124,45 @@ class _LoopRunner:
     """Segments called one after another from Python; after each exit the
     samples that stay are gathered on the backend's device.
 
+    Batches of up to `samples_in_flight` samples in all advance in turns,
+    one segment each: on a backend that dispatches asynchronously, a
+    batch's segment computes while the host reads and gathers another's
+    (Keras' `predict` keeps batches in flight the same way). Small batches
+    gain most; large ones keep the cores busy alone.
+
     Subclasses define `_call(k, carry, n)` (segment k on a carry of `n`
     samples, returning its outputs), `_to_numpy` and `_take`.
     """
+
+    samples_in_flight = 0  # one batch at a time
 
     def __init__(self, segments: list):
         self.segments = segments
         self.input_names = [[t.name for t in s.inputs] for s in segments]
 
-    def __call__(self, x: list, gates: np.ndarray, patience: int | None = None):
+    def __call__(
+        self, batches: list, gates: np.ndarray, patience: int | None = None
+    ) -> list:
+        """(classes, exits, confidences) of each batch of input arrays."""
+        results = []
+        in_flight = max(1, self.samples_in_flight // len(batches[0][0]))
+        for start in range(0, len(batches), in_flight):
+            group = batches[start : start + in_flight]
+            steps = [self._steps(x, gates, patience) for x in group]
+            done = [None] * len(steps)
+            while any(d is None for d in done):
+                for i, step in enumerate(steps):
+                    if done[i] is None:
+                        try:
+                            next(step)
+                        except StopIteration as stop:
+                            done[i] = stop.value
+            results += done
+        return results
+
+    def _steps(self, x: list, gates: np.ndarray, patience: int | None):
+        """The gated loop on one batch, pausing after each segment's
+        dispatch; returns (classes, exits, confidences)."""
         n = len(x[0])
         classes = np.zeros(n, np.int64)
         exits = np.zeros(n, np.int64)
@@ -143,6 +175,7 @@ class _LoopRunner:
         last = len(self.segments) - 1
         for k in range(len(self.segments)):
             out = self._call(k, carry, len(rows))
+            yield
             confidence = self._to_numpy(out["confidence"], len(rows))
             confidence = confidence.astype(np.float32)
             predicted = np.argmax(self._to_numpy(out["logits"], len(rows)), axis=-1)
@@ -224,11 +257,13 @@ class _TorchRunner(_StatelessLoopRunner):
     graph breaks and recompilations). A segment that cannot be traced runs
     eagerly."""
 
-    def __call__(self, x: list, gates: np.ndarray, patience: int | None = None):
+    def __call__(
+        self, batches: list, gates: np.ndarray, patience: int | None = None
+    ) -> list:
         import torch
 
         with torch.inference_mode():
-            return super().__call__(x, gates, patience)
+            return super().__call__(batches, gates, patience)
 
     def _compile(self, k: int, values: list, inputs: list):
         import warnings
@@ -268,7 +303,12 @@ class _TorchRunner(_StatelessLoopRunner):
 
 class _JaxRunner(_StatelessLoopRunner):
     """JAX: `jax.jit` of each segment's stateless call, one executable per
-    bucket size reached."""
+    bucket size reached. JAX dispatches asynchronously: batches of up to
+    128 samples in all are in flight (with batches of 256, two in flight
+    ran slower on 2 CPU cores; with batches of 32, four ran 15-30% faster
+    than one)."""
+
+    samples_in_flight = 128
 
     def _compile(self, k: int, values: list, inputs: list):
         import jax
@@ -307,20 +347,24 @@ class _GraphRunner:
         self.input_names = [[t.name for t in s.inputs] for s in segments]
         self.functions = {}  # tracks the patience streak or not -> tf.function
 
-    def __call__(self, x: list, gates: np.ndarray, patience: int | None = None):
+    def __call__(
+        self, batches: list, gates: np.ndarray, patience: int | None = None
+    ) -> list:
+        """(classes, exits, confidences) of each batch of input arrays."""
         track = patience is not None
         if track not in self.functions:
             import tensorflow as tf
 
             signature = [
-                [tf.TensorSpec((None,) + v.shape[1:], v.dtype) for v in x],
+                [tf.TensorSpec((None,) + v.shape[1:], v.dtype) for v in batches[0]],
                 tf.TensorSpec(gates.shape, tf.float32),
                 tf.TensorSpec((), tf.int64),
             ]
             gated = self._gated_patience if track else self._gated
             self.functions[track] = tf.function(gated, input_signature=signature)
         patience = np.int64(patience if track else 0)
-        return tuple(v.numpy() for v in self.functions[track](x, gates, patience))
+        function = self.functions[track]
+        return [tuple(v.numpy() for v in function(x, gates, patience)) for x in batches]
 
     def _gated(self, x, gates, patience, track=False):
         import tensorflow as tf
