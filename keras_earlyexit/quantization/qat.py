@@ -61,6 +61,17 @@ _OWN_RANGE = (
 )
 
 
+# Layers a following BatchNormalization folds into (as the converter folds
+# it): the axis of their kernel that holds the output channels.
+_FOLDABLE = (
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.DepthwiseConv2D,
+    keras.layers.SeparableConv2D,
+    keras.layers.Dense,
+)
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class QuantizedEarlyExitModel(EarlyExitModel):
     """An `EarlyExitModel` built by `quantize_aware`: fake-quantized layers,
@@ -193,6 +204,14 @@ def quantize_aware(
     converter takes the tracked ranges as the int8 scales and zero points,
     so the int8 model computes what the fake-quant model computes.
 
+    What the converter fuses is fused here too. A `BatchNormalization`
+    right after a convolution or `Dense` with linear activation folds into
+    its kernel and bias with the moving statistics (inference mode), and
+    the folded kernel is the one fake-quantized and fine-tuned: the
+    quantization-aware model, and its `float_model()`, have no
+    `BatchNormalization` layer. A ReLU or ReLU6 right after such a layer
+    is fused into it, so only the ReLU's output has a range.
+
     Args:
         model: a trained `EarlyExitModel`.
         representative_data: model inputs to measure the initial ranges on
@@ -247,7 +266,15 @@ def quantize_aware(
     def quantized_layer(layer):
         return _quantized_layer(layer, momentum)
 
-    qat = _rebuild(model, quantized_layer, quantizers=True, momentum=momentum)
+    folds, fused = _fusions(model)
+    qat = _rebuild(
+        model,
+        quantized_layer,
+        quantizers=True,
+        momentum=momentum,
+        folds=folds,
+        fused=fused,
+    )
     if representative_data is not None:
         _measure_ranges(qat, representative_data, batch_size)
     return qat
@@ -259,9 +286,8 @@ def _unsupported(layer, why: str = "") -> ValueError:
         f"({type(layer).__name__}){why}. Supported: Conv1D, Conv2D, "
         "DepthwiseConv2D, SeparableConv2D, Dense, ExitBranch (activations "
         "linear, relu, relu6), Add, Concatenate, ReLU, Activation (relu, "
-        "relu6), pooling, Reshape, Flatten, Dropout, ZeroPadding. Fold "
-        "BatchNormalization into the preceding convolution before "
-        "quantize_aware."
+        "relu6), pooling, Reshape, Flatten, Dropout, ZeroPadding, and "
+        "BatchNormalization where it folds into the layer before it."
     )
 
 
@@ -286,6 +312,14 @@ def _quantized_layer(layer, momentum: float):
             if getattr(layer, "groups", 1) != 1:
                 raise _unsupported(layer, ": grouped convolution")
             return quantized.from_config(config), "own"
+    if isinstance(layer, keras.layers.BatchNormalization):
+        raise _unsupported(
+            layer,
+            ": a BatchNormalization folds only into a Conv1D, Conv2D, "
+            "DepthwiseConv2D, SeparableConv2D or Dense right before it, with "
+            "linear activation, channels last, and an output nothing else "
+            "reads; move the activation after the normalization",
+        )
     if isinstance(layer, _SAME_RANGE):
         return layer.__class__.from_config(layer.get_config()), "same"
     if type(layer) in _OWN_RANGE:
@@ -310,7 +344,14 @@ def _dequantized_layer(layer):
     return layer.__class__.from_config(layer.get_config()), "inside"
 
 
-def _rebuild(model, convert, quantizers: bool, momentum: float = 0.99):
+def _rebuild(
+    model,
+    convert,
+    quantizers: bool,
+    momentum: float = 0.99,
+    folds: dict | None = None,
+    fused: set = frozenset(),
+):
     """Copies `model`'s graph layer by layer through `convert`, with weights,
     gates (thresholds, temperatures, patience, learned policies).
 
@@ -319,7 +360,14 @@ def _rebuild(model, convert, quantizers: bool, momentum: float = 0.99):
     (a carry) is fake-quantized again with the same range where that segment
     reads it, so each exported segment's int8 input gets exactly the
     previous segment's output parameters.
+
+    `folds` maps the id of each `BatchNormalization` node folded away to the
+    layer it folds into (see `_fusions`): that layer is rebuilt with the
+    folded kernel and bias, and the normalization's output is its output.
+    The outputs in `fused` (a fused ReLU follows) get no range.
     """
+    folds = folds or {}
+    folded_into = {id(layer): bn for bn, layer in folds.values()}
     inputs = keras.tree.flatten(model.inputs)
     outputs = list(model.outputs)
     segment_of = {}
@@ -345,8 +393,17 @@ def _rebuild(model, convert, quantizers: bool, momentum: float = 0.99):
                 tensors[id(old)] = tensors[id(arg)]
                 produced_in[id(old)] = segment_of[id(node)]
             continue
+        if id(node) in folds:
+            (old,), (arg,) = node.outputs, node.input_tensors
+            tensors[id(old)] = tensors[id(arg)]
+            produced_in[id(old)] = produced_in[id(arg)]
+            if id(arg) in range_of:
+                range_of[id(old)] = range_of[id(arg)]
+            continue
         if id(layer) not in copies:
-            copies[id(layer)] = convert(layer)
+            copies[id(layer)] = convert(
+                _with_bias(layer) if id(layer) in folded_into else layer
+            )
             pairs.append((layer, copies[id(layer)][0]))
         new_layer, kind = copies[id(layer)]
         k = segment_of[id(node)]
@@ -358,7 +415,7 @@ def _rebuild(model, convert, quantizers: bool, momentum: float = 0.99):
         results = keras.tree.flatten(new_layer(*args, **kwargs))
         for old, new in zip(node.outputs, results):
             produced_in[id(old)] = k
-            if quantizers and kind == "own":
+            if quantizers and kind == "own" and id(old) not in fused:
                 q = ActivationQuantizer(momentum, name=f"{layer.name}_quant")
                 new = q(new)
                 range_of[id(old)] = q
@@ -380,7 +437,120 @@ def _rebuild(model, convert, quantizers: bool, momentum: float = 0.99):
             new_gate.set_policy(*gate.policy)
     for old, new in pairs:
         _copy_weights(old, new)
+        if id(old) in folded_into:
+            _fold_batch_norm(old, folded_into[id(old)], new)
     return rebuilt
+
+
+def _fusions(model) -> tuple[dict, set]:
+    """What the converter fuses into a layer with a kernel, which
+    `quantize_aware` therefore leaves without a range of its own.
+
+    Returns:
+        `folds`: the `BatchNormalization` calls that fold into the layer
+        before them, `{id(normalization node): (normalization, layer)}`;
+        one folds when it normalizes the channel axis of the output of a
+        `Conv1D`, `Conv2D`, `DepthwiseConv2D`, `SeparableConv2D` or `Dense`
+        with linear activation, channels last, that nothing else reads and
+        that is called once. Any other normalization stays in the graph,
+        and `quantize_aware` refuses it by name.
+        `fused`: ids of the outputs of such layers (after a folded
+        normalization, if any) that only a ReLU or ReLU6 reads: TFLite
+        fuses the activation, so only its output has an int8 range.
+    """
+    inputs = keras.tree.flatten(model.inputs)
+    nodes = graph.nodes_between(inputs, list(model.outputs))
+    readers, calls = {}, {}
+    for node in nodes:
+        calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
+        for t in node.input_tensors:
+            readers.setdefault(id(t), []).append(node)
+    for t in model.outputs:
+        readers.setdefault(id(t), []).append(None)
+
+    def only_reader(tensor):
+        found = readers.get(id(tensor), [])
+        return found[0] if len(found) == 1 else None
+
+    def fusable(layer) -> bool:
+        return (
+            type(layer) in _FOLDABLE
+            and calls[id(layer)] == 1
+            and activation_name(layer.activation) == "linear"
+            and getattr(layer, "data_format", "channels_last") == "channels_last"
+        )
+
+    folds = {}
+    for node in nodes:
+        bn = node.operation
+        if type(bn) is not keras.layers.BatchNormalization or len(node.outputs) != 1:
+            continue
+        (x,) = node.input_tensors
+        producer = x._keras_history.operation
+        if (
+            fusable(producer)
+            and calls[id(bn)] == 1
+            and only_reader(x) is node
+            and bn.axis in (-1, len(x.shape) - 1)
+            and not bn.synchronized
+        ):
+            folds[id(node)] = (bn, producer)
+    fused = set()
+    for node in nodes:
+        if not fusable(node.operation):
+            continue
+        (out,) = node.outputs
+        reader = only_reader(out)
+        if reader is not None and id(reader) in folds:
+            reader = only_reader(reader.outputs[0])
+        if reader is not None and _fused_activation(reader.operation):
+            fused.add(id(out))
+    return folds, fused
+
+
+def _fused_activation(layer) -> bool:
+    """Whether TFLite fuses `layer` into the CONV_2D, DEPTHWISE_CONV_2D or
+    FULLY_CONNECTED before it (RELU and RELU6)."""
+    if type(layer) is keras.layers.ReLU:
+        return (
+            layer.negative_slope == 0
+            and layer.threshold == 0
+            and layer.max_value in (None, 6.0)
+        )
+    if type(layer) is keras.layers.Activation:
+        return activation_name(layer.activation) in ("relu", "relu6")
+    return False
+
+
+def _with_bias(layer):
+    """A copy of `layer` with a bias (the normalization folds into one)."""
+    return layer.__class__.from_config(dict(layer.get_config(), use_bias=True))
+
+
+def _fold_batch_norm(layer, bn, target) -> None:
+    """Sets `target`'s kernel and bias to `layer` followed by `bn` in
+    inference mode: per output channel c, with f = gamma / sqrt(var + eps),
+    kernel[..., c] * f and (bias - mean) * f + beta, as the converter folds
+    it."""
+    variance = np.asarray(bn.moving_variance.numpy(), np.float64)
+    factor = 1.0 / np.sqrt(variance + bn.epsilon)
+    if bn.scale:
+        factor = factor * np.asarray(bn.gamma.numpy(), np.float64)
+    shift = -np.asarray(bn.moving_mean.numpy(), np.float64) * factor
+    if bn.center:
+        shift = shift + np.asarray(bn.beta.numpy(), np.float64)
+    if layer.use_bias:
+        shift = shift + np.asarray(layer.bias.numpy(), np.float64) * factor
+    if isinstance(layer, keras.layers.SeparableConv2D):
+        kernel = target.pointwise_kernel
+    else:
+        kernel = target.kernel
+    values = np.asarray(kernel.numpy(), np.float64)
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        # Output channel c * multiplier + m is kernel[..., c, m].
+        factor = factor.reshape(values.shape[-2:])
+    kernel.assign((values * factor).astype(np.float32))
+    target.bias.assign(shift.astype(np.float32))
 
 
 def _copy_weights(source, target) -> None:
