@@ -1,6 +1,8 @@
 """Quantization-aware training against post-training int8, side by side.
 
-For the digits CNN and a depthwise-separable (MobileNet-style) model, both
+For the digits CNN, a depthwise-separable (MobileNet-style) model of
+DepthwiseConv2D and 1x1 Conv2D layers, and one of SeparableConv2D layers
+with BatchNormalization and ReLU6 (as MobileNet is usually written), all
 trained on scikit-learn digits (no download) with thresholds calibrated on
 the float model to lose at most one point on the validation split:
 - float: Keras `predict_early` on the test split;
@@ -60,7 +62,45 @@ def separable_cnn(num_classes: int = 10, width: int = 16) -> kee.EarlyExitModel:
     return kee.EarlyExitModel(inputs, [exit_1, exit_2, final], name="separable_cnn")
 
 
-MODELS = {"digits_cnn": demo.digits_cnn, "separable_cnn": separable_cnn}
+def separable_bn_cnn(num_classes: int = 10, width: int = 16) -> kee.EarlyExitModel:
+    """MobileNet as it is usually written: convolutions without bias or
+    activation, each followed by BatchNormalization and a ReLU6, and
+    SeparableConv2D blocks (quantize_aware folds the normalizations and
+    splits each separable convolution as the converter does)."""
+    layers = keras.layers
+
+    def block(x, layer, name):
+        x = layer(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
+        return layers.ReLU(6.0, name=f"{name}_relu")(x)
+
+    inputs = keras.Input((8, 8, 1), name="image")
+    x = block(
+        inputs,
+        layers.Conv2D(width, 3, padding="same", use_bias=False, name="stem"),
+        "stem",
+    )
+    exit_1 = kee.ExitBranch(num_classes, pooled_size=2, name="exit_1")(x)
+    for i, filters in enumerate([2 * width, 2 * width, 4 * width, 4 * width]):
+        x = block(
+            x,
+            layers.SeparableConv2D(
+                filters, 3, padding="same", use_bias=False, name=f"sep_{i + 1}"
+            ),
+            f"sep_{i + 1}",
+        )
+        if i == 1:
+            x = layers.MaxPooling2D(2, name="pool")(x)
+            exit_2 = kee.ExitBranch(num_classes, pooled_size=2, name="exit_2")(x)
+    final = kee.ExitBranch(num_classes, pooled_size=2, name="final")(x)
+    return kee.EarlyExitModel(inputs, [exit_1, exit_2, final], name="separable_bn_cnn")
+
+
+MODELS = {
+    "digits_cnn": demo.digits_cnn,
+    "separable_cnn": separable_cnn,
+    "separable_bn_cnn": separable_bn_cnn,
+}
 
 
 def train(name: str, splits, epochs: int) -> kee.EarlyExitModel:
