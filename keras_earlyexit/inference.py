@@ -121,17 +121,28 @@ def gated_runner(model):
 
 
 class _LoopRunner:
-    """Segments called one after another from Python; after each exit the
-    samples that stay are gathered on the backend's device.
+    """Segments called one after another from Python as compiled stateless
+    calls (variable values as arguments, so weights changed later are
+    used) on batches padded to `bucket_size`; after each exit the samples
+    that stay are gathered on the backend's device. Outputs keep their
+    padded rows (sliced off when read); a carry that loses no sample goes
+    on unchanged.
+
+    Segments whose exits no sample can leave (threshold 1.0, no patience)
+    run with the next one as one compiled call that returns only its
+    outputs: no host round trip in between, and the compiler drops the
+    closed exits' heads (with every threshold at 1.0, the whole model is
+    one call computing the final exit only). One compiled function per run
+    of segments and bucket reached.
 
     Batches of up to `samples_in_flight` samples in all advance in turns,
-    one segment each: on a backend that dispatches asynchronously, a
-    batch's segment computes while the host reads and gathers another's
-    (Keras' `predict` keeps batches in flight the same way). Small batches
-    gain most; large ones keep the cores busy alone.
+    one call each: on a backend that dispatches asynchronously, a batch's
+    segment computes while the host reads and gathers another's (Keras'
+    `predict` keeps batches in flight the same way). Small batches gain
+    most; large ones keep the cores busy alone.
 
-    Subclasses define `_call(k, carry, n)` (segment k on a carry of `n`
-    samples, returning its outputs), `_to_numpy` and `_take`.
+    Subclasses define `_compile(function, values, inputs)` (`function`
+    compiled for inputs of this size), `_pad`, `_to_numpy` and `_take`.
     """
 
     samples_in_flight = 0  # one batch at a time
@@ -139,6 +150,10 @@ class _LoopRunner:
     def __init__(self, segments: list):
         self.segments = segments
         self.input_names = [[t.name for t in s.inputs] for s in segments]
+        # Walking the layers for their variables costs more than a small
+        # segment's call: the lists are taken once, the values at each call.
+        self.variables = [list(s.variables) for s in segments]
+        self.compiled = {}  # (first, last segment, bucket size) -> call
 
     def __call__(
         self, batches: list, gates: np.ndarray, patience: int | None = None
@@ -161,8 +176,8 @@ class _LoopRunner:
         return results
 
     def _steps(self, x: list, gates: np.ndarray, patience: int | None):
-        """The gated loop on one batch, pausing after each segment's
-        dispatch; returns (classes, exits, confidences)."""
+        """The gated loop on one batch, pausing after each call's dispatch;
+        returns (classes, exits, confidences)."""
         n = len(x[0])
         classes = np.zeros(n, np.int64)
         exits = np.zeros(n, np.int64)
@@ -173,8 +188,12 @@ class _LoopRunner:
         streak = np.zeros(n, np.int64)
         carry = dict(zip(self.segments[0].input_order, x))
         last = len(self.segments) - 1
-        for k in range(len(self.segments)):
-            out = self._call(k, carry, len(rows))
+        k = 0
+        while True:
+            first = k
+            while k < last and patience is None and gates[k] == np.inf:
+                k += 1
+            out = self._call(first, k, carry, len(rows))
             yield
             confidence = self._to_numpy(out["confidence"], len(rows))
             confidence = confidence.astype(np.float32)
@@ -192,69 +211,54 @@ class _LoopRunner:
             confidences[done] = confidence[leave]
             stay = np.flatnonzero(~leave)
             if stay.size == 0:
-                break
+                return classes, exits, confidences
             previous, streak = predicted[stay], streak[stay]
-            carry = {name: out[name] for name in self.input_names[k + 1]}
+            k += 1
+            carry = {name: out[name] for name in self.input_names[k]}
             if stay.size < len(rows):
                 carry = {name: self._take(v, stay) for name, v in carry.items()}
                 rows = rows[stay]
-        return classes, exits, confidences
 
-    def compiled_count(self) -> int:
-        """Compiled executables held (bounded whatever the batch sizes)."""
-        return 0
+    def _call(self, first: int, last: int, carry: dict, n: int) -> dict:
+        """Segments `first`..`last` on a carry of `n` samples: the outputs
+        of segment `last`."""
+        size = bucket_size(n)
+        inputs = [self._pad(carry[name], size) for name in self.input_names[first]]
+        values = [v.value for k in range(first, last + 1) for v in self.variables[k]]
+        function = self.compiled.get((first, last, size))
+        if function is None:
+            function = self._compile(self._stateless(first, last), values, inputs)
+            self.compiled[first, last, size] = function
+        return function(values, *inputs)
 
-
-class _StatelessLoopRunner(_LoopRunner):
-    """A loop whose segments run as compiled stateless calls (variable
-    values as arguments, so weights changed later are used) on batches
-    padded to `bucket_size`: one compiled function per segment and bucket
-    reached. Outputs keep their padded rows (sliced off when read); a carry
-    that loses no sample goes on unchanged.
-
-    Subclasses define `_compile(k, values, inputs)` (segment k's compiled
-    call for inputs of this size), `_pad`, `_to_numpy` and `_take`.
-    """
-
-    def __init__(self, segments: list):
-        super().__init__(segments)
-        # Walking the layers for their variables costs more than a small
-        # segment's call: the list is taken once, the values at each call.
-        self.variables = [list(s.variables) for s in segments]
-        self.compiled = [{} for _ in segments]  # per segment: bucket -> call
-
-    def _stateless(self, k: int):
-        """Segment k as a function of its variables' values and inputs."""
-        segment, variables = self.segments[k], self.variables[k]
-        names = self.input_names[k]
+    def _stateless(self, first: int, last: int):
+        """Segments `first`..`last` as a function of their variables'
+        values and segment `first`'s inputs."""
+        variables = [v for k in range(first, last + 1) for v in self.variables[k]]
 
         def call(values, *inputs):
+            carry = dict(zip(self.input_names[first], inputs))
             with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                return segment(dict(zip(names, inputs)), training=False)
+                for k in range(first, last + 1):
+                    out = self.segments[k](carry, training=False)
+                    if k < last:
+                        carry = {name: out[name] for name in self.input_names[k + 1]}
+            return out
 
         return call
 
-    def _call(self, k: int, carry: dict, n: int) -> dict:
-        size = bucket_size(n)
-        inputs = [self._pad(carry[name], size) for name in self.input_names[k]]
-        values = [v.value for v in self.variables[k]]
-        function = self.compiled[k].get(size)
-        if function is None:
-            function = self._compile(k, values, inputs)
-            self.compiled[k][size] = function
-        return function(values, *inputs)
-
     def compiled_count(self) -> int:
-        return sum(len(c) for c in self.compiled)
+        """Compiled functions held (bounded whatever the batch sizes)."""
+        return len(self.compiled)
 
 
-class _TorchRunner(_StatelessLoopRunner):
-    """PyTorch: each segment traced (`torch.jit.trace`) once per bucket
-    size, under `torch.inference_mode`, carries kept as tensors on their
+class _TorchRunner(_LoopRunner):
+    """PyTorch: each run of segments traced (`torch.jit.trace`) once per
+    bucket size, under `torch.inference_mode`, carries kept as tensors on their
     device. A traced call replays the segment's tensor operations without
     Keras' per-layer Python work, which costs more than the arithmetic of a
     small segment (`torch.compile` does not capture Keras layers without
-    graph breaks and recompilations). A segment that cannot be traced runs
+    graph breaks and recompilations). Segments that cannot be traced run
     eagerly."""
 
     def __call__(
@@ -265,22 +269,21 @@ class _TorchRunner(_StatelessLoopRunner):
         with torch.inference_mode():
             return super().__call__(batches, gates, patience)
 
-    def _compile(self, k: int, values: list, inputs: list):
+    def _compile(self, function, values: list, inputs: list):
         import warnings
 
         import torch
 
-        call = self._stateless(k)
         with warnings.catch_warnings():
             # Tracer warnings flag sizes fixed in the trace: each trace
             # serves one bucket size only.
             warnings.simplefilter("ignore")
             try:
                 return torch.jit.trace(
-                    call, (values, *inputs), strict=False, check_trace=False
+                    function, (values, *inputs), strict=False, check_trace=False
                 )
             except Exception:  # any layer the tracer cannot follow
-                return call
+                return function
 
     def _pad(self, value, size: int):
         import torch
@@ -301,19 +304,19 @@ class _TorchRunner(_StatelessLoopRunner):
         return value.index_select(0, torch.as_tensor(rows, device=value.device))
 
 
-class _JaxRunner(_StatelessLoopRunner):
-    """JAX: `jax.jit` of each segment's stateless call, one executable per
-    bucket size reached. JAX dispatches asynchronously: batches of up to
+class _JaxRunner(_LoopRunner):
+    """JAX: `jax.jit` of each run of segments' stateless call, one
+    executable per bucket size reached. JAX dispatches asynchronously: batches of up to
     128 samples in all are in flight (with batches of 256, two in flight
     ran slower on 2 CPU cores; with batches of 32, four ran 15-30% faster
     than one)."""
 
     samples_in_flight = 128
 
-    def _compile(self, k: int, values: list, inputs: list):
+    def _compile(self, function, values: list, inputs: list):
         import jax
 
-        return jax.jit(self._stateless(k))
+        return jax.jit(function)
 
     def _pad(self, value, size: int):
         return _pad_rows(value, size)

@@ -71,6 +71,31 @@ def test_every_sample_at_one_exit(trained_digits_model, digits, thresholds, exit
     assert (result.exit_indices == exit_index).all()
 
 
+def test_closed_exits_run_with_the_next_segment(digits):
+    """Exits with threshold 1.0 let no sample leave: their segments run
+    with the next one as one compiled call (JAX, PyTorch), and the results
+    are those of the final exit."""
+    model = demo.digits_cnn(width=4)
+    model.set_temperatures([0.05, 0.05, 1.0])  # spread the untrained confidences
+    x = digits.x_test[:120]
+    result = _assert_equals_predict(model, x, [1.0, 1.0], batch_size=120)
+    assert (result.exit_indices == 2).all()
+    runner = gated_runner(model)
+    if keras.backend.backend() != "tensorflow":
+        size = bucket_size(len(x))
+        assert sorted(runner.compiled) == [(0, 2, size)]
+        _, confidences = _confidences(model, x)
+        threshold = float(np.median(confidences[:, 0]))
+        _assert_equals_predict(model, x, [threshold, 1.0], batch_size=120)
+        # Segment 0 alone, then the samples that stay through 1 and 2 at once.
+        assert (0, 0, size) in runner.compiled
+        assert {(first, last) for first, last, _ in runner.compiled} == {
+            (0, 0),
+            (0, 2),
+            (1, 2),
+        }
+
+
 def test_gate_rule_at_the_threshold(trained_digits_model, digits):
     """A sample leaves iff float32(confidence) >= float32(threshold): one
     whose confidence equals the threshold leaves."""
