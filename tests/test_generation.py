@@ -291,9 +291,32 @@ def test_model_without_exits_is_refused():
         (dict(exit_layers=(1, 1)), "exit_layers"),
         (dict(head="tied"), "head must be one of"),
         (dict(num_heads=3), "num_heads must divide d_model"),
+        (dict(exit_dropout=1.0), "exit_dropout must be in"),
     ],
 )
 def test_bad_model_arguments(kwargs, message):
     args = dict(vocab_size=30, max_length=16, num_layers=2, exit_layers=(1,)) | kwargs
     with pytest.raises(ValueError, match=message):
         EarlyExitCausalLM(d_model=32, **args)
+
+
+def test_exit_dropout_passes_drawn_tokens_through_the_later_blocks():
+    model = EarlyExitCausalLM(
+        30, 16, 3, (1,), d_model=32, num_heads=2, exit_dropout=0.4
+    )
+    x = np.random.default_rng(0).integers(0, 30, (64, 16)).astype("int32")
+    state = ops.convert_to_numpy(model.seed_generator.state.value)
+    depths = ops.convert_to_numpy(model._token_depths(x.shape, True))[..., 0]
+    assert set(np.unique(depths)) == {1, 3}
+    assert abs(np.mean(depths == 1) - 0.4) < 0.05  # 1,024 draws
+    model.seed_generator.state.assign(state)  # the same draws again
+    final = ops.convert_to_numpy(model(x, training=True)[-1])
+    # A token that leaves after block 1 keeps block 1's output: the final
+    # exit reads it unchanged, as under early-exit decoding.
+    after_1 = model.blocks[0](model.embedding(x))
+    through = ops.convert_to_numpy(model.exit_logits(1, after_1))
+    left = depths == 1
+    np.testing.assert_allclose(final[left], through[left], atol=1e-5)
+    assert not np.allclose(final[~left], through[~left], atol=1e-3)
+    assert model._token_depths(x.shape, False) is None
+    assert EarlyExitCausalLM.from_config(model.get_config()).exit_dropout == 0.4

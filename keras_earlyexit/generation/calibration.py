@@ -14,6 +14,7 @@ from keras_earlyexit.generation.decoding import (
 )
 
 DEFAULT_TOLERANCES = (0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.0)
+STRICTER_QUANTILES = (0.25, 0.5, 0.75)
 
 
 @dataclass
@@ -67,7 +68,9 @@ def calibrate(
     Full greedy decoding runs on every prompt. Along its tokens, each exit's
     confidence and whether its greedy token matches the final exit's are
     recorded. For each tolerance `e`, exit k's threshold is the lowest
-    confidence above which at most a share `e` of those tokens disagree.
+    confidence above which at most a share `e` of those tokens disagree;
+    stricter candidates raise the zero-tolerance thresholds to quantiles
+    (`STRICTER_QUANTILES`) of the confidences they admit.
     Each candidate is then run end to end with `generate(...,
     "early_exit")` (state propagation included, so its effect on later
     tokens counts); the candidate with the fewest layers per token whose
@@ -109,11 +112,7 @@ def calibrate(
     best = GenerationCalibration(
         [1.0] * (model.num_exits - 1), 1.0, float(model.num_layers), 0.0
     )
-    for tolerance in tolerances:
-        thresholds = [
-            _threshold(conf[:, k], agree[:, k], tolerance)
-            for k in range(model.num_exits - 1)
-        ]
+    for tolerance, thresholds in _candidates(conf, agree, tolerances):
         runs = [
             generate(model, p, max_new_tokens, "early_exit", thresholds=thresholds)
             for p in prompts
@@ -125,6 +124,24 @@ def calibrate(
         if agreement >= min_agreement and layers < best.expected_layers_per_token:
             best = GenerationCalibration(thresholds, agreement, layers, tolerance)
     return best
+
+
+def _candidates(conf, agree, tolerances):
+    """`(tolerance, thresholds)` to try, least to most cautious: one per
+    tolerance, then thresholds above the zero-tolerance ones (at quantiles
+    of the confidences they admit), because tokens that leave early change
+    the later tokens' context through state propagation, which the
+    per-token statistics do not see."""
+    exits = range(conf.shape[1])
+    for tolerance in tolerances:
+        yield tolerance, [_threshold(conf[:, k], agree[:, k], tolerance) for k in exits]
+    strict = [_threshold(conf[:, k], agree[:, k], 0.0) for k in exits]
+    for q in STRICTER_QUANTILES:
+        thresholds = []
+        for k, t in zip(exits, strict):
+            admitted = conf[conf[:, k] >= t, k]
+            thresholds.append(float(np.quantile(admitted, q)) if admitted.size else t)
+        yield 0.0, thresholds
 
 
 def _exit_statistics(model, prompts, full) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,6 @@ import numpy as np
 from keras import ops
 
 from keras_earlyexit.criteria import confidence
-from keras_earlyexit.runtime.manifest import gate_passes
 
 STRATEGIES = ("full", "early_exit", "self_speculative")
 
@@ -125,6 +124,60 @@ class _Decoder:
             caches[j] = cache
         return x, ops.convert_to_numpy(tokens), ops.convert_to_numpy(conf)
 
+    def early_exit_step(self, token: int, start: int, caches: list, thresholds):
+        """One CALM step in one compiled call: segments run until an exit's
+        confidence passes its threshold (`ops.cond` skips the rest), and
+        the skipped blocks cache keys and values of that exit's hidden
+        state. Returns `(token, exit index)` and updates `caches`."""
+        model = self.model
+        last = len(self.segment_blocks) - 1
+
+        def from_segment(s, x, start, caches, thresholds):
+            caches = list(caches)
+            for j in self.segment_blocks[s]:
+                x, k, v = model.blocks[j].call_cached(x, *caches[j], start)
+                caches[j] = (k, v)
+            logits = model.exit_logits(s, x, fast=True)[0]  # (1, vocab)
+            token = ops.cast(ops.argmax(logits, axis=-1)[0], "int32")
+            if s == last:
+                return token, ops.convert_to_tensor(s, "int32"), caches
+
+            def leave():
+                propagated = list(caches)
+                for j in self._blocks(s + 1, last):
+                    k_new, v_new = model.blocks[j].key_values(x)
+                    k, v = caches[j]
+                    propagated[j] = (
+                        ops.slice_update(k, (0, start, 0, 0), k_new),
+                        ops.slice_update(v, (0, start, 0, 0), v_new),
+                    )
+                return token, ops.convert_to_tensor(s, "int32"), propagated
+
+            # The gate rule of `gate_passes`: never at a threshold of 1.0.
+            threshold = thresholds[s]
+            passes = ops.logical_and(
+                threshold < 1.0, confidence(logits)[0] >= threshold
+            )
+            return ops.cond(
+                passes,
+                leave,
+                lambda: from_segment(s + 1, x, start, caches, thresholds),
+            )
+
+        def fn(token, start, caches, thresholds):
+            x = model.embedding.call(token, start)
+            return from_segment(0, x, start, caches, thresholds)
+
+        fn = self._compile(("early_exit",), fn)
+        token, exit_index, new_caches = fn(
+            _token_array([token]),
+            ops.convert_to_tensor(np.int32(start)),
+            list(caches),
+            ops.convert_to_tensor(np.asarray(thresholds, np.float32)),
+        )
+        caches[:] = new_caches
+        return int(ops.convert_to_numpy(token)), int(ops.convert_to_numpy(exit_index))
+
     def draft(self, draft_exit: int, token: int, start: int, count: int, caches):
         """Drafts `count` tokens greedily with segments `0..draft_exit` in one
         compiled call, feeding `token` at `start` first; returns the drafts
@@ -156,30 +209,6 @@ class _Decoder:
         for j, cache in zip(blocks, new_caches):
             caches[j] = cache
         return ops.convert_to_numpy(drafts).tolist(), hidden
-
-    def propagate(self, segment: int, hidden, start: int, caches: list) -> None:
-        """CALM state propagation: the blocks after `segment` take `hidden`
-        as their input at `start` and cache its keys and values."""
-        blocks = self._blocks(segment + 1, len(self.segment_blocks) - 1)
-        model = self.model
-
-        def fn(hidden, start, block_caches):
-            new_caches = []
-            for j, (k, v) in zip(blocks, block_caches):
-                k_new, v_new = model.blocks[j].key_values(hidden)
-                new_caches.append(
-                    (
-                        ops.slice_update(k, (0, start, 0, 0), k_new),
-                        ops.slice_update(v, (0, start, 0, 0), v_new),
-                    )
-                )
-            return new_caches
-
-        fn = self._compile(("propagate", segment), fn)
-        start = ops.convert_to_tensor(np.int32(start))
-        new_caches = fn(hidden, start, [caches[j] for j in blocks])
-        for j, cache in zip(blocks, new_caches):
-            caches[j] = cache
 
 
 _decoders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -296,21 +325,18 @@ def _stepwise(decoder, first, prompt_length, max_new_tokens, caches, thresholds)
     layer_evaluations, passes = depths[-1], 0
     position = prompt_length
     while len(tokens) < max_new_tokens:
-        x = _token_array([tokens[-1]])
         if thresholds is None:
-            x, step_tokens, _ = decoder.run(0, last, x, position, caches)
+            x = _token_array([tokens[-1]])
+            _, step_tokens, _ = decoder.run(0, last, x, position, caches)
             exit_index = last
+            token = int(step_tokens[0])
         else:
-            for exit_index in range(model.num_exits):
-                x, step_tokens, conf = decoder.run(
-                    exit_index, exit_index, x, position, caches
-                )
-                if exit_index < last and gate_passes(conf[0], thresholds[exit_index]):
-                    decoder.propagate(exit_index, x, position, caches)
-                    break
+            token, exit_index = decoder.early_exit_step(
+                tokens[-1], position, caches, thresholds
+            )
         passes += 1
         layer_evaluations += depths[exit_index]
-        tokens.append(int(step_tokens[0]))
+        tokens.append(token)
         exits.append(exit_index)
         position += 1
     return GenerationResult(

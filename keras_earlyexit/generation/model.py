@@ -210,6 +210,12 @@ class EarlyExitCausalLM(keras.Model):
         num_heads: attention heads.
         mlp_dim: MLP hidden width (default `4 * d_model`).
         head: `"shared"` or `"separate"`.
+        exit_dropout: in training, the share of tokens that leave at a
+            random non-final exit: their residual stream passes the later
+            blocks unchanged, as under `"early_exit"` decoding with state
+            propagation, so the later blocks learn to attend to such
+            tokens. 0.0 (default) trains every token through every block.
+        seed: seed of the `exit_dropout` draws.
         **kwargs: passed to `keras.Model` (e.g. `name`).
 
     Call arguments:
@@ -244,6 +250,8 @@ class EarlyExitCausalLM(keras.Model):
         num_heads: int = 4,
         mlp_dim: int | None = None,
         head: str = "shared",
+        exit_dropout: float = 0.0,
+        seed: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -264,8 +272,15 @@ class EarlyExitCausalLM(keras.Model):
             )
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}. Received: {head!r}")
+        if not 0.0 <= exit_dropout < 1.0:
+            raise ValueError(
+                f"exit_dropout must be in [0, 1). Received: {exit_dropout!r}"
+            )
         self.exit_layers = exit_layers
         self.head = head
+        self.exit_dropout = float(exit_dropout)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
         self.embedding = TokenAndPositionEmbedding(
             vocab_size, max_length, d_model, name="embedding"
         )
@@ -325,12 +340,27 @@ class EarlyExitCausalLM(keras.Model):
                 f"context max_length={self.max_length}."
             )
         x = self.embedding(token_ids)
+        depth = self._token_depths(ops.shape(token_ids), training)
         logits = []
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            x = block(x) if depth is None else ops.where(depth > i, block(x), x)
             if i + 1 in self.exit_depths:
                 logits.append(self.exit_logits(len(logits), x))
         return logits
+
+    def _token_depths(self, shape, training):
+        """`(batch, seq, 1)` blocks each token runs in an `exit_dropout`
+        training step (None otherwise): the full depth, or with probability
+        `exit_dropout` the depth of a uniformly drawn non-final exit."""
+        if not training or self.exit_dropout == 0.0 or not self.exit_layers:
+            return None
+        shape = (shape[0], shape[1], 1)
+        leaves = keras.random.uniform(shape, seed=self.seed_generator)
+        which = keras.random.randint(
+            shape, 0, len(self.exit_layers), seed=self.seed_generator
+        )
+        exit_depth = ops.take(ops.convert_to_tensor(self.exit_layers, "int32"), which)
+        return ops.where(leaves < self.exit_dropout, exit_depth, self.num_layers)
 
     def compile(self, optimizer="rmsprop", loss=None, **kwargs):
         """Like `keras.Model.compile`; `loss` is an `EarlyExitLoss` (default
@@ -380,6 +410,8 @@ class EarlyExitCausalLM(keras.Model):
             "num_heads": self.num_heads,
             "mlp_dim": self.mlp_dim,
             "head": self.head,
+            "exit_dropout": self.exit_dropout,
+            "seed": self.seed,
         }
 
     @classmethod
