@@ -27,13 +27,18 @@ Each figure is the best of several repeats after a warm-up (compilation),
 over the mean MACs of the exits taken (`count_macs`); ratio: wall-time
 speed-up over MAC reduction. Segment bound: the speed-up that gating can
 reach when each segment costs what it costs here per sample (time of each
-segment on a full batch, weighted by the share of samples reaching it):
+segment on a full batch, compiled as `predict_early` compiles it, weighted
+by the share of samples reaching it):
 segments of MobileNetV2 cost very different times per MAC on a CPU.
 
-Run: `python benchmarks/predict_early_speed.py` (all backends, about 9
-minutes on 2 cores) or `KERAS_BACKEND=jax python
-benchmarks/predict_early_speed.py --one`. Writes
-`benchmarks/results/predict_early_speed.{md,json}`.
+The load column is the machine's 1-minute load average when the row was
+measured: on a shared machine the figures of a row move with it (PyTorch's
+two threads most: its times vary several-fold run to run under load).
+
+Run: `python benchmarks/predict_early_speed.py` (all backends, about 10
+minutes on 2 cores; writes `benchmarks/results/predict_early_speed.{md,json}`),
+or a part of it, printed only: `--backends jax,torch --settings
+signals_b32,mobilenet_b128`.
 """
 
 import json
@@ -134,30 +139,32 @@ def alternate(fns: dict, repeats: int) -> dict:
     return best
 
 
-def compiled_call(segment):
-    """`segment` on a dict of backend tensors, compiled as `predict_early`
-    compiles it (graph, jit, eager inference mode)."""
+def compiled_call(model, k: int):
+    """Segment k of `model` on a dict of inputs, compiled as
+    `predict_early` compiles it (graph; jit or trace per bucket size)."""
     import keras
 
+    from keras_earlyexit.inference import gated_runner
+
+    segment = model.segments()[k]
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
         return tf.function(lambda x: segment(x, training=False))
-    if backend == "jax":
-        import jax
-
-        function = jax.jit(
-            lambda t, n, x: segment.stateless_call(t, n, x, training=False)[0]
-        )
-        trainable = [v.value for v in segment.trainable_variables]
-        non_trainable = [v.value for v in segment.non_trainable_variables]
-        return lambda x: jax.block_until_ready(function(trainable, non_trainable, x))
-    import torch
+    runner = gated_runner(model)
+    values = [[v.value for v in variables] for variables in runner.variables]
 
     def call(x):
+        n = len(next(iter(x.values())))
+        if backend == "jax":
+            import jax
+
+            return jax.block_until_ready(runner._call(k, k, values, x, n))
+        import torch
+
         with torch.inference_mode():
-            return segment(x, training=False)
+            return runner._call(k, k, values, x, n)
 
     return call
 
@@ -171,8 +178,8 @@ def segment_bound(model, x, exits, batch_size: int, repeats: int) -> float:
     segments = model.segments()
     carry = {segments[0].inputs[0].name: keras.ops.convert_to_tensor(x[:batch_size])}
     times = []
-    for k, segment in enumerate(segments):
-        call = compiled_call(segment)
+    for k in range(len(segments)):
+        call = compiled_call(model, k)
         times.append(alternate({k: lambda c=carry: call(c)}, repeats)[k])
         if k + 1 < len(segments):
             out = call(carry)
@@ -198,6 +205,7 @@ def row(name, model, x, exits, full_s, early_s, **extra) -> dict:
         "speedup": round(speedup, 3),
         "mac_reduction": round(mac_reduction, 3),
         "ratio": round(speedup / mac_reduction, 3),
+        "load": round(os.getloadavg()[0], 1),
         "exit_shares": [
             round(float(s), 3)
             for s in np.bincount(exits, minlength=model.num_exits) / len(x)
@@ -263,36 +271,66 @@ def streaming(name, model, x, repeats: int) -> dict:
     )
 
 
-def one_backend() -> list[dict]:
+SETTINGS = (
+    "mobilenet_b128",
+    "mobilenet_stream",
+    "signals_b256",
+    "signals_b32",
+    "signals_no_exit_b256",
+)
+
+
+def one_backend(settings) -> list[dict]:
     import keras
 
     rows = []
-    model, x = mobilenet(512)
-    rows.append(batched("mobilenet_b128", model, x, MOBILENET_SHARES, 128, 3))
-    # Thresholds of the 512 samples above, streamed over 48 of them.
-    rows.append(streaming("mobilenet_stream", model, x[:48], 3))
+    if {"mobilenet_b128", "mobilenet_stream"} & set(settings):
+        model, x = mobilenet(512)
+        # Thresholds of the 512 samples, also for streaming 48 of them.
+        model.set_thresholds(
+            exit_thresholds(all_confidences(model, x, 128), MOBILENET_SHARES)
+        )
+        if "mobilenet_b128" in settings:
+            rows.append(batched("mobilenet_b128", model, x, MOBILENET_SHARES, 128, 3))
+        if "mobilenet_stream" in settings:
+            rows.append(streaming("mobilenet_stream", model, x[:48], 3))
     model, x = signals(2048)
-    rows.append(batched("signals_b256", model, x, SIGNAL_SHARES, 256, 5))
-    rows.append(batched("signals_b32", model, x, SIGNAL_SHARES, 32, 3))
-    rows.append(batched("signals_no_exit_b256", model, x, None, 256, 5))
+    if "signals_b256" in settings:
+        rows.append(batched("signals_b256", model, x, SIGNAL_SHARES, 256, 5))
+    if "signals_b32" in settings:
+        rows.append(batched("signals_b32", model, x, SIGNAL_SHARES, 32, 5))
+    if "signals_no_exit_b256" in settings:
+        rows.append(batched("signals_no_exit_b256", model, x, None, 256, 5))
     for r in rows:
         r["backend"] = keras.backend.backend()
     return rows
+
+
+def option(name: str, default: tuple) -> tuple:
+    """`--name a,b` from the command line, else `default`."""
+    if f"--{name}" in sys.argv:
+        return tuple(sys.argv[sys.argv.index(f"--{name}") + 1].split(","))
+    return default
 
 
 TARGETS = {"mobilenet_b128": 0.9, "mobilenet_stream": 0.8, "signals_b256": 0.6}
 
 
 def main() -> None:
+    settings = option("settings", SETTINGS)
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        raise SystemExit(f"Unknown settings {sorted(unknown)}; known: {SETTINGS}.")
     if "--one" in sys.argv:
-        print(json.dumps(one_backend()))
+        print(json.dumps(one_backend(settings)))
         return
     rows = []
     start = time.time()
-    for backend in BACKENDS:
+    load_start = os.getloadavg()[0]
+    for backend in option("backends", BACKENDS):
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
         out = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--one"],
+            [sys.executable, os.path.abspath(__file__), "--one", *sys.argv[1:]],
             env=env,
             capture_output=True,
             text=True,
@@ -300,27 +338,31 @@ def main() -> None:
         ).stdout
         rows += json.loads(out.strip().splitlines()[-1])
         print(f"{backend}: {time.time() - start:.0f} s", flush=True)
+    if settings != SETTINGS or "--backends" in sys.argv:
+        print(json.dumps(rows, indent=1))  # a partial run writes no results
+        return
     with open(os.path.join(RESULTS, "predict_early_speed.json"), "w") as f:
         json.dump(rows, f, indent=2)
     lines = [
         f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}"
-        f", shared with other jobs; load average {os.getloadavg()[0]:.1f} at the "
-        f"end), best of 3-5 alternating runs after a warm-up; {time.time() - start:.0f}"
+        f", shared with other jobs; 1-minute load average {load_start:.1f} at the "
+        f"start, {os.getloadavg()[0]:.1f} at the end), best of 3-5 alternating "
+        f"runs after a warm-up; {time.time() - start:.0f}"
         " s in all. Random weights; thresholds at confidence quantiles (see the "
         "script's docstring). Target: ratio >= "
         + ", ".join(f"{v} ({k})" for k, v in TARGETS.items())
         + ".",
         "",
         "| setting | backend | batch | predict (s) | predict_early (s) | speed-up "
-        "| MAC reduction | ratio | segment bound | exit shares |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| MAC reduction | ratio | segment bound | exit shares | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["setting"], r["backend"])):
         lines.append(
             f"| {r['setting']} | {r['backend']} | {r['batch_size']} | "
             f"{r['predict_s']:.3f} | {r['predict_early_s']:.3f} | "
             f"{r['speedup']:.2f}x | {r['mac_reduction']:.2f}x | {r['ratio']:.2f} | "
-            f"{r['segment_bound']:.2f}x | {r['exit_shares']} |"
+            f"{r['segment_bound']:.2f}x | {r['exit_shares']} | {r['load']} |"
         )
     text = "\n".join(lines) + "\n"
     with open(os.path.join(RESULTS, "predict_early_speed.md"), "w") as f:

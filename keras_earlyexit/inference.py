@@ -151,7 +151,7 @@ class _LoopRunner:
         self.segments = segments
         self.input_names = [[t.name for t in s.inputs] for s in segments]
         # Walking the layers for their variables costs more than a small
-        # segment's call: the lists are taken once, the values at each call.
+        # segment's call: the lists are taken once.
         self.variables = [list(s.variables) for s in segments]
         self.compiled = {}  # (first, last segment, bucket size) -> call
 
@@ -161,9 +161,12 @@ class _LoopRunner:
         """(classes, exits, confidences) of each batch of input arrays."""
         results = []
         in_flight = max(1, self.samples_in_flight // len(batches[0][0]))
+        # Read once per call: reading them per segment costs more than a
+        # small segment's arithmetic.
+        values = [[v.value for v in variables] for variables in self.variables]
         for start in range(0, len(batches), in_flight):
             group = batches[start : start + in_flight]
-            steps = [self._steps(x, gates, patience) for x in group]
+            steps = [self._steps(x, values, gates, patience) for x in group]
             done = [None] * len(steps)
             while any(d is None for d in done):
                 for i, step in enumerate(steps):
@@ -175,9 +178,10 @@ class _LoopRunner:
             results += done
         return results
 
-    def _steps(self, x: list, gates: np.ndarray, patience: int | None):
-        """The gated loop on one batch, pausing after each call's dispatch;
-        returns (classes, exits, confidences)."""
+    def _steps(self, x: list, values: list, gates: np.ndarray, patience):
+        """The gated loop on one batch (`values`: each segment's variable
+        values), pausing after each call's dispatch; returns (classes,
+        exits, confidences)."""
         n = len(x[0])
         classes = np.zeros(n, np.int64)
         exits = np.zeros(n, np.int64)
@@ -193,7 +197,7 @@ class _LoopRunner:
             first = k
             while k < last and patience is None and gates[k] == np.inf:
                 k += 1
-            out = self._call(first, k, carry, len(rows))
+            out = self._call(first, k, values, carry, len(rows))
             yield
             confidence = self._to_numpy(out["confidence"], len(rows))
             confidence = confidence.astype(np.float32)
@@ -219,12 +223,12 @@ class _LoopRunner:
                 carry = {name: self._take(v, stay) for name, v in carry.items()}
                 rows = rows[stay]
 
-    def _call(self, first: int, last: int, carry: dict, n: int) -> dict:
+    def _call(self, first: int, last: int, values: list, carry: dict, n: int):
         """Segments `first`..`last` on a carry of `n` samples: the outputs
         of segment `last`."""
         size = bucket_size(n)
         inputs = [self._pad(carry[name], size) for name in self.input_names[first]]
-        values = [v.value for k in range(first, last + 1) for v in self.variables[k]]
+        values = [v for k in range(first, last + 1) for v in values[k]]
         function = self.compiled.get((first, last, size))
         if function is None:
             function = self._compile(self._stateless(first, last), values, inputs)
