@@ -12,9 +12,11 @@ converts every output to NumPy once per segment):
   (`jax.jit`; `torch.jit.trace`, which replays the tensor operations
   without Keras' per-layer Python work), so a batch is padded to the next
   *bucket* (`bucket_size`: exact up to 4, then 4 sizes per octave, at most
-  25% padding): a run of any length compiles a bounded set of shapes. On
-  PyTorch the calls run under `torch.inference_mode` and the carries stay
-  tensors on their device.
+  25% padding): a run of any length compiles a bounded set of shapes.
+  Segments whose exits are closed (threshold 1.0) run with the next one as
+  one call; on JAX, which dispatches asynchronously, several small batches
+  are in flight at once. On PyTorch the calls run under
+  `torch.inference_mode` and the carries stay tensors on their device.
 
 A patience gate (PABEE) also needs each sample's class at the previous exit
 and its streak: the loops keep them per sample still in play and compact
