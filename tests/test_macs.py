@@ -317,3 +317,43 @@ def test_sequence_length_of_the_data_for_open_inputs():
         model, sequence_length=sequence_length_of(model, [ids, dense])
     )
     assert macs.segment_macs == [0]
+
+
+def test_quantization_aware_model_counts_like_the_float_model():
+    """Fake-quantized layers count as their float layers, the tracked
+    ranges as 0, and nothing is left without a rule."""
+    import warnings
+
+    from keras_earlyexit.quantization import (
+        ActivationQuantizer,
+        QuantizedSeparableConv2D,
+    )
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)  # folded in both
+    x = keras.layers.ReLU(name="relu")(x)
+    x = keras.layers.DepthwiseConv2D(3, activation="relu", name="dw")(x)  # 6x6
+    e1 = kee.ExitBranch(5, hidden_units=8, name="exit_1")(x)
+    x = keras.layers.SeparableConv2D(6, 3, activation="relu", name="sep")(x)  # 4x4
+    x = keras.layers.MaxPooling2D(2, name="pool")(x)  # (2, 2, 6)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(7, activation="relu", name="dense")(x)
+    final = kee.ExitBranch(5, name="final")(x)
+    model = kee.EarlyExitModel(inputs, [e1, final])
+    qat = kee.quantize_aware(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no rule" warning
+        float_macs = kee.count_macs(model)
+        qat_macs = kee.count_macs(qat)
+    assert qat_macs.segment_macs == float_macs.segment_macs
+    assert qat_macs.uncounted == []
+    rows = {row.name: row for row in qat_macs.layers}
+    assert rows["sep"].type == QuantizedSeparableConv2D.__name__
+    assert rows["sep"].macs == 4 * 4 * (3 * 3 * 4) + 4 * 4 * (4 * 6)
+    quantizers = [r for r in qat_macs.layers if r.type == ActivationQuantizer.__name__]
+    assert quantizers and all(r.macs == 0 for r in quantizers)
+    assert float_macs.segment_macs == [
+        8 * 8 * 4 * 27 + 6 * 6 * 4 * 9 + 4 * 8 + 8 * 5,
+        4 * 4 * 4 * 9 + 4 * 4 * 4 * 6 + 24 * 7 + 7 * 5,
+    ]

@@ -45,6 +45,12 @@ Counting rules (per sample, batch axis excluded):
 - `ExitGate` (softmax + confidence), activations, reshapes, merges, dropout
   and other layers without weights: 0. `keras.ops.matmul` in a functional
   graph: output elements times the contracted size.
+- Quantization-aware models (`kee.quantize_aware`): the fake-quantized
+  layers (`QuantizedConv2D`, `QuantizedSeparableConv2D`, `QuantizedDense`,
+  `QuantizedExitBranch`, ...) subclass their float layers and count as
+  they do; `ActivationQuantizer` (a tracked int8 range, a requantization
+  in the int8 model) counts 0. A model and its `quantize_aware` copy count
+  the same (the copy folds `BatchNormalization` where this count does).
 - Layers nested in a sub-model are counted through the sub-model's graph.
 - Other layers with weights (e.g. recurrent layers): counted as 0 and named
   in one warning.
@@ -63,6 +69,7 @@ import numpy as np
 from keras_earlyexit import graph as graph_lib
 from keras_earlyexit.gate import ExitGate
 from keras_earlyexit.layers import ExitBranch
+from keras_earlyexit.quantization.layers import ActivationQuantizer
 
 _CONV = (
     keras.layers.Conv1D,
@@ -390,6 +397,8 @@ def _node_macs(node, sequence_length: int | None) -> tuple[int | None, str]:
     if type(op).__name__ == "Matmul":
         a = node.input_tensors[0].shape
         return _size(out_shape) * int(a[-1]), ""
+    if isinstance(op, ActivationQuantizer):
+        return 0, "fake quantization (int8 range)"
     if isinstance(op, _ZERO_MAC_WEIGHTED) or not getattr(op, "weights", None):
         return 0, ""
     return None, ""
@@ -551,6 +560,8 @@ def _sublayer_rows(layer, positions: int, prefix: str, rows: list) -> bool:
             rows.append((name, kind, macs, _NORMALIZATION_NOTE))
         elif _is_embedding(sub) or isinstance(sub, _ZERO_MAC_WEIGHTED):
             rows.append((name, kind, 0, "embedding lookup"))
+        elif isinstance(sub, ActivationQuantizer):
+            rows.append((name, kind, 0, "fake quantization (int8 range)"))
         elif _sublayers(sub):
             if not _sublayer_rows(sub, positions, f"{name}/", rows):
                 return False
