@@ -230,10 +230,12 @@ def test_float_artifact_keeps_float_thresholds(model, digits, tmp_path):
     )
 
 
-def _bad_calls(digits, model):
+def _bad_data(digits, x_name: str) -> list:
+    """`(args, kwargs, error, match)`: data and reference models that both
+    `calibrate` and `profile` refuse for an artifact before it runs."""
     x, y = digits.x_val, digits.y_val
     return [
-        ((x[:, :7], y), {}, ValueError, r"x_val does not fit.*\(n, 8, 8, 1\)"),
+        ((x[:, :7], y), {}, ValueError, rf"{x_name} does not fit.*\(n, 8, 8, 1\)"),
         (((x * 16).astype("uint8"), y), {}, ValueError, "takes floats"),
         ((x.astype("float64")[:, :, :, 0], y), {}, ValueError, "shape"),
         (
@@ -243,10 +245,6 @@ def _bad_calls(digits, model):
             "NaN",
         ),  # fmt: skip
         ((x, y[:-1]), {}, ValueError, "labels but x has"),
-        ((x, y + 1), {}, ValueError, "y_val"),
-        ((x, y.astype("float32") + 0.5), {}, ValueError, "y_val"),
-        ((x[:5], y[:5]), {}, ValueError, "5 validation samples"),
-        ((x, y), {"temperature_scaling": True}, ValueError, "temperatures"),
         (
             (x, y),
             {"reference_model": demo.digits_cnn(num_classes=5, width=2)},
@@ -254,6 +252,16 @@ def _bad_calls(digits, model):
             "reference_model has 3 exits and 5 classes",
         ),  # fmt: skip
         ((x, y), {"reference_model": "model"}, TypeError, "EarlyExitModel"),
+    ]
+
+
+def _bad_calls(digits, model):
+    x, y = digits.x_val, digits.y_val
+    return _bad_data(digits, "x_val") + [
+        ((x, y + 1), {}, ValueError, "y_val"),
+        ((x, y.astype("float32") + 0.5), {}, ValueError, "y_val"),
+        ((x[:5], y[:5]), {}, ValueError, "5 validation samples"),
+        ((x, y), {"temperature_scaling": True}, ValueError, "temperatures"),
         ((x, y), {"max_accuracy_drop": 2.0}, ValueError, "max_accuracy_drop"),
     ]
 
@@ -390,3 +398,133 @@ def test_patience_arguments_need_a_patience_artifact(artifacts, digits):
                 **kwargs,
                 **SEARCH,
             )
+
+
+# `profile` of an artifact: the same readout, the report of a Keras model,
+# and the agreement with the float model it was exported from.
+
+THRESHOLDS = [0.6, 0.8]  # let samples leave at both early exits
+
+
+@pytest.fixture(scope="module")
+def profiled(artifacts, model, digits) -> dict:
+    return {
+        kind: kee.profile(
+            GatedInterpreter(path, thresholds=THRESHOLDS),
+            digits.x_val,
+            digits.y_val,
+            reference_model=model,
+        )
+        for kind, path in artifacts.items()
+    }
+
+
+def _forced_classes(path, x) -> np.ndarray:
+    """`(n, exits)`: each exit's class, every sample forced out there."""
+    forced = [[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]
+    return np.stack(
+        [GatedInterpreter(path, thresholds=t).predict(x).classes for t in forced], 1
+    )
+
+
+@pytest.mark.parametrize("kind", ["bundle", "fused"])
+def test_profile_of_an_artifact_is_what_the_interpreter_does(
+    artifacts, profiled, digits, kind
+):
+    report, x, y = profiled[kind], digits.x_val, digits.y_val
+    assert (report.artifact, report.quantization) == (artifacts[kind], "int8")
+    classes = _forced_classes(artifacts[kind], x)
+    assert report.accuracy == [float(a) for a in (classes == y[:, None]).mean(0)]
+    segments = read_manifest(artifacts["bundle"]).segments
+    assert report.segment_macs == [s.macs for s in segments]
+    assert report.cumulative_macs == [s.cumulative_macs for s in segments]
+    correct = classes == y[:, None]
+    assert report.oracle_accuracy == pytest.approx(correct.any(axis=1).mean())
+    # The current point and a Pareto point are real gated runs on LiteRT.
+    for point in (report.current, report.best_under(0.01)):
+        run = GatedInterpreter(artifacts[kind], thresholds=list(point.thresholds))
+        result = run.predict(x)
+        assert np.mean(result.classes == y) == pytest.approx(point.accuracy, abs=1e-12)
+        shares = np.bincount(result.exit_indices, minlength=3) / len(y)
+        np.testing.assert_allclose(shares, point.exit_shares, atol=1e-12)
+    assert report.current.thresholds == tuple(THRESHOLDS)
+    assert report.current.exit_shares[0] > 0 and report.current.exit_shares[1] > 0
+
+
+def test_profile_of_an_artifact_agrees_with_the_float_model(
+    artifacts, profiled, model, digits
+):
+    report, x = profiled["bundle"], digits.x_val
+    float_classes = np.stack([np.argmax(z, 1) for z in model.predict(x, verbose=0)], 1)
+    same = _forced_classes(artifacts["bundle"], x) == float_classes
+    assert report.exit_class_agreement == [float(a) for a in same.mean(0)]
+    thresholds = list(report.current.thresholds)
+    keras_run = model.predict_early(x, thresholds=thresholds)
+    int8_run = GatedInterpreter(artifacts["bundle"], thresholds=thresholds).predict(x)
+    # Keras's float32 confidences may fall on either side of a threshold
+    # that the simulation's NumPy ones do not: one sample's margin.
+    tolerance = 1 / len(x) + 1e-12
+    assert report.exit_agreement == pytest.approx(
+        np.mean(keras_run.exit_indices == int8_run.exit_indices), abs=tolerance
+    )
+    assert report.class_agreement == pytest.approx(
+        np.mean(keras_run.classes == int8_run.classes), abs=tolerance
+    )
+    assert report.reference_accuracy == pytest.approx(
+        np.mean(keras_run.classes == digits.y_val), abs=tolerance
+    )
+    # int8 moves few decisions (measured over 12 seeds for calibrated
+    # thresholds: same exit 0.978 to 1.0).
+    assert report.exit_agreement >= 0.9 and report.class_agreement >= 0.95
+    assert len(report.gate_agreement) == 2
+    assert all(0.9 <= a <= 1.0 for a in report.gate_agreement)
+    assert profiled["fused"].exit_agreement == report.exit_agreement
+
+
+def test_profile_of_an_artifact_tables(artifacts, profiled, digits):
+    report = profiled["fused"]
+    for text in (str(report), report.to_markdown()):
+        for words in (
+            artifacts["fused"],
+            "int8",
+            "float accuracy",
+            "same class",
+            "same gate decision",
+            f"same exit {report.exit_agreement:.1%}",
+            "Pareto" if text == str(report) else "speed-up",
+        ):
+            assert words in text
+    plain = kee.profile(artifacts["fused"], digits.x_val, digits.y_val)
+    assert plain.exit_agreement is None and "same exit" not in str(plain)
+    assert plain.accuracy == report.accuracy
+
+
+@pytest.mark.parametrize("kind", ["bundle", "fused"])
+def test_profile_of_an_artifact_refuses_bad_input(artifacts, model, digits, kind):
+    interpreter = GatedInterpreter(artifacts[kind])
+    x, y = digits.x_val, digits.y_val
+    bad = _bad_data(digits, "x") + [
+        ((x[:0], y[:0]), {}, ValueError, "empty"),
+        ((x, y + 1), {}, ValueError, "10 classes"),
+    ]
+    for args, kwargs, error, match in bad:
+        with pytest.raises(error, match=match):
+            kee.profile(interpreter, *args, **kwargs)
+    assert interpreter.stats.samples == 0  # nothing ran
+    with pytest.raises(ValueError, match="reference_model is for profiling"):
+        kee.profile(model, x, y, reference_model=model)
+
+
+def test_profile_of_a_patience_artifact(pabee_artifacts, digits):
+    model, artifacts = pabee_artifacts
+    x, y = digits.x_val, digits.y_val
+    report = kee.profile(artifacts["fused"], x, y, reference_model=model)
+    assert report.patience == 2 and report.criterion == "patience"
+    assert [p.patience for p in report.patience_sweep] == [1, 2, 3]
+    run = GatedInterpreter(artifacts["fused"]).predict(x)
+    assert np.mean(run.classes == y) == pytest.approx(
+        report.current.accuracy, abs=1e-12
+    )
+    assert report.current.exit_shares[0] == 0.0  # streak 1 < patience 2
+    # Over seeds 0-4 for calibrated floors: same exit 0.983-0.997.
+    assert report.exit_agreement >= 0.93 and report.class_agreement >= 0.95

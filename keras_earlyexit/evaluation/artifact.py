@@ -54,6 +54,7 @@ from keras_earlyexit.runtime.gated import GatedInterpreter, prepare_inputs
 from keras_earlyexit.runtime.manifest import (
     NEVER_QUANTIZED,
     BundleError,
+    gate_passes,
     quantize_threshold,
 )
 from keras_earlyexit.runtime.patience import streaks
@@ -159,9 +160,48 @@ def open_artifact(source):
 
 
 @dataclass
+class OpenedArtifact:
+    """An artifact whose inputs were checked against data; nothing ran yet.
+
+    Attributes:
+        interpreter: its `GatedInterpreter` / `FusedInterpreter`.
+        path: the bundle directory or fused file.
+        exits: per exit, its MACs and int8 confidence parameters.
+        num_samples: samples in the data checked.
+    """
+
+    interpreter: GatedInterpreter | FusedInterpreter
+    path: str
+    exits: list["_ExitSpec"]
+    num_samples: int
+
+    @property
+    def manifest(self):
+        return self.interpreter.manifest
+
+
+def open_on(source, x, x_name: str) -> OpenedArtifact:
+    """Opens `source` (see `open_artifact`) and checks `x` against its
+    inputs (shape, dtype, finite values), before anything runs.
+
+    Raises:
+        ValueError: `x` does not fit, naming `x_name`, the artifact and the
+            input's expected shape or dtype.
+    """
+    interpreter = open_artifact(source)
+    path, input_specs, exits = _describe(interpreter)
+    try:
+        arrays = prepare_inputs(x, input_specs)
+    except ValueError as e:
+        raise ValueError(f"{x_name} does not fit the artifact {path}: {e}") from None
+    return OpenedArtifact(interpreter, path, exits, len(arrays[0]))
+
+
+@dataclass
 class _ExitSpec:
     """What calibration needs to know of one exit of an artifact."""
 
+    macs: int  # of its segment
     cumulative_macs: int
     scale: float | None  # the int8 confidence's, None for float artifacts
     zero_point: int | None
@@ -172,14 +212,16 @@ def _describe(interpreter) -> tuple[str, list, list[_ExitSpec]]:
     manifest = interpreter.manifest
     if isinstance(interpreter, FusedInterpreter):
         exits = [
-            _ExitSpec(e.cumulative_macs, e.confidence_scale, e.confidence_zero_point)
+            _ExitSpec(
+                e.macs, e.cumulative_macs, e.confidence_scale, e.confidence_zero_point
+            )
             for e in manifest.exits
         ]
         return interpreter.path, manifest.inputs, exits
     exits = []
     for s in manifest.segments:
         c = s.output("confidence")
-        exits.append(_ExitSpec(s.cumulative_macs, c.scale, c.zero_point))
+        exits.append(_ExitSpec(s.macs, s.cumulative_macs, c.scale, c.zero_point))
     return interpreter.directory, manifest.segments[0].inputs, exits
 
 
@@ -298,13 +340,13 @@ def calibrate_artifact(
             "(kee.calibrate(model, ..., temperature_scaling=True, apply=True)), "
             "export again, then calibrate the artifact's thresholds."
         )
-    interpreter = open_artifact(source)
-    path, input_specs, exits = _describe(interpreter)
-    try:
-        arrays = prepare_inputs(x_val, input_specs)
-    except ValueError as e:
-        raise ValueError(f"x_val does not fit the artifact {path}: {e}") from None
-    n = len(arrays[0])
+    opened = open_on(source, x_val, "x_val")
+    interpreter, path, exits, n = (
+        opened.interpreter,
+        opened.path,
+        opened.exits,
+        opened.num_samples,
+    )
     if n < _MIN_SAMPLES:
         raise ValueError(
             f"calibrate received {n} validation samples; thresholds fitted on "
@@ -313,7 +355,7 @@ def calibrate_artifact(
     labels = check_labels(y_val, n, interpreter.manifest.num_classes, "y_val")
     candidates = _patience_candidates(interpreter, patience, confidence_floor)
     if reference_model is not None:
-        _check_reference(reference_model, x_val, len(exits), interpreter.manifest)
+        check_reference(reference_model, x_val, len(exits), interpreter.manifest)
     data, predictions = artifact_outputs(interpreter, x_val, labels, exits, verbose)
     if candidates is None:
         base = calibrate_outputs(data, target, value, verbose=verbose, **search)
@@ -354,8 +396,9 @@ def _patience_candidates(interpreter, patience, confidence_floor) -> list | None
     return _patience_values(exported, patience, confidence_floor)
 
 
-def _check_reference(model, x, num_exits: int, manifest) -> None:
-    """The float model must match the artifact's exits, classes and inputs."""
+def check_reference(model, x, num_exits: int, manifest) -> None:
+    """The float model must match the artifact's exits, classes, criterion
+    and inputs."""
     _data.check_model(model)
     if model.num_exits != num_exits or model.num_classes != manifest.num_classes:
         raise ValueError(
@@ -373,20 +416,76 @@ def _check_reference(model, x, num_exits: int, manifest) -> None:
     _data.num_samples(model, x)  # checks x against the model's inputs
 
 
-def _agreement(result, data, predictions, model, x, y) -> None:
-    """Exit decisions and classes of the artifact against the float model,
-    both gated by the calibrated thresholds."""
-    reference = _data.exit_outputs(model, x, y, cumulative_macs=data.cumulative_macs)
-    if result.patience is not None:
-        reference = reference.with_patience(result.patience)
+@dataclass
+class Agreement:
+    """An artifact against the float model it was exported from, on the
+    same samples, both gated by the same thresholds (and patience).
+
+    Attributes:
+        exit_agreement: share of samples that leave at the same exit.
+        class_agreement: share of samples given the same class.
+        reference_accuracy: the float model's gated accuracy.
+        exit_class_agreement: per exit, the share of samples whose class
+            the artifact's exit predicts as the float model's does.
+        gate_agreement: per non-final exit, the share of samples whose gate
+            decides alike (leave or go on), each on its own confidence (and
+            streak).
+        reference_exit_accuracy: per exit, the float model's accuracy.
+    """
+
+    exit_agreement: float
+    class_agreement: float
+    reference_accuracy: float
+    exit_class_agreement: list[float]
+    gate_agreement: list[float]
+    reference_exit_accuracy: list[float]
+
+
+def reference_outputs(model, x, y, cumulative_macs, batch_size: int = 256):
+    """Every exit's outputs of the float model (`_data.ExitOutputs`)."""
+    return _data.exit_outputs(model, x, y, batch_size, cumulative_macs=cumulative_macs)
+
+
+def agreement(data, predictions, reference, thresholds, patience) -> Agreement:
+    """Exit decisions and classes of the artifact (`data`, `predictions`
+    from `artifact_outputs`) against the float model's `reference`
+    outputs, both gated by `thresholds` and, for patience models,
+    `patience`."""
+    if patience is not None:
+        data = data.with_patience(patience)
+        reference = reference.with_patience(patience)
     rows = np.arange(len(data.labels))
-    exits = select_exits(data.confidences, result.thresholds)
-    float_exits = select_exits(reference.confidences, result.thresholds)
+    exits = select_exits(data.confidences, thresholds)
+    float_exits = select_exits(reference.confidences, thresholds)
     float_predictions = np.argmax(reference.logits, axis=-1).T  # (n, E)
-    gated = predictions[rows, exits]
-    float_gated = float_predictions[rows, float_exits]
-    result.exit_agreement = float(np.mean(exits == float_exits))
-    result.class_agreement = float(np.mean(gated == float_gated))
-    result.reference_accuracy = float(reference.correct[rows, float_exits].mean())
-    same = predictions == float_predictions  # (n, E)
-    result.exit_class_agreement = [float(a) for a in same.mean(axis=0)]
+    gates = [
+        float(
+            np.mean(
+                gate_passes(data.confidences[:, k], t)
+                == gate_passes(reference.confidences[:, k], t)
+            )
+        )
+        for k, t in enumerate(thresholds)
+    ]
+    return Agreement(
+        exit_agreement=float(np.mean(exits == float_exits)),
+        class_agreement=float(
+            np.mean(predictions[rows, exits] == float_predictions[rows, float_exits])
+        ),
+        reference_accuracy=float(reference.correct[rows, float_exits].mean()),
+        exit_class_agreement=[
+            float(a) for a in (predictions == float_predictions).mean(axis=0)
+        ],
+        gate_agreement=gates,
+        reference_exit_accuracy=[float(a) for a in reference.correct.mean(axis=0)],
+    )
+
+
+def _agreement(result, data, predictions, model, x, y) -> None:
+    """`result`'s agreement fields, at its thresholds and patience."""
+    reference = reference_outputs(model, x, y, data.cumulative_macs)
+    found = agreement(data, predictions, reference, result.thresholds, result.patience)
+    result.exit_agreement = found.exit_agreement
+    result.class_agreement = found.class_agreement
+    result.reference_accuracy = found.reference_accuracy
+    result.exit_class_agreement = found.exit_class_agreement

@@ -5,8 +5,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from keras_earlyexit.evaluation import _data
+from keras_earlyexit.evaluation import _data, artifact
 from keras_earlyexit.evaluation.macs import count_macs, sequence_length_of
+from keras_earlyexit.labels import check_labels
 
 # Per-exit threshold combinations evaluated for the Pareto front.
 _MAX_COMBINATIONS = 4096
@@ -67,6 +68,21 @@ class ProfileReport:
         patience: the model's patience (criterion `"patience"`), else None.
         patience_sweep: for a patience model, patience alone (floors 0.0)
             at each patience from 1 to the number of exits; else empty.
+        artifact: for an exported artifact, its bundle directory or fused
+            file; else "".
+        quantization: the artifact's mode (`"int8"`, `"float16"`, ...).
+        exit_agreement: for an artifact profiled with `reference_model`,
+            the share of samples that leave at the same exit in the
+            artifact and in the float model, both at the artifact's current
+            thresholds (else None, as the fields below).
+        class_agreement: the same for the class given.
+        reference_accuracy: the float model's gated accuracy at those
+            thresholds.
+        exit_class_agreement: per exit, the share of samples whose class the
+            artifact's exit predicts as the float model's does.
+        gate_agreement: per non-final exit, the share of samples whose gate
+            decides alike (leave or go on) at the current thresholds.
+        reference_exit_accuracy: per exit, the float model's accuracy.
     """
 
     exit_names: list[str]
@@ -84,6 +100,14 @@ class ProfileReport:
     criterion: str = ""
     patience: int | None = None
     patience_sweep: list[SweepPoint] = field(default_factory=list)
+    artifact: str = ""
+    quantization: str = ""
+    exit_agreement: float | None = None
+    class_agreement: float | None = None
+    reference_accuracy: float | None = None
+    exit_class_agreement: list[float] | None = None
+    gate_agreement: list[float] | None = None
+    reference_exit_accuracy: list[float] | None = None
 
     @property
     def full_macs(self) -> int:
@@ -104,6 +128,12 @@ class ProfileReport:
         keep = np.unique(np.linspace(0, len(front) - 1, max_rows).round().astype(int))
         return [front[i] for i in keep]
 
+    def _exit_header(self) -> tuple[str, ...]:
+        header = ("exit", "accuracy", "segment MACs", "cumulative MACs", "share")
+        if self.exit_agreement is None:
+            return header
+        return (*header, "float accuracy", "same class", "same gate decision")
+
     def _rows(self) -> tuple[list, list, list]:
         exits = [
             (
@@ -121,6 +151,17 @@ class ProfileReport:
                 self.macs_share,
             )
         ]
+        if self.exit_agreement is not None:
+            gates = [f"{a:.1%}" for a in self.gate_agreement] + ["-"]
+            exits = [
+                (*row, f"{float_acc:.4f}", f"{same:.1%}", gate)
+                for row, float_acc, same, gate in zip(
+                    exits,
+                    self.reference_exit_accuracy,
+                    self.exit_class_agreement,
+                    gates,
+                )
+            ]
         summary = [
             (
                 "oracle",
@@ -153,22 +194,40 @@ class ProfileReport:
     def _patience_text(self) -> str:
         return "" if self.patience is None else f", patience {self.patience}"
 
+    def _subject(self) -> str:
+        """What was profiled, for the title."""
+        if not self.artifact:
+            return ""
+        return f" of {self.artifact} ({self.quantization})"
+
+    def _agreement_text(self) -> str:
+        """The artifact against the float model, at the current thresholds."""
+        if self.exit_agreement is None:
+            return ""
+        return (
+            f"{self.quantization} artifact vs float model at thresholds "
+            f"{self.current.setting()}: same exit {self.exit_agreement:.1%}, "
+            f"same class {self.class_agreement:.1%}; gated accuracy "
+            f"{self.current.accuracy:.4f} ({self.quantization}) vs "
+            f"{self.reference_accuracy:.4f} (float)"
+        )
+
     def __str__(self) -> str:
         exits, summary, front = self._rows()
         title = (
-            f"Early-exit profile on {self.num_samples} samples "
+            f"Early-exit profile{self._subject()} on {self.num_samples} samples "
             f"(criterion {self.criterion!r}{self._patience_text()}, "
             f"full model {self.full_macs:,} MACs)"
         )
+        agreement = self._agreement_text()
         parts = [
             title,
-            _text_table(
-                ("exit", "accuracy", "segment MACs", "cumulative MACs", "share"), exits
-            ),
+            _text_table(self._exit_header(), exits),
             "",
             _text_table(
                 ("gated", "accuracy", "avg MACs", "share", "exit shares"), summary
             ),
+            *([agreement] if agreement else []),
             "",
             f"Pareto front ({len(self.pareto_front)} points, accuracy vs avg MACs):",
             _text_table(
@@ -181,20 +240,19 @@ class ProfileReport:
     def to_markdown(self) -> str:
         """The same tables in GitHub markdown."""
         exits, summary, front = self._rows()
+        agreement = self._agreement_text()
         return "\n".join(
             [
-                f"Profile on {self.num_samples} samples, criterion "
-                f"`{self.criterion}`{self._patience_text()}, full model "
-                f"{self.full_macs:,} MACs.",
+                f"Profile{self._subject()} on {self.num_samples} samples, "
+                f"criterion `{self.criterion}`{self._patience_text()}, full "
+                f"model {self.full_macs:,} MACs.",
                 "",
-                _md_table(
-                    ("exit", "accuracy", "segment MACs", "cumulative MACs", "share"),
-                    exits,
-                ),
+                _md_table(self._exit_header(), exits),
                 "",
                 _md_table(
                     ("gated", "accuracy", "avg MACs", "share", "exit shares"), summary
                 ),
+                *(["", self._agreement_text() + "."] if agreement else []),
                 "",
                 _md_table(
                     (
@@ -306,7 +364,13 @@ class ProfileReport:
 
 
 def profile(
-    model, x, y, batch_size: int = 256, verbose: int = 0, num_thresholds: int = 101
+    model,
+    x,
+    y,
+    batch_size: int = 256,
+    verbose: int = 0,
+    num_thresholds: int = 101,
+    reference_model=None,
 ) -> ProfileReport:
     """Accuracy and compute per exit, the oracle bound and the Pareto front.
 
@@ -317,19 +381,37 @@ def profile(
     the sweeps and the Pareto front also range over the patience, from 1 to
     the number of exits, with the confidence floors as thresholds.
 
+    `model` may also be an exported artifact: a `kee.runtime.GatedInterpreter`
+    / `FusedInterpreter`, or the path of a bundle directory or fused
+    `.tflite` file. Every exit's classes and confidences are then the ones
+    its runtime computes (int8 confidences for an int8 artifact, read as
+    `kee.calibrate` reads them), the MACs are the manifest's (counted by
+    the exporter on the model it converted) and the current thresholds are
+    the artifact's. With `reference_model`, the float model it was exported
+    from, the report adds how often the artifact and the float model agree.
+
     Args:
-        model: an `EarlyExitModel`.
+        model: an `EarlyExitModel`, or an exported artifact (see above).
         x: input array(s).
         y: labels, int `(n,)` or one-hot `(n, num_classes)`.
-        batch_size: batch size of `model.predict`.
+        batch_size: batch size of `model.predict` (and of the reference
+            model's).
         verbose: 1 shows the progress bar of `model.predict`.
         num_thresholds: grid size of the shared-threshold sweep (the
             confidences' quantiles are added to it).
+        reference_model: for an artifact only, the float `EarlyExitModel`
+            it was exported from: the report then gives, per exit, the
+            float accuracy, the share of samples given the same class and
+            the share whose gate decides alike, and at the artifact's
+            thresholds the share leaving at the same exit and given the same
+            class.
 
     Returns:
         `ProfileReport` with per-exit `.accuracy` and `.cumulative_macs`,
         `.oracle_accuracy`, `.oracle_macs`, `.pareto_front`, `.plot(path)`
-        and a table from `str()` / `.to_markdown()`.
+        and a table from `str()` / `.to_markdown()`; for an artifact with a
+        `reference_model`, `.exit_agreement`, `.class_agreement` and the
+        per-exit `.exit_class_agreement` and `.gate_agreement`.
 
     Example:
 
@@ -337,15 +419,89 @@ def profile(
     report = kee.profile(model, x_val, y_val)
     print(report)
     report.plot("profile.png")
+    # The int8 bundle as it runs, against the float model:
+    print(kee.profile("digits_bundle", x_val, y_val, reference_model=model))
     ```
     """
+    if artifact.is_artifact(model):
+        return _profile_artifact(
+            model, x, y, reference_model, batch_size, verbose, num_thresholds
+        )
+    if reference_model is not None:
+        raise ValueError(
+            "reference_model is for profiling an exported artifact (a "
+            "GatedInterpreter or a bundle / fused file path); a Keras model "
+            "is its own reference."
+        )
     macs = count_macs(model, sequence_length=sequence_length_of(model, x))
     data = _data.exit_outputs(
         model, x, y, batch_size, verbose, cumulative_macs=macs.cumulative_macs
     )
+    return _report(
+        data,
+        exit_names=list(model.exit_names),
+        segment_macs=list(macs.segment_macs),
+        thresholds=model.thresholds,
+        criterion=str(model.gates[0].criterion),
+        patience=getattr(model, "patience", None),
+        num_thresholds=num_thresholds,
+    )
+
+
+def _profile_artifact(
+    source, x, y, reference_model, batch_size, verbose, num_thresholds
+) -> ProfileReport:
+    """`profile` of a bundle or fused file (see `profile`); every input is
+    checked before anything runs."""
+    opened = artifact.open_on(source, x, "x")
+    if opened.num_samples == 0:
+        raise ValueError("x is empty: profile needs labelled samples.")
+    manifest = opened.manifest
+    labels = check_labels(y, opened.num_samples, manifest.num_classes)
+    if reference_model is not None:
+        artifact.check_reference(reference_model, x, len(opened.exits), manifest)
+    interpreter = opened.interpreter
+    data, predictions = artifact.artifact_outputs(
+        interpreter, x, labels, opened.exits, verbose
+    )
+    report = _report(
+        data,
+        exit_names=list(manifest.exit_names),
+        segment_macs=[e.macs for e in opened.exits],
+        thresholds=interpreter.thresholds,
+        criterion=manifest.criterion,
+        patience=interpreter.patience,
+        num_thresholds=num_thresholds,
+    )
+    report.artifact = opened.path
+    report.quantization = manifest.quantization
+    if reference_model is not None:
+        reference = artifact.reference_outputs(
+            reference_model, x, labels, data.cumulative_macs, batch_size
+        )
+        found = artifact.agreement(
+            data, predictions, reference, interpreter.thresholds, interpreter.patience
+        )
+        for name, value in vars(found).items():
+            setattr(report, name, value)
+    return report
+
+
+def _report(
+    data: _data.ExitOutputs,
+    exit_names: list,
+    segment_macs: list,
+    thresholds,
+    criterion: str,
+    patience: int | None,
+    num_thresholds: int,
+) -> ProfileReport:
+    """The report of every exit's outputs `data` (gated by `patience`, if
+    any; MACs to each exit in `data.cumulative_macs`), with the current
+    `thresholds` simulated."""
     num_exits = data.num_exits
-    full = float(macs.total_macs)
-    patience = getattr(model, "patience", None)
+    cumulative_macs = [int(c) for c in data.cumulative_macs]
+    full = float(cumulative_macs[-1])
 
     def point(thresholds, gated=data) -> SweepPoint:
         acc, avg, _, exits = gated.simulate(thresholds)
@@ -395,19 +551,19 @@ def profile(
     if patience is not None:
         patience_sweep = [point([0.0] * (num_exits - 1), gated) for gated in settings]
     return ProfileReport(
-        exit_names=list(model.exit_names),
+        exit_names=exit_names,
         accuracy=[float(a) for a in data.correct.mean(axis=0)],
-        segment_macs=list(macs.segment_macs),
-        cumulative_macs=list(macs.cumulative_macs),
-        macs_share=macs.share(),
+        segment_macs=[int(m) for m in segment_macs],
+        cumulative_macs=cumulative_macs,
+        macs_share=[c / max(full, 1.0) for c in cumulative_macs],
         oracle_accuracy=float(data.correct.any(axis=1).mean()),
         oracle_macs=float(data.cumulative_macs[oracle_exits].mean()),
         oracle_exit_shares=[float(s) for s in oracle_shares],
-        current=point(model.thresholds),
+        current=point(thresholds),
         sweep=sweep,
         pareto_front=pareto_front(candidates),
         num_samples=len(data.labels),
-        criterion=str(model.gates[0].criterion),
+        criterion=criterion,
         patience=patience,
         patience_sweep=patience_sweep,
     )
