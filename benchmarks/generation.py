@@ -1,17 +1,25 @@
 """Early-exit text generation against full decoding, side by side on CPU.
 
 Trains a 6-block `EarlyExitCausalLM` (exits after blocks 1, 2 and 4, shared
-LM head) on the generated grammar corpus, calibrates `"early_exit"`
+LM head, `exit_dropout=0.3`) on the generated grammar corpus, calibrates `"early_exit"`
 thresholds on calibration prompts for 95% agreement with full greedy
 decoding, then decodes held-out prompts with `"full"`, `"early_exit"` and
 `"self_speculative"` (drafting with exit 1 and exit 2). Reports tokens per
 second (best of 3 timed runs after a warm-up that compiles), average blocks
 per generated token, and token agreement with full greedy decoding.
 
-Run: `KERAS_BACKEND=jax python benchmarks/generation.py` (any backend).
-Writes `benchmarks/results/generation_{backend}.{md,json}`.
+Run: `KERAS_BACKEND=jax python benchmarks/generation.py` (any backend)
+trains the model and saves it to `benchmarks/results/generation_model.keras`;
+`--model PATH` decodes a saved model instead (the same weights on every
+backend: `KERAS_BACKEND=torch python benchmarks/generation.py --model
+benchmarks/results/generation_model.keras`).
+Writes `benchmarks/results/generation_{backend}.{md,json}`. `--follow F
+--keep K` draw a less predictable corpus (see `grammar_corpus`); the files
+then end in `_follow{F}_keep{K}`.
 """
 
+import argparse
+import inspect
 import json
 import os
 import time
@@ -31,15 +39,28 @@ from keras_earlyexit.generation.corpus import VOCABULARY, grammar_corpus
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONTEXT, PROMPT, NEW_TOKENS = 64, 12, 48
+CALIBRATION_PROMPTS, TEST_PROMPTS = 200, 100
+EXIT_DROPOUT = 0.3
+CORPUS_DEFAULTS = {
+    name: inspect.signature(grammar_corpus).parameters[name].default
+    for name in ("follow", "keep")
+}
 REPEATS = 3
 
 
-def train() -> EarlyExitCausalLM:
+def train(corpus: dict) -> EarlyExitCausalLM:
     keras.utils.set_random_seed(0)
-    documents = grammar_corpus(800, CONTEXT + 1, seed=0)
+    documents = grammar_corpus(800, CONTEXT + 1, seed=0, **corpus)
     x, y, mask = next_token_data(documents, length=CONTEXT)
     model = EarlyExitCausalLM(
-        len(VOCABULARY), CONTEXT, 6, (1, 2, 4), d_model=64, num_heads=4
+        len(VOCABULARY),
+        CONTEXT,
+        6,
+        (1, 2, 4),
+        d_model=64,
+        num_heads=4,
+        exit_dropout=EXIT_DROPOUT,
+        seed=0,
     )
     model.compile(keras.optimizers.Adam(3e-3), kee.EarlyExitLoss())
     model.fit(x, y, sample_weight=mask, epochs=12, batch_size=32, verbose=0)
@@ -56,17 +77,27 @@ def timed(model, prompts, **kwargs) -> tuple[float, list]:
     return len(prompts) * NEW_TOKENS / best, runs
 
 
-def main() -> None:
+def main(model_path: str | None, follow: float, keep: float) -> None:
+    corpus = {"follow": follow, "keep": keep}
+    suffix = "" if corpus == CORPUS_DEFAULTS else f"_follow{follow}_keep{keep}"
     backend = keras.backend.backend()
     if backend == "torch":
         import torch
 
         torch.set_num_threads(1)  # one token at a time: threads only synchronise
-    start = time.perf_counter()
-    model = train()
-    train_seconds = time.perf_counter() - start
-    calibration = [d[:PROMPT] for d in grammar_corpus(30, PROMPT, seed=1)]
-    test = [d[:PROMPT] for d in grammar_corpus(30, PROMPT, seed=2)]
+    if model_path:
+        model, train_seconds = keras.saving.load_model(model_path), None
+    else:
+        start = time.perf_counter()
+        model = train(corpus)
+        train_seconds = round(time.perf_counter() - start, 1)
+        os.makedirs(RESULTS, exist_ok=True)
+        model.save(os.path.join(RESULTS, f"generation_model{suffix}.keras"))
+    calibration = [
+        d[:PROMPT]
+        for d in grammar_corpus(CALIBRATION_PROMPTS, PROMPT, seed=1, **corpus)
+    ]
+    test = [d[:PROMPT] for d in grammar_corpus(TEST_PROMPTS, PROMPT, seed=2, **corpus)]
     cal = calibrate(model, calibration, NEW_TOKENS, min_agreement=0.95)
     settings = {
         "full": {},
@@ -107,25 +138,32 @@ def main() -> None:
         )
     result = {
         "backend": backend,
-        "model": "6 blocks, d_model 64, 4 heads, exits after blocks 1, 2, 4",
-        "train_seconds": round(train_seconds, 1),
+        "model": "6 blocks, d_model 64, 4 heads, exits after blocks 1, 2, 4, "
+        f"exit_dropout {EXIT_DROPOUT}",
+        "corpus": corpus,
+        "trained_on": model_path or backend,
+        "train_seconds": train_seconds,
         "prompts": len(test),
         "new_tokens": NEW_TOKENS,
         "thresholds": [round(t, 4) for t in cal.thresholds],
         "calibration_agreement": round(cal.expected_agreement, 4),
+        "calibration_agreement_bound": round(cal.agreement_bound, 4),
         "rows": rows,
     }
     os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"generation_{backend}")
+    path = os.path.join(RESULTS, f"generation_{backend}{suffix}")
     with open(path + ".json", "w") as f:
         json.dump(result, f, indent=2)
     lines = [
         f"# Generation on CPU, {backend} backend",
         "",
-        f"{result['model']}; {len(test)} held-out prompts of {PROMPT} tokens, "
+        f"{result['model']}; corpus {corpus}; {len(test)} held-out prompts of "
+        f"{PROMPT} tokens, "
         f"{NEW_TOKENS} new tokens each, greedy. early_exit thresholds "
-        f"{result['thresholds']} (calibrated for 95% agreement on 30 other "
-        f"prompts: {cal.expected_agreement:.1%}).",
+        f"{result['thresholds']} (calibrated for 95% agreement on "
+        f"{CALIBRATION_PROMPTS} other prompts: {cal.expected_agreement:.1%}, lower "
+        f"bound {cal.agreement_bound:.1%} at delta {cal.delta}). Model trained on "
+        f"{result['trained_on']}.",
         "",
         "| strategy | tokens/s | speed-up | blocks/token | agreement with full "
         "| identical sequences | tokens per exit |",
@@ -143,4 +181,14 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="decode this saved model (no training)")
+    for name, default in CORPUS_DEFAULTS.items():
+        parser.add_argument(
+            f"--{name}",
+            type=float,
+            default=default,
+            help=f"grammar_corpus {name} (default {default})",
+        )
+    args = parser.parse_args()
+    main(args.model, args.follow, args.keep)

@@ -15,7 +15,7 @@ from keras_earlyexit.generation import (
     next_token_data,
 )
 from keras_earlyexit.generation.calibration import _exit_statistics, token_agreement
-from keras_earlyexit.generation.corpus import VOCABULARY, grammar_corpus
+from keras_earlyexit.generation.corpus import VOCABULARY, decode, grammar_corpus
 from keras_earlyexit.runtime.manifest import gate_passes
 
 CONTEXT = 32
@@ -217,7 +217,7 @@ def test_trained_model_learns_the_grammar(trained_model, corpus):
 
 def test_calibrated_early_exit_agrees_with_full(trained_model):
     prompts = _prompts(6, seed=2)
-    cal = calibrate(trained_model, prompts, 12, min_agreement=0.9)
+    cal = calibrate(trained_model, prompts, 12, min_agreement=0.9, delta=None)
     assert len(cal.thresholds) == 1
     assert cal.expected_agreement >= 0.9
     runs = [
@@ -233,6 +233,22 @@ def test_calibrated_early_exit_agrees_with_full(trained_model):
     # Fewer blocks only where the shallow exit agrees often enough: measured
     # on JAX and TensorFlow at these settings, not on torch (other init).
     assert cal.expected_layers_per_token <= trained_model.num_layers
+
+
+def test_calibration_bound_is_below_the_mean_and_warns_when_nothing_passes(
+    trained_model,
+):
+    prompts = _prompts(6, seed=2)
+    # Six prompts cannot certify 99.9% agreement at delta 0.1: no exits.
+    with pytest.warns(UserWarning, match="No early-exit thresholds reached"):
+        cal = calibrate(trained_model, prompts, 12, min_agreement=0.999)
+    assert cal.thresholds == [1.0]
+    assert cal.agreement_bound == 1.0 and cal.delta == 0.1
+    loose = calibrate(trained_model, prompts, 12, min_agreement=0.05)
+    assert loose.agreement_bound <= loose.expected_agreement
+    assert loose.agreement_bound >= 0.05
+    with pytest.raises(ValueError, match="delta must be in"):
+        calibrate(trained_model, prompts, 12, delta=1.5)
 
 
 def test_self_speculative_accepts_drafts_of_trained_model(trained_model):
@@ -320,3 +336,16 @@ def test_exit_dropout_passes_drawn_tokens_through_the_later_blocks():
     assert not np.allclose(final[~left], through[~left], atol=1e-3)
     assert model._token_depths(x.shape, False) is None
     assert EarlyExitCausalLM.from_config(model.get_config()).exit_dropout == 0.4
+
+
+def test_corpus_follows_the_story_order_and_keeps_its_cast():
+    starts = {"the": 0, "count": 1, "once": 3}  # kind 2 starts with a name
+    for document in grammar_corpus(20, 80, seed=3, follow=1.0, keep=1.0):
+        sentences = decode(document[1:]).split(" . ")[:-1]  # whole ones
+        kinds = [starts.get(s.split()[0], 2) for s in sentences]
+        assert all(b == (a + 1) % 4 for a, b in zip(kinds, kinds[1:]))
+        animals = {s.split()[-1] for s in sentences if s.startswith("once")}
+        animals |= {s.split()[1] for s in sentences if s.startswith("the ")}
+        assert len(animals) <= 1
+    with pytest.raises(ValueError, match="follow must be in"):
+        grammar_corpus(2, 10, follow=1.5)

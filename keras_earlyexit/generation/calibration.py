@@ -1,5 +1,6 @@
 """Per-token exit thresholds calibrated for agreement with full decoding."""
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -7,6 +8,7 @@ import numpy as np
 from keras import ops
 
 from keras_earlyexit.criteria import confidence
+from keras_earlyexit.evaluation.guarantees import betting_upper_bound
 from keras_earlyexit.generation.decoding import (
     _no_grad,
     check_generation_args,
@@ -28,12 +30,17 @@ class GenerationCalibration:
         expected_layers_per_token: average blocks run per generated token.
         tolerance: per-token disagreement allowed at each exit that chose
             the thresholds.
+        agreement_bound: lower confidence bound of the agreement on new
+            prompts at level `1 - delta` (None when `delta` is None).
+        delta: the bound's failure probability, or None.
     """
 
     thresholds: list[float]
     expected_agreement: float
     expected_layers_per_token: float
     tolerance: float
+    agreement_bound: float | None = None
+    delta: float | None = None
 
 
 def token_agreement(tokens, reference) -> float:
@@ -61,6 +68,7 @@ def calibrate(
     max_new_tokens: int,
     min_agreement: float = 0.95,
     tolerances: Sequence[float] = DEFAULT_TOLERANCES,
+    delta: float | None = 0.1,
 ) -> GenerationCalibration:
     """Chooses `"early_exit"` thresholds so that decoding agrees with full
     greedy decoding on at least `min_agreement` of the tokens.
@@ -75,7 +83,15 @@ def calibrate(
     "early_exit")` (state propagation included, so its effect on later
     tokens counts); the candidate with the fewest layers per token whose
     agreement reaches `min_agreement` wins. If none does, thresholds of 1.0
-    (no early exit) are returned.
+    (no early exit) are returned, with a warning.
+
+    A token that differs sends the rest of its sequence elsewhere, so
+    agreement varies a lot from prompt to prompt. With `delta`, a candidate
+    must reach `min_agreement` with its lower confidence bound over prompts
+    (a Waudby-Smith-Ramdas betting bound on the mean per-prompt
+    disagreement, at `delta` divided by the number of candidates). The
+    candidates come from the same prompts, so the bound is a guard rather
+    than a proof: hundreds of prompts make it tight.
 
     Args:
         model: an `EarlyExitCausalLM`.
@@ -84,10 +100,12 @@ def calibrate(
         min_agreement: target share of tokens equal to full decoding, in
             (0, 1].
         tolerances: per-token disagreement rates tried at each exit.
+        delta: failure probability of the agreement bound, in (0, 1); None
+            compares the mean agreement on the prompts itself.
 
     Returns:
-        `GenerationCalibration` with `.thresholds`, `.expected_agreement`
-        and `.expected_layers_per_token`.
+        `GenerationCalibration` with `.thresholds`, `.expected_agreement`,
+        `.agreement_bound` and `.expected_layers_per_token`.
 
     Example:
 
@@ -104,26 +122,65 @@ def calibrate(
         raise ValueError(
             f"tolerances must be non-empty rates in [0, 1]. Received: {tolerances}"
         )
+    if delta is not None and not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1) or None. Received: {delta}")
     prompts = [check_generation_args(model, p, max_new_tokens, "full") for p in prompts]
     if not prompts:
         raise ValueError("calibrate needs at least one prompt.")
     full = [generate(model, p, max_new_tokens).tokens for p in prompts]
     conf, agree = _exit_statistics(model, prompts, full)
-    best = GenerationCalibration(
+    candidates = list(_candidates(conf, agree, tolerances))
+    no_exit = GenerationCalibration(
         [1.0] * (model.num_exits - 1), 1.0, float(model.num_layers), 0.0
     )
-    for tolerance, thresholds in _candidates(conf, agree, tolerances):
+    if delta is not None:
+        no_exit.agreement_bound, no_exit.delta = 1.0, delta
+    best, closest = no_exit, None
+    for tolerance, thresholds in candidates:
         runs = [
             generate(model, p, max_new_tokens, "early_exit", thresholds=thresholds)
             for p in prompts
         ]
-        agreement = float(
-            np.mean([token_agreement(r.tokens, f) for r, f in zip(runs, full)])
+        agreements = np.array(
+            [token_agreement(r.tokens, f) for r, f in zip(runs, full)]
         )
-        layers = float(np.mean([r.layers_per_token for r in runs]))
-        if agreement >= min_agreement and layers < best.expected_layers_per_token:
-            best = GenerationCalibration(thresholds, agreement, layers, tolerance)
+        result = GenerationCalibration(
+            thresholds,
+            float(np.mean(agreements)),
+            float(np.mean([r.layers_per_token for r in runs])),
+            tolerance,
+        )
+        if delta is not None:
+            bound = betting_upper_bound(1.0 - agreements, delta / len(candidates))
+            result.agreement_bound, result.delta = 1.0 - float(bound[0]), delta
+        if _reached(result) >= min_agreement:
+            if result.expected_layers_per_token < best.expected_layers_per_token:
+                best = result
+        elif closest is None or _reached(result) > _reached(closest):
+            closest = result
+    if best is no_exit and closest is not None:
+        warnings.warn(
+            f"No early-exit thresholds reached min_agreement={min_agreement} "
+            f"on {len(prompts)} prompts (the closest: agreement "
+            f"{closest.expected_agreement:.1%}"
+            + (
+                f", lower bound {closest.agreement_bound:.1%}"
+                if delta is not None
+                else ""
+            )
+            + "). Every token will run every block. Calibrate on more "
+            "prompts, lower min_agreement, or train the exits longer "
+            "(exit_dropout helps state propagation).",
+            stacklevel=2,
+        )
     return best
+
+
+def _reached(result: GenerationCalibration) -> float:
+    """The agreement a candidate is judged by: its bound, else its mean."""
+    if result.agreement_bound is not None:
+        return result.agreement_bound
+    return result.expected_agreement
 
 
 def _candidates(conf, agree, tolerances):

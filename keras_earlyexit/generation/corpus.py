@@ -5,7 +5,7 @@ follow from the word before (fixed phrases, counting, the full stop), some
 need a word further back (an animal's sound after an adverb, a copied
 food, the next kind of sentence), and some need the document's earlier
 sentences: a document keeps its cast (its animal, names, food and first
-number), re-used with probability 0.8.
+number), and its sentences mostly follow a story order.
 
 Free choices are skewed the way word choices in text are (Zipf weights
 1/rank), so that greedy decoding has a clear most likely token. With
@@ -42,7 +42,6 @@ _ID = {word: i for i, word in enumerate(VOCABULARY)}
 
 
 _KINDS = 4
-_NEXT_KIND = 0.6  # chance that a sentence of kind k is followed by kind k + 1
 
 
 def _zipf(rng: np.random.Generator, options, exclude=()) -> str:
@@ -52,41 +51,49 @@ def _zipf(rng: np.random.Generator, options, exclude=()) -> str:
     return str(options[rng.choice(len(options), p=weights / weights.sum())])
 
 
-def _next_kind(rng: np.random.Generator, kind: int | None) -> int:
-    if kind is None:
-        return int(rng.integers(_KINDS))
-    if rng.random() < _NEXT_KIND:
-        return (kind + 1) % _KINDS
-    return int(rng.choice([k for k in range(_KINDS) if k != (kind + 1) % _KINDS]))
+class _Document:
+    """Draws one document's sentences: the kinds in story order (kind k,
+    then k + 1) with probability `follow`, and the document's cast re-used
+    with probability `keep`."""
 
+    def __init__(self, rng: np.random.Generator, follow: float, keep: float):
+        self.rng, self.follow, self.keep = rng, follow, keep
+        self.kind, self.cast = None, {}
 
-_KEEP = 0.8  # chance that a sentence re-uses the document's cast
+    def _next_kind(self) -> int:
+        rng = self.rng
+        if self.kind is None:
+            return int(rng.integers(_KINDS))
+        following = (self.kind + 1) % _KINDS
+        if rng.random() < self.follow:
+            return following
+        return int(rng.choice([k for k in range(_KINDS) if k != following]))
 
+    def _cast(self, role: str, options, exclude=()) -> str:
+        """The cast's choice for `role`, else a fresh Zipf choice; the first
+        choice joins the cast."""
+        chosen = self.cast.get(role)
+        if chosen is not None and chosen not in exclude:
+            if self.rng.random() < self.keep:
+                return chosen
+        return self.cast.setdefault(role, _zipf(self.rng, options, exclude))
 
-def _cast(rng: np.random.Generator, cast: dict, role: str, options, exclude=()):
-    """The document's choice for `role` (kept with probability `_KEEP`),
-    else a fresh Zipf choice; the first choice joins the cast."""
-    if role in cast and cast[role] not in exclude and rng.random() < _KEEP:
-        return cast[role]
-    return cast.setdefault(role, _zipf(rng, options, exclude))
-
-
-def _sentence(rng: np.random.Generator, kind: int, cast: dict) -> list[str]:
-    if kind == 0:
-        animal = _cast(rng, cast, "animal", list(_ANIMALS))
-        adverb = [_zipf(rng, _ADVERBS)] if rng.random() < 0.3 else []
-        return ["the", animal, *adverb, _ANIMALS[animal], "."]
-    if kind == 1:
-        first = _cast(rng, cast, "number", _NUMBERS[: len(_NUMBERS) - 3])
-        first = _NUMBERS.index(first)
-        return ["count", *_NUMBERS[first : first + 4], "."]
-    if kind == 2:
-        name_1 = _cast(rng, cast, "name_1", _NAMES)
-        name_2 = _cast(rng, cast, "name_2", _NAMES, exclude=(name_1,))
-        food = _cast(rng, cast, "food", _FOODS)
-        return [name_1, "likes", food, "and", name_2, "likes", food, "too", "."]
-    animal = _cast(rng, cast, "animal", list(_ANIMALS))
-    return ["once", "upon", "a", "time", "there", "was", "a", animal, "."]
+    def sentence(self) -> list[str]:
+        self.kind = kind = self._next_kind()
+        if kind == 0:
+            animal = self._cast("animal", list(_ANIMALS))
+            adverb = [_zipf(self.rng, _ADVERBS)] if self.rng.random() < 0.3 else []
+            return ["the", animal, *adverb, _ANIMALS[animal], "."]
+        if kind == 1:
+            first = _NUMBERS.index(self._cast("number", _NUMBERS[:-3]))
+            return ["count", *_NUMBERS[first : first + 4], "."]
+        if kind == 2:
+            name_1 = self._cast("name_1", _NAMES)
+            name_2 = self._cast("name_2", _NAMES, exclude=(name_1,))
+            food = self._cast("food", _FOODS)
+            return [name_1, "likes", food, "and", name_2, "likes", food, "too", "."]
+        animal = self._cast("animal", list(_ANIMALS))
+        return ["once", "upon", "a", "time", "there", "was", "a", animal, "."]
 
 
 def encode(words) -> np.ndarray:
@@ -102,23 +109,41 @@ def decode(token_ids) -> str:
 
 
 def grammar_corpus(
-    num_documents: int, max_length: int, seed: int = 0, min_length: int | None = None
+    num_documents: int,
+    max_length: int,
+    seed: int = 0,
+    min_length: int | None = None,
+    follow: float = 0.8,
+    keep: float = 0.9,
 ) -> list[np.ndarray]:
     """Documents of `<bos>` and whole sentences, each of a random length in
     `[min_length, max_length]` tokens (default `min_length = max_length //
     2`), cut at the end if a sentence does not fit.
 
+    Args:
+        num_documents: documents to draw.
+        max_length: longest document, in tokens.
+        seed: seed of the draw.
+        min_length: shortest document (default `max_length // 2`).
+        follow: chance that a sentence of kind k is followed by kind k + 1
+            (the story order); lower values make the next sentence harder
+            to predict.
+        keep: chance that a sentence re-uses the document's cast (its
+            animal, names, food, first number) rather than a fresh choice.
+
     Returns:
         List of int32 arrays of token ids (vocabulary: `VOCABULARY`).
     """
+    for name, value in (("follow", follow), ("keep", keep)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1]. Received: {value!r}")
     rng = np.random.default_rng(seed)
     min_length = min_length or max(2, max_length // 2)
     documents = []
     for _ in range(num_documents):
         length = int(rng.integers(min_length, max_length + 1))
-        words, kind, cast = ["<bos>"], None, {}
+        document, words = _Document(rng, follow, keep), ["<bos>"]
         while len(words) < length:
-            kind = _next_kind(rng, kind)
-            words += _sentence(rng, kind, cast)
+            words += document.sentence()
         documents.append(encode(words[:length]))
     return documents
