@@ -291,7 +291,7 @@ def one_backend(settings) -> list[dict]:
             exit_thresholds(all_confidences(model, x, 128), MOBILENET_SHARES)
         )
         if "mobilenet_b128" in settings:
-            rows.append(batched("mobilenet_b128", model, x, MOBILENET_SHARES, 128, 3))
+            rows.append(batched("mobilenet_b128", model, x, MOBILENET_SHARES, 128, 5))
         if "mobilenet_stream" in settings:
             rows.append(streaming("mobilenet_stream", model, x[:48], 3))
     model, x = signals(2048)
