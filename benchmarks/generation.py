@@ -14,8 +14,9 @@ trains the model and saves it to `benchmarks/results/generation_model.keras`;
 backend: `KERAS_BACKEND=torch python benchmarks/generation.py --model
 benchmarks/results/generation_model.keras`).
 Writes `benchmarks/results/generation_{backend}.{md,json}`. `--follow F
---keep K` draw a less predictable corpus (see `grammar_corpus`); the files
-then end in `_follow{F}_keep{K}`.
+--keep K` draw a less predictable corpus (see `grammar_corpus`) and
+`--exit-dropout D` trains with another `exit_dropout`; the files then end in
+`_follow{F}_keep{K}` and `_exit_dropout{D}`.
 """
 
 import argparse
@@ -48,7 +49,7 @@ CORPUS_DEFAULTS = {
 REPEATS = 3
 
 
-def train(corpus: dict) -> EarlyExitCausalLM:
+def train(corpus: dict, exit_dropout: float) -> EarlyExitCausalLM:
     keras.utils.set_random_seed(0)
     documents = grammar_corpus(800, CONTEXT + 1, seed=0, **corpus)
     x, y, mask = next_token_data(documents, length=CONTEXT)
@@ -59,7 +60,7 @@ def train(corpus: dict) -> EarlyExitCausalLM:
         (1, 2, 4),
         d_model=64,
         num_heads=4,
-        exit_dropout=EXIT_DROPOUT,
+        exit_dropout=exit_dropout,
         seed=0,
     )
     model.compile(keras.optimizers.Adam(3e-3), kee.EarlyExitLoss())
@@ -77,9 +78,41 @@ def timed(model, prompts, **kwargs) -> tuple[float, list]:
     return len(prompts) * NEW_TOKENS / best, runs
 
 
-def main(model_path: str | None, follow: float, keep: float) -> None:
+def first_divergences(model, prompts, runs, full_runs) -> dict:
+    """Where early-exit sequences first leave full decoding: how many start
+    at a token from a non-final exit (that exit's mistake) or from the
+    final exit (propagated states flipped the full model's choice), and
+    the full model's top-1 minus top-2 probability at those tokens."""
+    from_exit, from_final, margins = 0, 0, []
+    for prompt, run, full in zip(prompts, runs, full_runs):
+        differ = np.flatnonzero(run.tokens != full.tokens)
+        if not differ.size:
+            continue
+        i = int(differ[0])
+        if run.exit_indices[i] == model.num_exits - 1:
+            from_final += 1
+        else:
+            from_exit += 1
+        sequence = np.concatenate([prompt, full.tokens[:i]])[None].astype("int32")
+        logits = keras.ops.convert_to_numpy(model(sequence)[-1][0, -1])
+        p = np.sort(np.exp(logits - logits.max()))
+        margins.append(float((p[-1] - p[-2]) / p.sum()))
+    return {
+        "from_non_final_exit": from_exit,
+        "from_final_exit": from_final,
+        "full_model_margin_median": round(float(np.median(margins)), 3)
+        if margins
+        else None,
+    }
+
+
+def main(
+    model_path: str | None, follow: float, keep: float, exit_dropout: float
+) -> None:
     corpus = {"follow": follow, "keep": keep}
     suffix = "" if corpus == CORPUS_DEFAULTS else f"_follow{follow}_keep{keep}"
+    if exit_dropout != EXIT_DROPOUT:
+        suffix += f"_exit_dropout{exit_dropout}"
     backend = keras.backend.backend()
     if backend == "torch":
         import torch
@@ -89,7 +122,7 @@ def main(model_path: str | None, follow: float, keep: float) -> None:
         model, train_seconds = keras.saving.load_model(model_path), None
     else:
         start = time.perf_counter()
-        model = train(corpus)
+        model = train(corpus, exit_dropout)
         train_seconds = round(time.perf_counter() - start, 1)
         os.makedirs(RESULTS, exist_ok=True)
         model.save(os.path.join(RESULTS, f"generation_model{suffix}.keras"))
@@ -131,6 +164,9 @@ def main(model_path: str | None, follow: float, keep: float) -> None:
                 "identical_sequences": int(
                     sum((r.tokens == f.tokens).all() for r, f in zip(runs, full_runs))
                 ),
+                "first_divergences": first_divergences(model, test, runs, full_runs)
+                if kwargs.get("strategy") == "early_exit"
+                else None,
                 "exit_counts": np.bincount(
                     np.concatenate([r.exit_indices for r in runs]), minlength=4
                 ).tolist(),
@@ -139,7 +175,7 @@ def main(model_path: str | None, follow: float, keep: float) -> None:
     result = {
         "backend": backend,
         "model": "6 blocks, d_model 64, 4 heads, exits after blocks 1, 2, 4, "
-        f"exit_dropout {EXIT_DROPOUT}",
+        f"exit_dropout {model.exit_dropout}",
         "corpus": corpus,
         "trained_on": model_path or backend,
         "train_seconds": train_seconds,
@@ -175,6 +211,17 @@ def main(model_path: str | None, follow: float, keep: float) -> None:
             f"| {r['layers_per_token']} | {r['agreement']:.1%} "
             f"| {r['identical_sequences']}/{len(test)} | {r['exit_counts']} |"
         )
+    early = next(r for r in rows if r["first_divergences"] is not None)
+    d = early["first_divergences"]
+    lines += [
+        "",
+        f"early_exit: of {len(test) - early['identical_sequences']} sequences "
+        f"that differ from full decoding, {d['from_non_final_exit']} first differ "
+        f"at a token from a non-final exit and {d['from_final_exit']} at a token "
+        "from the final exit (state propagation changed the full model's choice); "
+        "median top-1 minus top-2 probability of the full model there: "
+        f"{d['full_model_margin_median']}.",
+    ]
     with open(path + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -190,5 +237,11 @@ if __name__ == "__main__":
             default=default,
             help=f"grammar_corpus {name} (default {default})",
         )
+    parser.add_argument(
+        "--exit-dropout",
+        type=float,
+        default=EXIT_DROPOUT,
+        help=f"EarlyExitCausalLM exit_dropout when training (default {EXIT_DROPOUT})",
+    )
     args = parser.parse_args()
-    main(args.model, args.follow, args.keep)
+    main(args.model, args.follow, args.keep, args.exit_dropout)

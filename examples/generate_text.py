@@ -82,17 +82,18 @@ model.fit(
 ## Full, early-exit and self-speculative decoding
 
 `calibrate` picks per-exit confidence thresholds for 95% token agreement
-with full greedy decoding on calibration prompts. Self-speculative decoding
-drafts with exit 1 and verifies with the whole model; its output is the
-full model's.
+with full greedy decoding: the agreement's lower confidence bound over the
+calibration prompts must reach it, which takes about a hundred prompts or
+more. Self-speculative decoding drafts with exit 1 and verifies with the
+whole model; its output is the full model's.
 """
 
-prompts = [d[:10] for d in grammar_corpus(20, 10, seed=1)]
+prompts = [d[:10] for d in grammar_corpus(150, 10, seed=1)]
 cal = calibrate(model, prompts, 24, min_agreement=0.95)
 print(
     f"thresholds {[round(t, 3) for t in cal.thresholds]}: agreement "
-    f"{cal.expected_agreement:.1%}, {cal.expected_layers_per_token:.2f} blocks "
-    "per token (of 4)"
+    f"{cal.expected_agreement:.1%} (lower bound {cal.agreement_bound:.1%}), "
+    f"{cal.expected_layers_per_token:.2f} blocks per token (of 4)"
 )
 
 prompt = encode("<bos> the dog barks . ann likes soup and bob likes")
