@@ -265,7 +265,9 @@ class _TorchRunner(_LoopRunner):
     Keras' per-layer Python work, which costs more than the arithmetic of a
     small segment (`torch.compile` does not capture Keras layers without
     graph breaks and recompilations). Segments that cannot be traced run
-    eagerly."""
+    eagerly. A trace replays one path through the layers: a layer that
+    branches in Python on tensor values (not on shapes) would need eager
+    execution; Keras' built-in layers and this package's do not."""
 
     def __call__(
         self, batches: list, gates: np.ndarray, patience: int | None = None
@@ -281,9 +283,11 @@ class _TorchRunner(_LoopRunner):
         import torch
 
         with warnings.catch_warnings():
-            # Tracer warnings flag sizes fixed in the trace: each trace
+            # Tracer warnings flag shapes read as Python values (pooling
+            # windows, shape checks): fixed in the trace, and each trace
             # serves one bucket size only.
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)  # jit.trace's own
             try:
                 return torch.jit.trace(
                     function, (values, *inputs), strict=False, check_trace=False

@@ -210,9 +210,10 @@ def test_trained_model_learns_the_grammar(trained_model, corpus):
     x, y, mask = corpus
     logits = ops.convert_to_numpy(trained_model(x[:32])[-1])
     accuracy = np.sum((logits.argmax(-1) == y[:32]) * mask[:32]) / mask[:32].sum()
-    # Free choices (which sentence, animal, name) cap accuracy near 0.8;
-    # 0.66-0.70 over seeds 0-4 at these settings.
-    assert accuracy > 0.6
+    # Free choices (a new cast member, the sentence after a break in the
+    # story order) cap accuracy below 1; 0.83-0.86 over seeds 0-4 at these
+    # settings (PyTorch).
+    assert accuracy > 0.7
 
 
 def test_calibrated_early_exit_agrees_with_full(trained_model):
@@ -245,6 +246,7 @@ def test_calibration_bound_is_below_the_mean_and_warns_when_nothing_passes(
     assert cal.thresholds == [1.0]
     assert cal.agreement_bound == 1.0 and cal.delta == 0.1
     loose = calibrate(trained_model, prompts, 12, min_agreement=0.05)
+    assert loose.expected_layers_per_token < trained_model.num_layers
     assert loose.agreement_bound <= loose.expected_agreement
     assert loose.agreement_bound >= 0.05
     with pytest.raises(ValueError, match="delta must be in"):
@@ -347,5 +349,8 @@ def test_corpus_follows_the_story_order_and_keeps_its_cast():
         animals = {s.split()[-1] for s in sentences if s.startswith("once")}
         animals |= {s.split()[1] for s in sentences if s.startswith("the ")}
         assert len(animals) <= 1
+    # keep=0: every sentence draws its animal afresh.
+    text = " ".join(decode(d) for d in grammar_corpus(20, 80, seed=3, keep=0.0))
+    assert len({w for w in text.split() if w in ("cat", "dog", "cow", "owl")}) > 1
     with pytest.raises(ValueError, match="follow must be in"):
         grammar_corpus(2, 10, follow=1.5)

@@ -76,7 +76,9 @@ class _Document:
         if chosen is not None and chosen not in exclude:
             if self.rng.random() < self.keep:
                 return chosen
-        return self.cast.setdefault(role, _zipf(self.rng, options, exclude))
+        fresh = _zipf(self.rng, options, exclude)
+        self.cast.setdefault(role, fresh)
+        return fresh
 
     def sentence(self) -> list[str]:
         self.kind = kind = self._next_kind()
