@@ -237,7 +237,10 @@ def test_calibrate_says_what_can_be_certified(population):
         )
     for kwargs, message in [
         ({"guarantee": "sure"}, "guarantee must be None"),
-        ({"guarantee": "expectation", "macs_budget": 0.5}, "applies to max_acc"),
+        (
+            {"guarantee": "expectation", "macs_budget": 0.5},
+            "does not apply to macs_budget",
+        ),
         ({"per_exit": True}, "per_exit=True chooses the path"),
     ]:
         kwargs.setdefault(
