@@ -78,6 +78,10 @@ def test_proposal_meets_the_target_and_saves(placed, digits):
     for k, name in enumerate(placed.exit_layers):
         assert macs[k] == rows[name].backbone_macs + heads[k]
     assert macs[-1] == placed.full_macs + heads[-1]
+    # Shares are of the model without exits, as the report says.
+    assert placed.expected_share == pytest.approx(
+        placed.expected_macs / placed.full_macs
+    )
 
     # On the test split, which nothing above has seen: the probe heads are
     # in the model and its thresholds keep the promise.
@@ -181,3 +185,13 @@ def test_bad_input_is_named(backbone, unseen):
         suggest_exits(backbone, x, y, macs_budget=0.001, epochs=2)
     with pytest.raises(ValueError, match="max_accuracy_drop=0.0 cannot.*Reachable"):
         suggest_exits(backbone, x, y, max_accuracy_drop=0.0, epochs=2)
+
+
+def test_macs_budget_is_a_share_of_the_model_without_exits(backbone, unseen):
+    placed = suggest_exits(
+        backbone, *unseen, macs_budget=0.2, exit_kwargs={"pooled_size": 2}, epochs=5
+    )
+    assert placed.exit_layers and placed.target == "macs_budget"
+    # Exit heads included in the MACs, the model without exits in the share.
+    assert placed.expected_macs <= 0.2 * placed.full_macs + 1e-6
+    assert placed.expected_share <= 0.2 + 1e-9

@@ -661,14 +661,21 @@ class _Placement:
         )
 
     def evaluate(self, chosen, target, value):
+        """`calibrate_outputs` on the chosen exits, with every MACs share
+        (the budget and `expected_share`) taken of `full`, the model without
+        exits, rather than of the full path with its exit heads."""
         key = (tuple(chosen), target, value)
         if key not in self.cache:
+            outputs = self.outputs(chosen)
+            with_heads = float(outputs.cumulative_macs[-1])
+            if target == "macs_budget":
+                value = value * self.full / with_heads
             try:
-                self.cache[key] = calibrate_outputs(
-                    self.outputs(chosen), target, value, **self.search
-                )
+                result = calibrate_outputs(outputs, target, value, **self.search)
+                result.expected_share = result.expected_macs / self.full
             except ValueError:
-                self.cache[key] = None
+                result = None
+            self.cache[key] = result
         return self.cache[key]
 
     def cost(self, chosen, target, value) -> float:
