@@ -30,7 +30,6 @@ models, or reuses `results/guarantees_{digits,signals}.keras`; about 20
 minutes on 2 cores). Writes `benchmarks/results/guarantees.{md,json}`.
 """
 
-import json
 import os
 import sys
 import time
@@ -43,6 +42,7 @@ from keras_earlyexit.evaluation import _data
 from keras_earlyexit.evaluation.calibrate import calibrate_outputs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _promise  # noqa: E402  (figures, promise summary, results files)
 import exit_savings  # noqa: E402  (same models, data and training)
 
 RESULTS = exit_savings.RESULTS
@@ -71,23 +71,6 @@ def trained(name: str, data) -> kee.EarlyExitModel:
     return model
 
 
-def on_test(outputs, thresholds) -> dict:
-    accuracy, macs, _, exits = outputs.simulate(thresholds)
-    final = float(outputs.correct[:, -1].mean())
-    full = float(outputs.cumulative_macs[-1])
-    return {
-        "thresholds": [round(float(t), 4) for t in thresholds],
-        "accuracy": accuracy,
-        "drop_points": round(100 * (final - accuracy), 2),
-        "average_macs": macs,
-        "speedup": round(full / macs, 2),
-        "exit_shares": [
-            round(float(s), 4)
-            for s in np.bincount(exits, minlength=outputs.num_exits) / len(exits)
-        ],
-    }
-
-
 def promise(population, arguments: dict, draw: int) -> dict:
     """Repeated calibrations on draws from the population; true drops and
     MACs measured on the whole population."""
@@ -113,15 +96,8 @@ def promise(population, arguments: dict, draw: int) -> dict:
         accuracy, macs, _, _ = population.simulate(result.thresholds)
         drops.append(final - accuracy)
         speedups.append(full / macs)
-    drops = np.array(drops)
     return {
-        "draws": REPEATS,
-        "draw_size": draw,
-        "failures": int(np.sum(drops > MAX_DROP + 1e-12)),
-        "failure_rate": float(np.mean(drops > MAX_DROP + 1e-12)),
-        "mean_drop_points": round(100 * float(drops.mean()), 3),
-        "max_drop_points": round(100 * float(drops.max()), 3),
-        "mean_speedup": round(float(np.mean(speedups)), 2),
+        **_promise.summary(drops, speedups, draw, MAX_DROP),
         "nothing_certified": errors,
     }
 
@@ -133,8 +109,6 @@ def run(name: str) -> dict:
     val = _data.exit_outputs(model, data.x_val, data.y_val)
     test = _data.exit_outputs(model, data.x_test, data.y_test)
     full = float(test.cumulative_macs[-1])
-    right = np.concatenate([test.correct[:, :-1], np.ones_like(test.correct[:, :1])], 1)
-    oracle_macs = float(test.cumulative_macs[np.argmax(right, axis=1)].mean())
     methods = {}
     for method, arguments in METHODS.items():
         try:
@@ -143,23 +117,23 @@ def run(name: str) -> dict:
             )
         except ValueError as e:  # nothing certified: no sample leaves early
             methods[method] = {
-                "per_exit": on_test(test, [1.0] * (test.num_exits - 1)),
+                "per_exit": _promise.figures(test, [1.0] * (test.num_exits - 1)),
                 "bound": None,
                 "error": str(e),
             }
             continue
         entry = {
-            "per_exit": on_test(test, result.thresholds),
+            "per_exit": _promise.figures(test, result.thresholds),
             "bound": round(result.bound, 4),
         }
         if result.shared_threshold is not None:
             shared = [result.shared_threshold] * (test.num_exits - 1)
-            entry["shared"] = on_test(test, shared)
+            entry["shared"] = _promise.figures(test, shared)
         methods[method] = entry
     today = methods["approximate"]["per_exit"]["speedup"]
     for entry in methods.values():
         entry["vs_today"] = round(entry["per_exit"]["speedup"] / today, 3)
-    population = _concat(val, test)
+    population = _promise.concat(val, test)
     for method, arguments in METHODS.items():
         methods[method]["promise"] = promise(population, arguments, DRAW[name])
     return {
@@ -167,24 +141,10 @@ def run(name: str) -> dict:
         "samples": {"val": len(val.labels), "test": len(test.labels)},
         "full_macs": full,
         "final_accuracy_test": float(test.correct[:, -1].mean()),
-        "oracle_test": {
-            "average_macs": oracle_macs,
-            "speedup": round(full / oracle_macs, 2),
-        },
+        "oracle_test": _promise.oracle(test),
         "methods": methods,
         "seconds": round(time.time() - start, 1),
     }
-
-
-def _concat(a, b) -> _data.ExitOutputs:
-    return _data.ExitOutputs(
-        logits=np.concatenate([a.logits, b.logits], axis=1),
-        confidences=np.concatenate([a.confidences, b.confidences]),
-        correct=np.concatenate([a.correct, b.correct]),
-        agrees=np.concatenate([a.agrees, b.agrees]),
-        labels=np.concatenate([a.labels, b.labels]),
-        cumulative_macs=a.cumulative_macs,
-    )
 
 
 def markdown(results: list[dict]) -> str:
@@ -209,13 +169,11 @@ def markdown(results: list[dict]) -> str:
                 if shared
                 else "-"
             )
-            pr = e["promise"]
             lines.append(
                 f"| {r['dataset']} | {method} | {p['thresholds']} | "
                 f"{p['drop_points']:+.2f} | {p['speedup']:.2f}x | "
                 f"{e['vs_today']:.2f} | {shared_text} | "
-                f"{pr['failures']}/{pr['draws']} (n={pr['draw_size']}) | "
-                f"{pr['mean_drop_points']:.2f} | {pr['mean_speedup']:.2f}x |"
+                f"{_promise.cells(e['promise'])} |"
             )
         lines.append(
             f"| {r['dataset']} | oracle | | | {r['oracle_test']['speedup']:.2f}x "
@@ -225,22 +183,7 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(names=("digits", "signals")) -> None:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "guarantees.json")
-    previous = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = {r["dataset"]: r for r in json.load(f)["results"]}
-    for name in names:
-        previous[name] = run(name)
-        print(json.dumps(previous[name], indent=1))
-    results = [previous[n] for n in ("digits", "signals") if n in previous]
-    with open(path, "w") as f:
-        json.dump({"backend": keras.backend.backend(), "results": results}, f, indent=2)
-    text = markdown(results)
-    with open(os.path.join(RESULTS, "guarantees.md"), "w") as f:
-        f.write(text)
-    print(text)
+    _promise.main("guarantees", run, markdown, RESULTS, names)
 
 
 if __name__ == "__main__":
