@@ -16,12 +16,22 @@ exit, thresholds chosen on the validation split only:
   `kee.calibrate` on the second half, measured with `predict_early`. Exits
   that fail the fit's sample rule keep the starting policy (monotone in the
   top-1 probability: max_prob);
+- `learned (no_worse_than_final, simulated)`: the same protocol, simulated
+  (as `calibrate` simulates), for a target `fit_exit_policy` does not
+  offer: exit k is right or the final exit is wrong too, i.e. leaving at k
+  costs nothing against the final exit, which is what the drop counts;
 - `oracle`: each test sample leaves at its first correct exit (it knows the
-  label: a loose bound);
-- `ceiling`: a learned policy fitted and thresholded on the test split
-  itself for a drop of at most 1 point there, without the guard (no
-  promise: about the most a policy over these features could save on that
-  split), and max_prob thresholded there likewise.
+  label: a loose bound).
+
+Ceilings (is 1.3x reachable at all?): thresholds fitted on the test split
+itself for a drop of at most 1 point there, without the guard (no
+promise), for policies fitted on the test split too (in-sample: about the
+most a policy of that kind could save there) or on the validation split;
+per feature set (`FEATURE_SETS`: today's exported features, richer
+features of the exit's own logits, the earlier exits' outputs), target
+and model (logistic regression, a 16-unit MLP); max_prob thresholded there
+likewise; and the oracle that leaves at the first exit no worse than the
+final one (zero drop).
 
 Gap to the oracle closed: (MACs of today - MACs of the method) / (MACs of
 today - MACs of the oracle).
@@ -33,13 +43,12 @@ it, a learned policy fitted on its first half and calibrated on the second;
 the drop is measured on the samples not drawn (new data). Failure: a drop
 above 1 point there.
 
-Run: `KERAS_BACKEND=jax python benchmarks/exit_policies.py` (about 6
+Run: `KERAS_BACKEND=jax python benchmarks/exit_policies.py` (about 12
 minutes on 2 cores with the trained models of `guarantees.py` in
 `results/`, a few more without). Writes
 `benchmarks/results/exit_policies.{md,json}`.
 """
 
-import json
 import os
 import sys
 import time
@@ -61,16 +70,33 @@ from keras_earlyexit.evaluation.policy import (
 from keras_earlyexit.gate import INITIAL_POLICY_BIAS, INITIAL_POLICY_WEIGHTS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _promise  # noqa: E402  (figures, promise summary, results files)
 import exit_savings  # noqa: E402  (data, models and training)
 import guarantees  # noqa: E402  (the trained models, cached)
 
 RESULTS = exit_savings.RESULTS
 MAX_DROP = 0.01
 TARGETS = ("correct", "agrees_with_final")
+# Measured here only (not a target of `fit_exit_policy`): leaving at exit k
+# costs nothing against the final exit, what the drop promise counts
+# (exit k right, or the final exit wrong too).
+NO_WORSE = "no_worse_than_final"
+STUDY_TARGETS = (*TARGETS, NO_WORSE)
 REPEATS = 20
+# Feature sets of the ceiling study, per non-final exit k; only `exported`
+# runs in today's exported gates (`criteria.POLICY_FEATURES`).
+FEATURE_SETS = {
+    "exported": "criteria.POLICY_FEATURES of exit k",
+    "own top-3": "+ exit k's top-3 probabilities and logits, entropy score",
+    "exported + earlier exits": "+ per earlier exit j: its top-1 probability, "
+    "whether it predicts exit k's class, its probability of that class",
+    "all": "both additions",
+}
 
 
 def _labels(outputs, target: str) -> np.ndarray:
+    if target == NO_WORSE:
+        return outputs.correct | ~outputs.correct[:, -1:]
     return outputs.correct if target == "correct" else outputs.agrees
 
 
@@ -123,26 +149,6 @@ def calibrated(outputs, guard: bool = True):
         return calibrate_outputs(outputs, "max_accuracy_drop", MAX_DROP, guard=guard)
 
 
-def figures(outputs, thresholds, exits=None, accuracy=None) -> dict:
-    """Drop, MACs and exit shares of `thresholds` on `outputs`: simulated,
-    or of the `exits` and `accuracy` a real run gave."""
-    if exits is None:
-        accuracy, _, _, exits = outputs.simulate(thresholds)
-    macs = float(outputs.cumulative_macs[exits].mean())
-    final = float(outputs.correct[:, -1].mean())
-    return {
-        "thresholds": [round(float(t), 4) for t in thresholds],
-        "accuracy": accuracy,
-        "drop_points": round(100 * (final - accuracy), 2),
-        "average_macs": macs,
-        "speedup": round(float(outputs.cumulative_macs[-1]) / macs, 2),
-        "exit_shares": [
-            round(float(s), 4)
-            for s in np.bincount(exits, minlength=outputs.num_exits) / len(exits)
-        ],
-    }
-
-
 def learned_on_model(model, data, target: str, test) -> dict:
     """The product path: learned gates on the model's layers, fitted on the
     first half of the validation split, calibrated on the second, run
@@ -172,7 +178,9 @@ def learned_on_model(model, data, target: str, test) -> dict:
     prediction = learned.predict_early(data.x_test, calibration.thresholds)
     accuracy = float(np.mean(prediction.classes == data.y_test))
     return {
-        **figures(test, calibration.thresholds, prediction.exit_indices, accuracy),
+        **_promise.figures(
+            test, calibration.thresholds, prediction.exit_indices, accuracy
+        ),
         "fitted_exits": exits,
         "weights": [[round(float(v), 3) for v in w] for w in result.weights],
         "biases": [round(b, 3) for b in result.biases],
@@ -186,37 +194,134 @@ def promise(population, features: list) -> dict:
     draw = n // 2
     base = with_confidences(population, population.confidences)
     runs = {"max_prob (today)": [], "one shared threshold": []}
-    runs.update({f"learned ({t})": [] for t in TARGETS})
+    runs.update({_method(t): [] for t in STUDY_TARGETS})
     for _ in range(REPEATS):
         rows = rng.permutation(n)
         drawn, rest = rows[:draw], rows[draw:]
         fit, cal = drawn[: draw // 2], drawn[draw // 2 :]
         today = calibrated(base.subset(drawn))
         new = base.subset(rest)
-        runs["max_prob (today)"].append(figures(new, today.thresholds))
+        runs["max_prob (today)"].append(_promise.figures(new, today.thresholds))
         shared = [today.shared_threshold] * (population.num_exits - 1)
-        runs["one shared threshold"].append(figures(new, shared))
-        for target in TARGETS:
+        runs["one shared threshold"].append(_promise.figures(new, shared))
+        for target in STUDY_TARGETS:
             policies = fit_policies(
                 [f[fit] for f in features], population.subset(fit), target
             )
             learned = with_confidences(population, scores(features, policies))
             result = calibrated(learned.subset(cal))
-            runs[f"learned ({target})"].append(
-                figures(learned.subset(rest), result.thresholds)
+            runs[_method(target)].append(
+                _promise.figures(learned.subset(rest), result.thresholds)
             )
-    summary = {}
-    for method, results in runs.items():
-        drops = np.array([r["drop_points"] for r in results])
-        summary[method] = {
-            "draws": REPEATS,
-            "draw_size": draw,
-            "failures": int(np.sum(drops > 100 * MAX_DROP + 1e-9)),
-            "mean_drop_points": round(float(drops.mean()), 3),
-            "max_drop_points": round(float(drops.max()), 2),
-            "mean_speedup": round(float(np.mean([r["speedup"] for r in results])), 2),
-        }
-    return summary
+    return {
+        method: _promise.summary(
+            [r["drop_points"] / 100 for r in results],
+            [r["speedup"] for r in results],
+            draw,
+            MAX_DROP,
+        )
+        for method, results in runs.items()
+    }
+
+
+def _method(target: str) -> str:
+    return f"learned ({target}{', simulated' if target == NO_WORSE else ''})"
+
+
+def study_features(logits: np.ndarray, k: int, kind: str) -> np.ndarray:
+    """`(n, F)` features of exit k for one of `FEATURE_SETS`."""
+    own = policy_features(logits[k])  # (n, 4)
+    if kind in ("own top-3", "all"):
+        probs = _softmax(logits[k])  # (n, C)
+        entropy = 1.0 + np.sum(probs * np.log(probs + 1e-12), axis=1) / np.log(
+            probs.shape[1]
+        )  # (n,)
+        own = np.concatenate(
+            [
+                own,
+                -np.sort(-probs, axis=1)[:, :3],
+                -np.sort(-logits[k], axis=1)[:, :3],
+                entropy[:, None],
+            ],
+            axis=1,
+        )  # (n, 11)
+    if kind in ("exported", "own top-3"):
+        return own
+    rows = np.arange(logits.shape[1])
+    classes = np.argmax(logits[k], axis=1)  # (n,)
+    earlier = []
+    for j in range(k):
+        probs = _softmax(logits[j])  # (n, C)
+        earlier += [
+            probs.max(axis=1),
+            (np.argmax(probs, axis=1) == classes).astype(np.float64),
+            probs[rows, classes],
+        ]
+    return np.concatenate([own, np.stack(earlier, axis=1)], 1) if earlier else own
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def study_scores(fit, apply, kind: str, target: str, model: str) -> np.ndarray:
+    """`(n, exits)` scores on `apply` of policies fitted on `fit`: logistic
+    regression or a 16-unit MLP, at every non-final exit where both target
+    values occur (else its top-1 probability); 1 at the final exit."""
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    labels = _labels(fit, target)
+    columns = []
+    for k in range(fit.num_exits - 1):
+        x_fit = study_features(fit.logits, k, kind)
+        x_apply = study_features(apply.logits, k, kind)
+        y = labels[:, k]
+        if y.all() or not y.any():
+            columns.append(_softmax(apply.logits[k]).max(axis=1))
+        elif model == "logistic":
+            w, b = logistic_regression(x_fit, y, 1e-2)
+            columns.append(1.0 / (1.0 + np.exp(-(x_apply @ w + b))))
+        else:
+            scaler = StandardScaler().fit(x_fit)
+            mlp = MLPClassifier((16,), alpha=1e-2, max_iter=2000, random_state=0).fit(
+                scaler.transform(x_fit), y
+            )
+            columns.append(mlp.predict_proba(scaler.transform(x_apply))[:, 1])
+    columns.append(np.ones(len(apply.labels)))
+    return np.stack(columns, axis=1).astype(np.float32)
+
+
+def ceilings(val, test) -> dict:
+    """Speed-ups at <= 1 point on the test split, thresholds fitted there
+    without the guard (no promise): policies fitted on the test split too
+    (`in_sample`, the most a policy of this kind could save there) or on
+    the validation split (`fit_on_val`: what carries over to new data)."""
+    rows = {"max_prob": {}}
+    threshold = calibrated(test, guard=False).thresholds
+    rows["max_prob"] = {
+        "in_sample": _promise.figures(test, threshold)["speedup"],
+        "fit_on_val": _promise.figures(test, threshold)["speedup"],
+    }
+    settings = [(f, t, "logistic") for f in FEATURE_SETS for t in STUDY_TARGETS]
+    settings += [("all", t, "mlp") for t in STUDY_TARGETS]
+    for kind, target, model in settings:
+        entry = {}
+        for protocol, fit in (("in_sample", test), ("fit_on_val", val)):
+            learned = with_confidences(
+                test, study_scores(fit, test, kind, target, model)
+            )
+            thresholds = calibrated(learned, guard=False).thresholds
+            entry[protocol] = _promise.figures(learned, thresholds)["speedup"]
+        rows[f"{kind} | {target} | {model}"] = entry
+    c = test.correct
+    harmless = np.concatenate([c[:, :-1] | ~c[:, -1:], np.ones_like(c[:, :1])], 1)
+    macs = float(test.cumulative_macs[np.argmax(harmless, axis=1)].mean())
+    return {
+        "rows": rows,
+        "oracle_no_worse_than_final": round(float(test.cumulative_macs[-1]) / macs, 2),
+    }
 
 
 def run(name: str) -> dict:
@@ -225,30 +330,36 @@ def run(name: str) -> dict:
     model = guarantees.trained(name, data)
     val = _data.exit_outputs(model, data.x_val, data.y_val)
     test = _data.exit_outputs(model, data.x_test, data.y_test)
-    right = np.concatenate([test.correct[:, :-1], np.ones_like(test.correct[:, :1])], 1)
-    oracle_macs = float(test.cumulative_macs[np.argmax(right, axis=1)].mean())
+    oracle = _promise.oracle(test)
+    oracle_macs = oracle["average_macs"]
     full = float(test.cumulative_macs[-1])
 
     methods = {}
     today = calibrated(val)
-    methods["max_prob (today)"] = figures(test, today.thresholds)
-    methods["one shared threshold"] = figures(
+    methods["max_prob (today)"] = _promise.figures(test, today.thresholds)
+    methods["one shared threshold"] = _promise.figures(
         test, [today.shared_threshold] * (test.num_exits - 1)
     )
     half = len(val.labels) - len(val.labels) // 2
     second = calibrated(val.subset(np.arange(half, len(val.labels))))
-    methods["max_prob, calibration half"] = figures(test, second.thresholds)
+    methods["max_prob, calibration half"] = _promise.figures(test, second.thresholds)
     for target in TARGETS:
-        methods[f"learned ({target})"] = learned_on_model(model, data, target, test)
-
-    features = [policy_features(test.logits[k]) for k in range(test.num_exits - 1)]
-    ceiling = {"max_prob": figures(test, calibrated(test, guard=False).thresholds)}
-    for target in TARGETS:
-        learned = with_confidences(
-            test, scores(features, fit_policies(features, test, target))
-        )
-        thresholds = calibrated(learned, guard=False).thresholds
-        ceiling[f"learned ({target})"] = figures(learned, thresholds)
+        methods[_method(target)] = learned_on_model(model, data, target, test)
+    # The same protocol, simulated, for the target fit_exit_policy lacks.
+    fit_part, cal_part = (
+        val.subset(np.arange(half)),
+        val.subset(np.arange(half, len(val.labels))),
+    )
+    features = {
+        part: [policy_features(o.logits[k]) for k in range(test.num_exits - 1)]
+        for part, o in (("fit", fit_part), ("cal", cal_part), ("test", test))
+    }
+    policies = fit_policies(features["fit"], fit_part, NO_WORSE)
+    result = calibrated(with_confidences(cal_part, scores(features["cal"], policies)))
+    methods[_method(NO_WORSE)] = _promise.figures(
+        with_confidences(test, scores(features["test"], policies)),
+        result.thresholds,
+    )
 
     today_macs = methods["max_prob (today)"]["average_macs"]
     for entry in methods.values():
@@ -258,7 +369,7 @@ def run(name: str) -> dict:
         )
         entry["vs_oracle_macs"] = round(entry["average_macs"] / oracle_macs, 2)
 
-    population = guarantees._concat(val, test)
+    population = _promise.concat(val, test)
     population_features = [
         policy_features(population.logits[k]) for k in range(test.num_exits - 1)
     ]
@@ -267,12 +378,9 @@ def run(name: str) -> dict:
         "samples": {"val": len(val.labels), "test": len(test.labels)},
         "full_macs": full,
         "final_accuracy_test": float(test.correct[:, -1].mean()),
-        "oracle_test": {
-            "average_macs": oracle_macs,
-            "speedup": round(full / oracle_macs, 2),
-        },
+        "oracle_test": oracle,
         "methods": methods,
-        "ceiling": ceiling,
+        "ceilings": ceilings(val, test),
         "promise": promise(population, population_features),
         "seconds": round(time.time() - start, 1),
     }
@@ -296,13 +404,7 @@ def markdown(results: list[dict]) -> str:
     ]
     for r in results:
         for method, e in r["methods"].items():
-            p = r["promise"].get(method)
-            kept = (
-                f"{p['failures']}/{p['draws']} (n={p['draw_size']}) | "
-                f"{p['mean_drop_points']:.2f} | {p['mean_speedup']:.2f}x"
-                if p
-                else "- | - | -"
-            )
+            kept = _promise.cells(r["promise"].get(method))
             lines.append(
                 f"| {r['dataset']} | {method} | {e['drop_points']:+.2f} | "
                 f"{e['average_macs']:,.0f} | {e['speedup']:.2f}x | "
@@ -316,38 +418,41 @@ def markdown(results: list[dict]) -> str:
         )
     lines += [
         "",
-        "Ceiling: thresholds (and policies) fitted on the test split itself "
-        "for <= 1 point there, without the guard (no promise).",
+        "Ceilings: speed-up at <= 1 point on the test split, thresholds "
+        "fitted there without the guard (no promise), policies fitted on the "
+        "test split itself (in-sample: about the most such a policy could "
+        "save there) or on the validation split (fit on val). Ratios: to "
+        "max_prob thresholded the same way, and to today's test speed-up "
+        "(its promise-keeping thresholds from the validation split). "
+        f"Target `{NO_WORSE}`: exit k right, or the final exit wrong too. "
+        "Features: "
+        + "; ".join(f"`{k}`: {v}" for k, v in FEATURE_SETS.items())
+        + ". A policy fitted where every sample has one target value keeps "
+        "the top-1 probability.",
         "",
-        "| data set | method | test drop (pt) | speed-up |",
-        "|---|---|---|---|",
+        "| data set | features | target | model | in-sample | vs max_prob "
+        "| vs today | fit on val | vs max_prob | vs today |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        for method, e in r["ceiling"].items():
-            lines.append(
-                f"| {r['dataset']} | {method} | {e['drop_points']:+.2f} | "
-                f"{e['speedup']:.2f}x |"
+        rows = r["ceilings"]["rows"]
+        base, today = rows["max_prob"], r["methods"]["max_prob (today)"]["speedup"]
+        for name, e in rows.items():
+            kind, target, model = (name.split(" | ") + ["-", "-"])[:3]
+            cells = " | ".join(
+                f"{e[p]:.2f}x | {e[p] / base[p]:.2f} | {e[p] / today:.2f}"
+                for p in ("in_sample", "fit_on_val")
             )
+            lines.append(f"| {r['dataset']} | {kind} | {target} | {model} | {cells} |")
+        lines.append(
+            f"| {r['dataset']} | oracle: first exit no worse than the final | "
+            f"| | {r['ceilings']['oracle_no_worse_than_final']:.2f}x | | | | | |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(names=("digits", "signals")) -> None:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "exit_policies.json")
-    previous = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = {r["dataset"]: r for r in json.load(f)["results"]}
-    for name in names:
-        previous[name] = run(name)
-        print(json.dumps(previous[name], indent=1))
-    results = [previous[n] for n in ("digits", "signals") if n in previous]
-    with open(path, "w") as f:
-        json.dump({"backend": keras.backend.backend(), "results": results}, f, indent=2)
-    text = markdown(results)
-    with open(os.path.join(RESULTS, "exit_policies.md"), "w") as f:
-        f.write(text)
-    print(text)
+    _promise.main("exit_policies", run, markdown, RESULTS, names)
 
 
 if __name__ == "__main__":
