@@ -13,10 +13,15 @@ from keras_earlyexit.quantization.layers import (
     QuantizedExitGate,
     QuantizedSeparableConv2D,
 )
-from keras_earlyexit.quantization.qat import QuantizedEarlyExitModel, quantize_aware
+from keras_earlyexit.quantization.qat import (
+    ExitDistillation,
+    QuantizedEarlyExitModel,
+    quantize_aware,
+)
 
 __all__ = [
     "ActivationQuantizer",
+    "ExitDistillation",
     "QuantizedConv1D",
     "QuantizedConv2D",
     "QuantizedDense",
