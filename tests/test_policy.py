@@ -275,14 +275,17 @@ def test_int8_bundle_and_fused_file_run_the_policy(learned, digits, tmp_path):
     float op left) takes the exits Keras takes, on LiteRT and TFLite Micro,
     in a bundle and in a fused file.
 
-    Measured over training seeds 0-4 (TensorFlow, thresholds calibrated to
-    a 2-point drop, 360 test samples), exit agreement of learned vs
-    max_prob gates on the same models: LiteRT 0.961, 0.981, 0.981, 0.992,
-    0.992 vs 0.989, 0.989, 0.975, 0.989, 0.989; TFLite Micro 0.964-0.992
-    vs 0.975-0.989; class agreement 0.986-0.997. The policy weighs the
-    logit margin, whose int8 step (the logits' scale, about 0.03) moves the
-    score more than the softmax step moves the top-1 probability. Bars:
-    0.95 for exits (seed 0 is the worst measured), 0.98 for classes.
+    Measured over training seeds 0-19 (TensorFlow: the only backend that
+    converts, so the test is skipped on the others; thresholds calibrated
+    to a 2-point drop, 360 test samples), agreement of the int8 bundle with
+    Keras: exits LiteRT 0.956-0.992 (mean 0.979), TFLite Micro 0.958-0.992
+    (mean 0.979); classes LiteRT 0.978-0.997, TFLite Micro 0.981-1.0
+    (seed 0, run here: exits 0.961 / 0.964, classes 0.986). The policy
+    weighs the logit margin, whose int8 step (the logits' scale, about
+    0.03) moves the score more than the softmax step moves the top-1
+    probability. Bars a margin below the worst seed: 0.93 for exits (about
+    9 samples below seed 5's 0.956), 0.96 for classes (6 below seed 18's
+    0.978).
     """
     from keras_earlyexit.export.flatbuffer import list_ops
 
@@ -323,8 +326,8 @@ def test_int8_bundle_and_fused_file_run_the_policy(learned, digits, tmp_path):
             )
             exits = np.mean(result.exit_indices == reference.exit_indices)
             classes = np.mean(result.classes == reference.classes)
-            assert exits >= 0.95, (backend, fused, exits)
-            assert classes >= 0.98, (backend, fused, classes)
+            assert exits >= 0.93, (backend, fused, exits)
+            assert classes >= 0.96, (backend, fused, classes)
             results[backend, fused] = result
     # The fused file runs the bundle's segments: the same exits.
     for backend in backends:
