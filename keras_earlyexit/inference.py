@@ -8,15 +8,19 @@ converts every output to NumPy once per segment):
 - TensorFlow: the whole gated batch is one graph (`tf.function` traced once
   for any batch size: segments, gates, compaction and the results), so a
   batch costs one call whatever the number of exits;
-- JAX and PyTorch: each segment's stateless call compiled per shape
-  (`jax.jit`; `torch.jit.trace`, which replays the tensor operations
-  without Keras' per-layer Python work), so a batch is padded to the next
-  *bucket* (`bucket_size`: exact up to 4, then 4 sizes per octave, at most
-  25% padding): a run of any length compiles a bounded set of shapes.
-  Segments whose exits are closed (threshold 1.0) run with the next one as
-  one call; on JAX, which dispatches asynchronously, several small batches
-  are in flight at once. On PyTorch the calls run under
-  `torch.inference_mode` and the carries stay tensors on their device.
+- JAX: each run of segments' stateless call compiled per shape
+  (`jax.jit`), so a batch is padded to the next *bucket* (`bucket_size`:
+  exact up to 4, then 4 sizes per octave, at most 25% padding): a run of
+  any length compiles a bounded set of shapes; several small batches are
+  in flight at once (JAX dispatches asynchronously);
+- PyTorch: each run of segments exported once (`torch.export`) with a
+  dynamic batch dimension, so one program serves every batch size and
+  nothing is padded; the program replays the segments' tensor operations
+  without Keras' per-layer Python work, runs under `torch.inference_mode`,
+  and the carries stay tensors on their device.
+
+On JAX and PyTorch, segments whose exits are closed (threshold 1.0) run
+with the next one as one call.
 
 A patience gate (PABEE) also needs each sample's class at the previous exit
 and its streak: the loops keep them per sample still in play and compact
@@ -125,7 +129,7 @@ def gated_runner(model):
 class _LoopRunner:
     """Segments called one after another from Python as compiled stateless
     calls (variable values as arguments, so weights changed later are
-    used) on batches padded to `bucket_size`; after each exit the samples
+    used) on batches padded to `_bucket`; after each exit the samples
     that stay are gathered on the backend's device. Outputs keep their
     padded rows (sliced off when read); a carry that loses no sample goes
     on unchanged.
@@ -134,8 +138,14 @@ class _LoopRunner:
     run with the next one as one compiled call that returns only its
     outputs: no host round trip in between, and the compiler drops the
     closed exits' heads (with every threshold at 1.0, the whole model is
-    one call computing the final exit only). One compiled function per run
-    of segments and bucket reached.
+    one call computing the final exit only).
+
+    The cache holds one compiled function per run of segments (first, last)
+    and bucket reached: at most E (E + 1) / 2 runs for E exits (any first
+    <= last, as the thresholds open and close exits), times the buckets
+    (JAX: at most 4 per octave of the largest batch, `bucket_size`;
+    PyTorch: 2, batches of one sample and every other size). It grows with
+    neither the number of batches nor the number of distinct batch sizes.
 
     Batches of up to `samples_in_flight` samples in all advance in turns,
     one call each: on a backend that dispatches asynchronously, a batch's
@@ -144,7 +154,8 @@ class _LoopRunner:
     most; large ones keep the cores busy alone.
 
     Subclasses define `_compile(function, values, inputs)` (`function`
-    compiled for inputs of this size), `_pad`, `_to_numpy` and `_take`.
+    compiled for inputs of this bucket), `_bucket`, `_pad`, `_to_numpy`
+    and `_take`.
     """
 
     samples_in_flight = 0  # one batch at a time
@@ -155,7 +166,7 @@ class _LoopRunner:
         # Walking the layers for their variables costs more than a small
         # segment's call: the lists are taken once.
         self.variables = [list(s.variables) for s in segments]
-        self.compiled = {}  # (first, last segment, bucket size) -> call
+        self.compiled = {}  # (first, last segment, bucket) -> call
 
     def __call__(
         self, batches: list, gates: np.ndarray, patience: int | None = None
@@ -228,7 +239,7 @@ class _LoopRunner:
     def _call(self, first: int, last: int, values: list, carry: dict, n: int):
         """Segments `first`..`last` on a carry of `n` samples: the outputs
         of segment `last`."""
-        size = bucket_size(n)
+        size = self._bucket(n)
         inputs = [self._pad(carry[name], size) for name in self.input_names[first]]
         values = [v for k in range(first, last + 1) for v in values[k]]
         function = self.compiled.get((first, last, size))
@@ -259,15 +270,20 @@ class _LoopRunner:
 
 
 class _TorchRunner(_LoopRunner):
-    """PyTorch: each run of segments traced (`torch.jit.trace`) once per
-    bucket size, under `torch.inference_mode`, carries kept as tensors on their
-    device. A traced call replays the segment's tensor operations without
-    Keras' per-layer Python work, which costs more than the arithmetic of a
-    small segment (`torch.compile` does not capture Keras layers without
-    graph breaks and recompilations). Segments that cannot be traced run
-    eagerly. A trace replays one path through the layers: a layer that
-    branches in Python on tensor values (not on shapes) would need eager
-    execution; Keras' built-in layers and this package's do not."""
+    """PyTorch: each run of segments exported (`torch.export`, non-strict)
+    once with a dynamic batch dimension, run under `torch.inference_mode`,
+    carries kept as tensors on their device. The exported program replays
+    the segments' tensor operations without Keras' per-layer Python work,
+    which costs more than the arithmetic of a small segment, for any batch
+    size: nothing is padded and a run of segments is exported at most
+    twice (a batch of one sample gets its own program: export specializes
+    size 1). `torch.compile` spends about a minute per segment on Keras
+    layers (graph breaks and recompilations) and 15 s per exported program
+    on 2 CPU cores, more than it saves here. Segments that cannot be
+    exported run eagerly. An export replays one path through the layers: a
+    layer that branches in Python on tensor values (not on shapes) would
+    need eager execution; Keras' built-in layers and this package's do not.
+    """
 
     def __call__(
         self, batches: list, gates: np.ndarray, patience: int | None = None
@@ -277,36 +293,43 @@ class _TorchRunner(_LoopRunner):
         with torch.inference_mode():
             return super().__call__(batches, gates, patience)
 
+    def _bucket(self, n: int) -> int | None:
+        return 1 if n == 1 else None  # None: every batch size from 2
+
     def _compile(self, function, values: list, inputs: list):
-        import warnings
-
         import torch
 
-        with warnings.catch_warnings():
-            # Tracer warnings flag shapes read as Python values (pooling
-            # windows, shape checks): fixed in the trace, and each trace
-            # serves one bucket size only.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)  # jit.trace's own
-            try:
-                return torch.jit.trace(
-                    function, (values, *inputs), strict=False, check_trace=False
+        class Segments(torch.nn.Module):
+            def forward(self, values, *inputs):
+                return function(values, *inputs)
+
+        dynamic = None
+        if len(inputs[0]) > 1:
+            batch = torch.export.Dim("batch", min=2)
+            dynamic = ([None] * len(values), tuple({0: batch} for _ in inputs))
+        try:
+            # Out of inference mode: export records the operations on
+            # tensors that autograd knows about.
+            with torch.inference_mode(False):
+                program = torch.export.export(
+                    Segments(),
+                    (values, *(v.clone() for v in inputs)),
+                    dynamic_shapes=dynamic,
+                    strict=False,
                 )
-            except Exception:  # any layer the tracer cannot follow
-                return function
+        except Exception:  # any layer the exporter cannot follow
+            return function
+        return _without_no_ops(program.module())
 
-    def _pad(self, value, size: int):
-        import torch
-
-        value = keras.ops.convert_to_tensor(value)
-        if len(value) == size:
-            return value
-        return torch.cat(
-            [value, value[-1:].expand(size - len(value), *value.shape[1:])]
-        )
+    def _pad(self, value, size: int | None):
+        return keras.ops.convert_to_tensor(value)  # never padded
 
     def _to_numpy(self, value, n: int) -> np.ndarray:
-        return keras.ops.convert_to_numpy(value[:n])
+        import torch
+
+        if value.dtype == torch.bfloat16:  # no NumPy dtype
+            value = value.float()
+        return value.cpu().numpy()
 
     def _take(self, value, rows: np.ndarray):
         import torch
@@ -314,14 +337,56 @@ class _TorchRunner(_LoopRunner):
         return value.index_select(0, torch.as_tensor(rows, device=value.device))
 
 
+def _without_no_ops(module):
+    """`module` (an exported program's graph) without the nodes that do
+    nothing at run time: Keras' dtype checks and casts to the dtype a
+    tensor already has, two thirds of a segment's nodes, each costing a
+    Python call per run."""
+    import torch
+
+    aten = torch.ops.aten
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten._assert_tensor_metadata.default:
+            graph.erase_node(node)
+        elif node.target in (aten.to.dtype, aten.to.dtype_layout) and _same_tensor(
+            node
+        ):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    module.recompile()
+    return module
+
+
+def _same_tensor(node) -> bool:
+    """Whether a `Tensor.to` node returns its input itself (same dtype,
+    device and layout; no copy, no memory format asked for)."""
+    before, after = node.args[0].meta.get("val"), node.meta.get("val")
+    return (
+        before is not None
+        and after is not None
+        and (before.dtype, before.device, before.layout)
+        == (after.dtype, after.device, after.layout)
+        and not node.kwargs.get("copy", False)
+        and node.kwargs.get("memory_format") is None
+        and len(node.args) <= 2
+    )
+
+
 class _JaxRunner(_LoopRunner):
     """JAX: `jax.jit` of each run of segments' stateless call, one
-    executable per bucket size reached. JAX dispatches asynchronously: batches of up to
-    128 samples in all are in flight (with batches of 256, two in flight
-    ran slower on 2 CPU cores; with batches of 32, four ran 15-30% faster
-    than one)."""
+    executable per bucket size reached (`bucket_size`). JAX dispatches
+    asynchronously: batches of up to 128 samples in all are in flight
+    (with batches of 256, two in flight ran slower on 2 CPU cores; with
+    batches of 32, four ran 15-30% faster than one)."""
 
     samples_in_flight = 128
+
+    def _bucket(self, n: int) -> int:
+        return bucket_size(n)
 
     def _compile(self, function, values: list, inputs: list):
         import jax

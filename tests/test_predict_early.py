@@ -82,8 +82,8 @@ def test_closed_exits_run_with_the_next_segment(digits):
     assert (result.exit_indices == 2).all()
     runner = gated_runner(model)
     if keras.backend.backend() != "tensorflow":
-        size = bucket_size(len(x))
-        assert sorted(runner.compiled) == [(0, 2, size)]
+        size = runner._bucket(len(x))  # JAX: bucket_size; PyTorch: any size
+        assert list(runner.compiled) == [(0, 2, size)]
         _, confidences = _confidences(model, x)
         threshold = float(np.median(confidences[:, 0]))
         _assert_equals_predict(model, x, [threshold, 1.0], batch_size=120)
@@ -148,11 +148,43 @@ def test_compiled_cache_stays_bounded(digits):
     assert gated_runner(model) is runner
     if keras.backend.backend() == "tensorflow":
         assert counts == [1, 1]  # one graph for every batch size
-    else:  # one jit / trace per segment and bucket size reached
+    elif keras.backend.backend() == "torch":
+        # One program per segment for every batch size, one more for
+        # batches of one sample (export specializes size 1).
+        assert counts == [2 * model.num_exits] * 2
+    else:  # one jit per segment and bucket size reached
         buckets = len({bucket_size(n) for n in range(1, 97)})
         assert 0 < counts[1] <= model.num_exits * buckets
         # New batch sizes fall into the buckets already compiled, mostly.
         assert counts[1] - counts[0] <= model.num_exits * 4
+
+
+def test_torch_segments_are_exported_programs(digits):
+    """On PyTorch, each segment runs as an exported program (not the eager
+    fallback), without Keras' no-op dtype checks and casts, for any batch
+    size."""
+    if keras.backend.backend() != "torch":
+        pytest.skip("PyTorch's export path")
+    import torch
+
+    model = demo.digits_cnn(width=4)
+    model.set_temperatures([0.05, 0.05, 1.0])
+    x = digits.x_test[:64]
+    _, confidences = _confidences(model, x)
+    thresholds = _quantile_thresholds(confidences, [0.4, 0.3])
+    for batch_size in (64, 5):
+        _assert_equals_predict(model, x, thresholds, batch_size)
+    runner = gated_runner(model)
+    # One program per segment for batches of 2 or more samples (None),
+    # one for single samples left in a segment (1).
+    assert {(k, k, None) for k in range(3)} <= set(runner.compiled)
+    assert {size for _, _, size in runner.compiled} <= {None, 1}
+    aten = torch.ops.aten
+    for program in runner.compiled.values():
+        assert isinstance(program, torch.fx.GraphModule)
+        targets = {node.target for node in program.graph.nodes}
+        assert aten.conv2d.default in targets  # each segment has a Conv2D
+        assert aten._assert_tensor_metadata.default not in targets
 
 
 def test_bad_input_leaves_the_compiled_path_usable(digits):
