@@ -38,7 +38,9 @@ two threads most: its times vary several-fold run to run under load).
 Run: `python benchmarks/predict_early_speed.py` (all backends, about 10
 minutes on 2 cores; writes `benchmarks/results/predict_early_speed.{md,json}`),
 or a part of it, printed only: `--backends jax,torch --settings
-signals_b32,mobilenet_b128`.
+signals_b32,mobilenet_b128`; add `--merge` to put a part's rows in place of
+the same (setting, backend) rows of the results files (the table notes
+which rows were measured when, and under what load).
 """
 
 import json
@@ -141,7 +143,8 @@ def alternate(fns: dict, repeats: int) -> dict:
 
 def compiled_call(model, k: int):
     """Segment k of `model` on a dict of inputs, compiled as
-    `predict_early` compiles it (graph; jit or trace per bucket size)."""
+    `predict_early` compiles it (graph; jit per bucket size; exported
+    program)."""
     import keras
 
     from keras_earlyexit.inference import gated_runner
@@ -316,6 +319,23 @@ def option(name: str, default: tuple) -> tuple:
 TARGETS = {"mobilenet_b128": 0.9, "mobilenet_stream": 0.8, "signals_b256": 0.6}
 
 
+def merged(rows: list[dict], how: str) -> tuple[list[dict], str, list[str]]:
+    """`rows` in place of the same (setting, backend) rows of the results
+    files; the previous header stays and a note says which rows are new."""
+    with open(os.path.join(RESULTS, "predict_early_speed.json")) as f:
+        previous = json.load(f)
+    with open(os.path.join(RESULTS, "predict_early_speed.md")) as f:
+        text = f.read()
+    header, rest = text.split("\n\n", 1)
+    notes = [line for line in rest.splitlines() if line.startswith("Re-measured")]
+    new = {(r["setting"], r["backend"]) for r in rows}
+    kept = [r for r in previous if (r["setting"], r["backend"]) not in new]
+    names = ", ".join(f"{s} on {b}" for s, b in sorted(new))
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    notes = [*notes, f"Re-measured {stamp}: {names} ({how}).", ""]
+    return kept + rows, header, notes
+
+
 def main() -> None:
     settings = option("settings", SETTINGS)
     unknown = set(settings) - set(SETTINGS)
@@ -338,21 +358,32 @@ def main() -> None:
         ).stdout
         rows += json.loads(out.strip().splitlines()[-1])
         print(f"{backend}: {time.time() - start:.0f} s", flush=True)
-    if settings != SETTINGS or "--backends" in sys.argv:
+    partial = settings != SETTINGS or "--backends" in sys.argv
+    if partial and "--merge" not in sys.argv:
         print(json.dumps(rows, indent=1))  # a partial run writes no results
         return
+    load = (
+        f"1-minute load average {load_start:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end"
+    )
+    run = f"best of 3-5 alternating runs after a warm-up; {time.time() - start:.0f} s"
+    header = (
+        f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+        f", shared with other jobs; {load}), {run} in all. Random weights; "
+        "thresholds at "
+        "confidence quantiles (see the script's docstring). Target: ratio >= "
+        + ", ".join(f"{v} ({k})" for k, v in TARGETS.items())
+        + "."
+    )
+    notes = []
+    if partial:
+        rows, header, notes = merged(rows, f"{load}; {run}")
     with open(os.path.join(RESULTS, "predict_early_speed.json"), "w") as f:
         json.dump(rows, f, indent=2)
     lines = [
-        f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}"
-        f", shared with other jobs; 1-minute load average {load_start:.1f} at the "
-        f"start, {os.getloadavg()[0]:.1f} at the end), best of 3-5 alternating "
-        f"runs after a warm-up; {time.time() - start:.0f}"
-        " s in all. Random weights; thresholds at confidence quantiles (see the "
-        "script's docstring). Target: ratio >= "
-        + ", ".join(f"{v} ({k})" for k, v in TARGETS.items())
-        + ".",
+        header,
         "",
+        *notes,
         "| setting | backend | batch | predict (s) | predict_early (s) | speed-up "
         "| MAC reduction | ratio | segment bound | exit shares | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -565,8 +565,8 @@ def _cast_input(array: np.ndarray, tensor) -> np.ndarray:
     integer image on the 0..255 scale, fed to a model trained on [0, 1],
     would run and be silently wrong); integer inputs (token ids) take
     integer arrays whose values fit the input's dtype; no value may be NaN
-    or infinite (a NaN logit gives confidence 1.0 and an early exit with a
-    meaningless class).
+    or infinite, in the array or after the cast (a NaN logit gives
+    confidence 1.0 and an early exit with a meaningless class).
     """
     name = tensor.name
     dtype = keras.backend.standardize_dtype(tensor.dtype)
@@ -579,16 +579,19 @@ def _cast_input(array: np.ndarray, tensor) -> np.ndarray:
                 "x.astype('float32') / 255 for 8-bit images; integer arrays "
                 "are accepted only for integer inputs (token ids)."
             )
-        bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+        # bfloat16 has no NumPy dtype; the backend casts float32 itself.
+        cast = array.astype("float32" if dtype == "bfloat16" else dtype, copy=False)
+        # Checked after the cast: a float64 value beyond the input dtype's
+        # range becomes infinite.
+        bad = ~np.isfinite(cast.reshape(len(cast), -1)).all(axis=1)
         if bad.any():
             raise ValueError(
                 f"Input '{name}' has {int(bad.sum())} of {len(array)} samples "
-                "with NaN or infinite values (first at index "
-                f"{int(np.argmax(bad))}). Remove or repair them; no exit can "
-                "classify them."
+                f"with NaN or infinite values, or values beyond {dtype}'s "
+                f"range (first at index {int(np.argmax(bad))}). Remove or "
+                "repair them; no exit can classify them."
             )
-        # bfloat16 has no NumPy dtype; the backend casts float32 itself.
-        return array.astype("float32" if dtype == "bfloat16" else dtype, copy=False)
+        return cast
     if "int" in dtype:
         if kind not in "iu":
             raise ValueError(

@@ -197,6 +197,9 @@ def test_bad_input_leaves_the_compiled_path_usable(digits):
         model.predict_early(x, batch_size=0)
     with pytest.raises(ValueError, match=r"'image' is float32 .* dtype int64"):
         model.predict_early(np.zeros((2, 8, 8, 1), np.int64))
+    overflow = np.full((2, 8, 8, 1), 1e39)  # float64, infinite as float32
+    with pytest.raises(ValueError, match=r"beyond float32's range \(first at index 0"):
+        model.predict_early(overflow)
     with pytest.raises(ValueError, match=r"expects samples of shape \(8, 8, 1\)"):
         model.predict_early(np.zeros((2, 8, 9, 1), np.float32))
     again = model.predict_early(x, [0.5, 0.5])
