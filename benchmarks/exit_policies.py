@@ -23,6 +23,25 @@ exit, thresholds chosen on the validation split only:
 - `oracle`: each test sample leaves at its first correct exit (it knows the
   label: a loose bound).
 
+At a promise that holds (`GUARANTEES`, delta = 0.1, `calibrate`'s default
+path: one shared threshold along a fixed grid, certified on all the
+calibration data), side by side with the rows above:
+
+- `max_prob, <guarantee>`: `kee.calibrate(..., guarantee=...)` on the
+  max_prob gates, all validation samples;
+- `max_prob, calibration half, <guarantee>`: the same on the second half
+  only (the data the learned policies certify on);
+- `learned (<target>), <guarantee>`: the learned policies above (same fit),
+  calibrated with the guarantee on the second half, run with
+  `predict_early`.
+
+A guarantee that certifies nothing but no early exit (too few samples for
+1 point) counts as no early exit (speed-up 1x, drop 0) and is reported as
+uncertified. `vs max_prob, same guarantee`: the speed-up over that of
+max_prob on all the validation data under the same guarantee (the
+approximate guard: today's), on the test split and as the ratio of the
+promise's mean speed-ups: the fair comparison at a kept promise.
+
 Ceilings (is 1.3x reachable at all?): thresholds fitted on the test split
 itself for a drop of at most 1 point there, without the guard (no
 promise), for policies fitted on the test split too (in-sample: about the
@@ -83,6 +102,9 @@ TARGETS = ("correct", "agrees_with_final")
 NO_WORSE = "no_worse_than_final"
 STUDY_TARGETS = (*TARGETS, NO_WORSE)
 REPEATS = 20
+# calibrate's finite-sample guarantees, at its default delta.
+GUARANTEES = ("high_probability", "expectation")
+DELTA = 0.1
 # Feature sets of the ceiling study, per non-final exit k; only `exported`
 # runs in today's exported gates (`criteria.POLICY_FEATURES`).
 FEATURE_SETS = {
@@ -149,10 +171,33 @@ def calibrated(outputs, guard: bool = True):
         return calibrate_outputs(outputs, "max_accuracy_drop", MAX_DROP, guard=guard)
 
 
+def certified(outputs, guarantee: str) -> list[float] | None:
+    """Thresholds `calibrate` certifies with `guarantee` on `outputs`, or
+    None when only no early exit is certified."""
+    try:
+        return calibrate_outputs(
+            outputs, "max_accuracy_drop", MAX_DROP, delta=DELTA, guarantee=guarantee
+        ).thresholds
+    except ValueError:
+        return None
+
+
+def guaranteed_figures(outputs, thresholds) -> dict:
+    """`_promise.figures` of certified thresholds; no early exit (and
+    `uncertified`) for None."""
+    if thresholds is None:
+        return {
+            **_promise.figures(outputs, [1.0] * (outputs.num_exits - 1)),
+            "uncertified": True,
+        }
+    return _promise.figures(outputs, thresholds)
+
+
 def learned_on_model(model, data, target: str, test) -> dict:
     """The product path: learned gates on the model's layers, fitted on the
-    first half of the validation split, calibrated on the second, run
-    with `predict_early` on the test split."""
+    first half of the validation split, calibrated on the second (the
+    approximate guard, then each of `GUARANTEES`), run with `predict_early`
+    on the test split. Returns the rows by method."""
     learned = kee.EarlyExitModel(
         model.inputs, model.outputs, criterion="learned", name=f"learned_{target}"
     )
@@ -172,19 +217,35 @@ def learned_on_model(model, data, target: str, test) -> dict:
         validation_split=0.5,
         exits=exits,
     )
-    calibration = kee.calibrate(
-        learned, *result.validation_data, max_accuracy_drop=MAX_DROP
-    )
-    prediction = learned.predict_early(data.x_test, calibration.thresholds)
-    accuracy = float(np.mean(prediction.classes == data.y_test))
-    return {
-        **_promise.figures(
-            test, calibration.thresholds, prediction.exit_indices, accuracy
-        ),
+    policy = {
         "fitted_exits": exits,
         "weights": [[round(float(v), 3) for v in w] for w in result.weights],
         "biases": [round(b, 3) for b in result.biases],
     }
+    rows = {}
+    for guarantee in (None, *GUARANTEES):
+        extra = {}
+        try:
+            thresholds = kee.calibrate(
+                learned,
+                *result.validation_data,
+                max_accuracy_drop=MAX_DROP,
+                delta=DELTA,
+                guarantee=guarantee,
+            ).thresholds
+        except ValueError as e:
+            if guarantee is None:
+                raise
+            thresholds = [1.0] * (test.num_exits - 1)
+            extra = {"uncertified": True, "error": str(e)}
+        prediction = learned.predict_early(data.x_test, thresholds)
+        accuracy = float(np.mean(prediction.classes == data.y_test))
+        rows[_method(target, guarantee)] = {
+            **_promise.figures(test, thresholds, prediction.exit_indices, accuracy),
+            **extra,
+            **policy,
+        }
+    return rows
 
 
 def promise(population, features: list) -> dict:
@@ -195,6 +256,8 @@ def promise(population, features: list) -> dict:
     base = with_confidences(population, population.confidences)
     runs = {"max_prob (today)": [], "one shared threshold": []}
     runs.update({_method(t): [] for t in STUDY_TARGETS})
+    for guarantee in GUARANTEES:
+        runs.update({m: [] for m in _guaranteed_methods(guarantee)})
     for _ in range(REPEATS):
         rows = rng.permutation(n)
         drawn, rest = rows[:draw], rows[draw:]
@@ -204,28 +267,67 @@ def promise(population, features: list) -> dict:
         runs["max_prob (today)"].append(_promise.figures(new, today.thresholds))
         shared = [today.shared_threshold] * (population.num_exits - 1)
         runs["one shared threshold"].append(_promise.figures(new, shared))
+        scored = {}
         for target in STUDY_TARGETS:
             policies = fit_policies(
                 [f[fit] for f in features], population.subset(fit), target
             )
             learned = with_confidences(population, scores(features, policies))
+            scored[target] = learned
             result = calibrated(learned.subset(cal))
             runs[_method(target)].append(
                 _promise.figures(learned.subset(rest), result.thresholds)
             )
-    return {
-        method: _promise.summary(
+        for guarantee in GUARANTEES:
+            parts = {
+                _max_prob(guarantee): (base, drawn),
+                _max_prob(guarantee, half=True): (base, cal),
+                **{_method(t, guarantee): (scored[t], cal) for t in TARGETS},
+            }
+            for method, (outputs, part) in parts.items():
+                thresholds = certified(outputs.subset(part), guarantee)
+                runs[method].append(
+                    guaranteed_figures(outputs.subset(rest), thresholds)
+                )
+    summaries = {}
+    for method, results in runs.items():
+        summaries[method] = _promise.summary(
             [r["drop_points"] / 100 for r in results],
             [r["speedup"] for r in results],
             draw,
             MAX_DROP,
         )
-        for method, results in runs.items()
-    }
+        if any("uncertified" in r for r in results):
+            summaries[method]["nothing_certified"] = sum(
+                "uncertified" in r for r in results
+            )
+    return summaries
 
 
-def _method(target: str) -> str:
-    return f"learned ({target}{', simulated' if target == NO_WORSE else ''})"
+def _method(target: str, guarantee: str | None = None) -> str:
+    simulated = ", simulated" if target == NO_WORSE else ""
+    return f"learned ({target}{simulated})" + (f", {guarantee}" if guarantee else "")
+
+
+def _max_prob(guarantee: str, half: bool = False) -> str:
+    return f"max_prob, {'calibration half, ' if half else ''}{guarantee}"
+
+
+def _guaranteed_methods(guarantee: str) -> list[str]:
+    return [
+        _max_prob(guarantee),
+        _max_prob(guarantee, half=True),
+        *(_method(t, guarantee) for t in TARGETS),
+    ]
+
+
+def _same_guarantee(method: str) -> str:
+    """The max_prob method on all the validation data under `method`'s
+    guarantee (today's for the approximate guard)."""
+    for guarantee in GUARANTEES:
+        if method.endswith(f", {guarantee}"):
+            return _max_prob(guarantee)
+    return "max_prob (today)"
 
 
 def study_features(logits: np.ndarray, k: int, kind: str) -> np.ndarray:
@@ -343,8 +445,19 @@ def run(name: str) -> dict:
     half = len(val.labels) - len(val.labels) // 2
     second = calibrated(val.subset(np.arange(half, len(val.labels))))
     methods["max_prob, calibration half"] = _promise.figures(test, second.thresholds)
+    guaranteed = {}
+    for guarantee in GUARANTEES:
+        guaranteed[_max_prob(guarantee)] = guaranteed_figures(
+            test, certified(val, guarantee)
+        )
+        guaranteed[_max_prob(guarantee, half=True)] = guaranteed_figures(
+            test,
+            certified(val.subset(np.arange(half, len(val.labels))), guarantee),
+        )
     for target in TARGETS:
-        methods[_method(target)] = learned_on_model(model, data, target, test)
+        rows = learned_on_model(model, data, target, test)
+        methods[_method(target)] = rows.pop(_method(target))
+        guaranteed.update(rows)
     # The same protocol, simulated, for the target fit_exit_policy lacks.
     fit_part, cal_part = (
         val.subset(np.arange(half)),
@@ -360,6 +473,8 @@ def run(name: str) -> dict:
         with_confidences(test, scores(features["test"], policies)),
         result.thresholds,
     )
+    for guarantee in GUARANTEES:
+        methods.update({m: guaranteed[m] for m in _guaranteed_methods(guarantee)})
 
     today_macs = methods["max_prob (today)"]["average_macs"]
     for entry in methods.values():
@@ -395,26 +510,46 @@ def markdown(results: list[dict]) -> str:
         "split. Learned policies: fitted on the first half of the validation "
         "split, calibrated on the second. Promise: "
         f"{REPEATS} random draws of the validation split's size from "
-        "validation + test; drop measured on the samples not drawn.",
+        "validation + test; drop measured on the samples not drawn. Rows "
+        "`..., high_probability` / `..., expectation`: "
+        f"`calibrate(max_accuracy_drop=0.01, guarantee=...)` at delta = {DELTA} "
+        "(one shared threshold, certified on the calibration data); "
+        "`uncertified`: nothing but no early exit certified (counted as "
+        "no early exit). `vs max_prob, same guarantee`: speed-up over "
+        "max_prob's on all the validation data under the same guarantee "
+        "(the approximate guard: today's), on the test split and of the "
+        "promise's mean speed-ups.",
         "",
         "| data set | method | test drop (pt) | avg MACs | speed-up | vs today "
+        "| vs max_prob, same guarantee: test, promise "
         "| gap to oracle closed | MACs / oracle's | exit shares | promise: "
         "failures | mean drop (pt) | mean speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         for method, e in r["methods"].items():
-            kept = _promise.cells(r["promise"].get(method))
+            p = r["promise"].get(method)
+            kept = _promise.cells(p)
+            if p and p.get("nothing_certified"):
+                kept = kept.replace(")", f"; {p['nothing_certified']} uncertified)", 1)
+            base = _same_guarantee(method)
+            ratio = f"{e['speedup'] / r['methods'][base]['speedup']:.2f}"
+            if p and base in r["promise"]:
+                ratio += (
+                    f", {p['mean_speedup'] / r['promise'][base]['mean_speedup']:.2f}"
+                )
+            uncertified = " (uncertified)" if e.get("uncertified") else ""
             lines.append(
-                f"| {r['dataset']} | {method} | {e['drop_points']:+.2f} | "
+                f"| {r['dataset']} | {method} | {e['drop_points']:+.2f}"
+                f"{uncertified} | "
                 f"{e['average_macs']:,.0f} | {e['speedup']:.2f}x | "
-                f"{e['vs_today']:.2f} | {e['gap_closed']:.0%} | "
+                f"{e['vs_today']:.2f} | {ratio} | {e['gap_closed']:.0%} | "
                 f"{e['vs_oracle_macs']:.2f} | {e['exit_shares']} | {kept} |"
             )
         o = r["oracle_test"]
         lines.append(
             f"| {r['dataset']} | oracle | | {o['average_macs']:,.0f} | "
-            f"{o['speedup']:.2f}x | | | 1.00 | | | | |"
+            f"{o['speedup']:.2f}x | | | | 1.00 | | | | |"
         )
     lines += [
         "",
