@@ -139,22 +139,24 @@ def test_int8_encoder_runs_on_litert_and_agrees_with_keras(
     for op in ("GATHER", "BATCH_MATMUL", "SOFTMAX", "GELU", "FULLY_CONNECTED"):
         assert op in names
     x = task[2]
-    agreement = np.mean(
-        _per_exit_classes(gelu_bundle, x) == _keras_classes(gelu_model, x), 0
+    differ = np.sum(
+        _per_exit_classes(gelu_bundle, x) != _keras_classes(gelu_model, x), 0
     )
-    # Over seeds 0-4 (400 test samples, GELU and ReLU, LiteRT and TFLite
-    # Micro): 0.980 to 1.0 per exit.
-    assert np.all(agreement >= 0.95), agreement
+    # Bars count samples (integers): no float rounding at the bar. Over
+    # training seeds 0-19 (TensorFlow, 200 test samples), classes that
+    # differ from Keras per exit: 0-3 and 0-4 (mean 1.1 and 1.2). Bar: 10
+    # (95% agree).
+    assert np.all(differ <= 10), differ
     # Gated at the median confidence of exit 1: both exits are taken.
     confidences = GatedInterpreter(gelu_bundle, thresholds=[0.0]).predict(x).confidences
     threshold = float(np.median(confidences))
     gated = GatedInterpreter(gelu_bundle, thresholds=[threshold]).predict(x)
     expected = gelu_model.predict_early(x, thresholds=[threshold])
     assert np.all(np.bincount(gated.exit_indices, minlength=2) > 0)
-    # Over seeds 0-4 (GELU and ReLU): same class 0.995-1.0, same exit
-    # 0.98-1.0.
-    assert np.mean(gated.classes == expected.classes) >= 0.95
-    assert np.mean(gated.exit_indices == expected.exit_indices) >= 0.93
+    # Over seeds 0-19, of 200: classes differ 0-4 (mean 1.2), exits 1-6
+    # (mean 3.0). Bars: 10 and 14 (95% and 93% agree).
+    assert np.sum(gated.classes != expected.classes) <= 10
+    assert np.sum(gated.exit_indices != expected.exit_indices) <= 14
 
 
 def test_gelu_blocks_tflite_micro_naming_the_op_and_layer(gelu_model, task, tmp_path):
@@ -208,11 +210,14 @@ def test_relu_variant_runs_on_tflite_micro(relu_model, relu_exports, task):
         assert not names & {"SELECT", "SELECT_V2", "LESS"}
     x = task[2]
     micro = _per_exit_classes(bundle, x, "micro")
-    agreement = np.mean(micro == _keras_classes(relu_model, x), 0)
-    assert np.all(agreement >= 0.95), agreement  # measured: see the int8 test
+    # Over seeds 0-19, of 200 per exit: 0-3 and 0-4 differ (mean 0.9 and
+    # 1.7). Bar: 10.
+    differ = np.sum(micro != _keras_classes(relu_model, x), 0)
+    assert np.all(differ <= 10), differ
     # TFLite Micro's reference kernels round a few int8 ops otherwise than
-    # LiteRT's: over seeds 0-4, 0.995-0.9975 of the classes are the same.
-    assert np.mean(micro == _per_exit_classes(bundle, x, "litert")) >= 0.97
+    # LiteRT's: over seeds 0-19, 0-3 of the 400 classes differ (mean 1.4).
+    # Bar: 12 (97% agree).
+    assert np.sum(micro != _per_exit_classes(bundle, x, "litert")) <= 12
     # The fused file runs the same segments: the same classes, exits and
     # confidences as the bundle, on TFLite Micro and LiteRT.
     for backend in ("micro", "litert"):
@@ -302,16 +307,15 @@ def test_padding_mask_input_and_sequence_length_fixed_at_export(task, tmp_path):
         result = interpreter.predict(x)
         by_list = interpreter.predict([x["token_ids"], x["padding_mask"]])
         np.testing.assert_array_equal(by_list.classes, result.classes)
-        same = np.mean(result.exit_indices == expected.exit_indices)
         if mode == "float32":
-            assert same == 1.0
+            np.testing.assert_array_equal(result.exit_indices, expected.exit_indices)
             np.testing.assert_array_equal(result.classes, expected.classes)
         else:
             # Untrained, gated at the median: many samples sit at the
-            # threshold. Over seeds 0-4: same exit 0.89-0.96, same class
-            # 0.92-0.97.
-            assert same >= 0.85
-            assert np.mean(result.classes == expected.classes) >= 0.85
+            # threshold. Over seeds 0-19, of 120: exits differ 2-13 (mean
+            # 5.3), classes 1-10 (mean 5.2). Bars: 18 (85% agree).
+            assert np.sum(result.exit_indices != expected.exit_indices) <= 18
+            assert np.sum(result.classes != expected.classes) <= 18
         with pytest.raises(
             ValueError, match="exactly 16 tokens.*received sequences of 20"
         ):
