@@ -44,6 +44,7 @@ def test_predict_returns_per_sample_exits(interpreter, digits):
     n = len(digits.x_test)
     for array in result:
         assert array.shape == (n,)
+    # Over seeds 0-19 (TensorFlow): 0.942-0.981, mean 0.971.
     assert np.mean(result.classes == digits.y_test) > 0.9
     thresholds = interpreter.thresholds + [0.0]
     taken = np.array(thresholds)[result.exit_indices]
@@ -84,8 +85,12 @@ def test_num_threads_gives_the_same_result(bundle, interpreter, digits):
 def test_micro_backend_runs_the_same_bundle(bundle, interpreter, digits):
     micro = GatedInterpreter(bundle, backend="micro").predict(digits.x_test[:100])
     litert = interpreter.predict(digits.x_test[:100])
-    assert np.mean(micro.classes == litert.classes) >= 0.98
-    assert np.mean(micro.exit_indices == litert.exit_indices) >= 0.95
+    # Counted in samples (integers: no float rounding at the bar). Over
+    # training seeds 0-19 of the conftest model (TensorFlow), of these 100
+    # samples: classes differ 0-1 (mean 0.05), exits 0 (0-1 of the 360 test
+    # samples). Bars: 2 and 5.
+    assert np.sum(micro.classes != litert.classes) <= 2
+    assert np.sum(micro.exit_indices != litert.exit_indices) <= 5
 
 
 def test_wrong_input_shape_or_dtype_is_a_clear_error(interpreter, digits):
