@@ -9,6 +9,7 @@ import pytest
 import keras_earlyexit as kee
 from keras_earlyexit.quantization import (
     ActivationQuantizer,
+    ExitDistillation,
     QuantizedEarlyExitModel,
     quantize_aware,
 )
@@ -98,6 +99,82 @@ def test_fit_updates_ranges_and_reloads(qat, digits, tmp_path):
     np.testing.assert_array_equal(again.classes, result.classes)
     np.testing.assert_array_equal(again.exit_indices, result.exit_indices)
     np.testing.assert_allclose(again.confidences, result.confidences, atol=1e-6)
+
+
+def test_exit_distillation_is_kl_per_exit_by_hand(rng):
+    teacher = [rng.normal(size=(6, 4)).astype("float32") for _ in range(3)]
+    student = [rng.normal(size=(6, 4)).astype("float32") for _ in range(3)]
+
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    t = 2.0
+    expected = np.zeros(6)
+    for a, b in zip(teacher, student):
+        log_p, log_q = log_softmax(a / t), log_softmax(b / t)
+        expected += (np.exp(log_p) * (log_p - log_q)).sum(-1)
+    expected *= t**2 / 3
+    loss = ExitDistillation(temperature=t, reduction=None)
+    result = keras.ops.convert_to_numpy(loss(teacher, student))
+    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-6)
+    assert ExitDistillation.from_config(loss.get_config()).temperature == t
+
+
+@pytest.fixture(scope="module")
+def distilled(trained_digits_model, digits):
+    """The `qat` fixture's fine-tuning, learning from the float model only."""
+    keras.utils.set_random_seed(0)
+    model = quantize_aware(trained_digits_model, representative_data=digits.x_val)
+    model.compile(
+        keras.optimizers.Adam(3e-4),
+        kee.EarlyExitLoss(label_smoothing=0.0),
+        teacher=trained_digits_model,
+        distillation_weight=1.0,
+    )
+    model.fit(digits.x_train, digits.y_train, epochs=1, batch_size=32, verbose=0)
+    return model
+
+
+def test_distillation_keeps_the_float_models_exits(
+    trained_digits_model, qat, distilled, digits
+):
+    """Exit agreement of the fake-quant model with the float model (both at
+    thresholds 0.9; the float model trained and both fine-tuned one epoch
+    from seeds 0-2, PyTorch 0-1): distilled 0.989-0.994 TensorFlow,
+    0.986-0.989 JAX, 0.986-0.994 PyTorch; on the labels 0.928-0.956,
+    0.939-0.956, 0.939-0.944 (gain 0.031-0.067). Accuracy of the distilled
+    model 0.967-0.978. Bars: 0.97, a gain of 0.015, and 0.95."""
+    reference = trained_digits_model.predict_early(digits.x_test)
+    with_labels = qat.predict_early(digits.x_test)
+    result = distilled.predict_early(digits.x_test)
+    agreement = np.mean(result.exit_indices == reference.exit_indices)
+    baseline = np.mean(with_labels.exit_indices == reference.exit_indices)
+    assert agreement >= 0.97
+    assert agreement >= baseline + 0.015
+    assert np.mean(result.classes == digits.y_test) >= 0.95
+
+
+def test_teacher_is_checked(trained_digits_model, qat, digits):
+    loss = kee.EarlyExitLoss()
+    with pytest.raises(ValueError, match="teacher must be an EarlyExitModel"):
+        qat.compile("adam", loss, teacher=keras.Model(qat.inputs, qat.outputs[0]))
+    with pytest.raises(ValueError, match="quantization-aware; distil from"):
+        qat.compile("adam", loss, teacher=qat)
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    two = kee.EarlyExitModel(
+        inputs,
+        [kee.ExitBranch(10)(x), kee.ExitBranch(10)(keras.layers.Conv2D(4, 3)(x))],
+    )
+    with pytest.raises(ValueError, match="has 2 exits of 10 classes.*3 exits"):
+        qat.compile("adam", loss, teacher=two)
+    with pytest.raises(ValueError, match="distillation_weight must be in"):
+        qat.compile("adam", loss, teacher=trained_digits_model, distillation_weight=2)
+    with pytest.raises(ValueError, match="distillation_temperature must be > 0"):
+        qat.compile(
+            "adam", loss, teacher=trained_digits_model, distillation_temperature=0
+        )
 
 
 @pytest.fixture(scope="module")
