@@ -129,10 +129,10 @@ def gated_runner(model):
 class _LoopRunner:
     """Segments called one after another from Python as compiled stateless
     calls (variable values as arguments, so weights changed later are
-    used) on batches padded to `_bucket`; after each exit the samples
-    that stay are gathered on the backend's device. Outputs keep their
-    padded rows (sliced off when read); a carry that loses no sample goes
-    on unchanged.
+    used) on batches padded to their `_bucket` (JAX; PyTorch pads
+    nothing); after each exit the samples that stay are gathered on the
+    backend's device. Outputs keep their padded rows (sliced off when
+    read); a carry that loses no sample goes on unchanged.
 
     Segments whose exits no sample can leave (threshold 1.0, no patience)
     run with the next one as one compiled call that returns only its
@@ -308,8 +308,8 @@ class _TorchRunner(_LoopRunner):
             batch = torch.export.Dim("batch", min=2)
             dynamic = ([None] * len(values), tuple({0: batch} for _ in inputs))
         try:
-            # Out of inference mode: export records the operations on
-            # tensors that autograd knows about.
+            # Exported outside inference mode, on ordinary copies of the
+            # carries (inference mode made them); the program runs in it.
             with torch.inference_mode(False):
                 program = torch.export.export(
                     Segments(),
