@@ -84,11 +84,17 @@ def test_float32_bundle_takes_the_same_exits_and_classes(
 @pytest.mark.parametrize("mode", [m for m in MODES if m != "float32"])
 def test_quantized_bundle_agrees_with_keras(mode, bundles, reference, digits):
     result = _gated(bundles[mode], digits.x_test)
-    agreement = np.mean(result.classes == reference.classes)
-    keras_accuracy = np.mean(reference.classes == digits.y_test)
-    accuracy = np.mean(result.classes == digits.y_test)
-    assert agreement >= 0.98, agreement
-    assert abs(accuracy - keras_accuracy) <= 0.01, (accuracy, keras_accuracy)
+    # Counted in samples (integers: no float rounding at the bar). int8,
+    # the coarsest mode, over training seeds of the conftest model (360
+    # test samples): classes that differ from Keras 0-2 (TensorFlow, seeds
+    # 0-19, mean 0.6; PyTorch, 0-11, mean 0.6; JAX, 0-6, mean 0.4);
+    # correct answers gained or lost -2 to +1. Bars: 7 and 3 (98% agree,
+    # accuracy within 1 point).
+    differ = int(np.sum(result.classes != reference.classes))
+    right = int(np.sum(result.classes == digits.y_test))
+    keras_right = int(np.sum(reference.classes == digits.y_test))
+    assert differ <= 7, differ
+    assert abs(right - keras_right) <= 3, (right, keras_right)
 
 
 # Gates other than plain max_prob: criterion and per-exit temperatures.
@@ -495,7 +501,8 @@ def test_patience_model_converts_from_any_backend(digits, tmp_path):
     expected = model.predict_early(digits.x_test)
     assert np.all(np.bincount(result.exit_indices, minlength=3)[1:] > 0)
     # Float32 logits differ in their last bits between TFLite and the
-    # backends: a near tie may flip a class and a streak (measured: all
-    # equal on TensorFlow, JAX and PyTorch at seed 0).
-    assert np.mean(result.exit_indices == expected.exit_indices) >= 0.98
-    assert np.mean(result.classes == expected.classes) >= 0.98
+    # backends: a near tie may flip a class and a streak (measured: all 360
+    # equal for training seeds 0-19 on TensorFlow, 0-11 on PyTorch, 0-6 on
+    # JAX). Bars: 7 of 360 (98% agree).
+    assert np.sum(result.exit_indices != expected.exit_indices) <= 7
+    assert np.sum(result.classes != expected.classes) <= 7
