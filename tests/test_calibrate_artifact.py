@@ -98,7 +98,8 @@ def test_thresholds_lie_on_the_int8_grid(artifacts, calibrated, kind):
         )
         assert t == 1.0 or np.float32(t) in grid
         assert q == quantize_threshold(t, scale, zero_point)
-    # The thresholds let samples leave early: the search had room.
+    # The thresholds let samples leave early: the search had room
+    # (measured over training seeds 0-11: final share 0.10 to 0.49).
     assert result.exit_shares[-1] < 0.9
     assert "int8 thresholds" in str(result)
 
@@ -140,8 +141,10 @@ def test_accuracy_drop_holds_on_the_test_split(artifacts, calibrated, digits, ki
     # test-split drop at most 0.0194, mean 0.0032, above 0.01 in 3 of 12.
     # The bound holds for the population with probability 0.9; 360 test
     # samples add their own noise (one sample = 0.28 pt).
+    # Training seeds 0-11 on the fixed split: drop -0.011 to 0.014.
     assert drop <= 0.01 + 0.01
-    # It does save compute (measured: 24% to 70% of the full MACs).
+    # It does save compute (measured: 24% to 70% of the full MACs; 31% to
+    # 62% over training seeds 0-11).
     assert result.expected_share < 0.75
 
 
@@ -151,8 +154,10 @@ def test_agreement_with_the_float_model(calibrated, model, digits):
     assert result.reference_accuracy == pytest.approx(
         np.mean(keras_run.classes == digits.y_val), abs=2 / len(digits.y_val)
     )
-    # int8 moves some exit decisions; most stay (measured over 12 seeds:
-    # 0.978 to 1.0).
+    # int8 moves some exit decisions; most stay. Measured over training
+    # seeds 0-11 (TensorFlow, 360 samples): same exit 0.978-0.994, same
+    # class 0.989-1.0, same class per exit at least 0.964, 0.989, 0.989.
+    # The figures are float64 fractions of samples.
     assert 0.9 <= result.exit_agreement <= 1.0
     assert result.class_agreement >= 0.95
     assert all(a >= 0.95 for a in result.exit_class_agreement)
@@ -168,7 +173,8 @@ def test_risk_target_on_an_artifact(artifacts, digits):
     disagreement = np.mean(
         gated.predict(digits.x_test).classes != final.predict(digits.x_test).classes
     )
-    # Measured over 12 seeds: test disagreement 0 to 0.044, mean 0.019.
+    # Measured over 12 seeds: test disagreement 0 to 0.044, mean 0.019
+    # (training seeds 0-11 on the fixed split: 0 to 0.036, mean 0.015).
     assert disagreement <= 0.05 + 0.01
 
 
@@ -339,8 +345,9 @@ def test_patience_artifact_floors_for_its_own_patience(pabee_artifacts, digits):
             result.thresholds, result.quantized_thresholds, params
         ):
             assert q == quantize_threshold(t, scale, zero_point)
-        # int8 streaks and floors move a few decisions: over seeds 0-4,
-        # same exit 0.983-0.997, same class 0.992-1.0.
+        # int8 streaks and floors move a few decisions: over training
+        # seeds 0-11 (bundle), same exit 0.964-0.997 (mean 0.985), same
+        # class 0.986-1.0.
         assert result.exit_agreement >= 0.93 and result.class_agreement >= 0.95
     assert results["bundle"].thresholds == results["fused"].thresholds
     # No sample leaves exit 1 with patience 2 (its streak is 1).
@@ -403,7 +410,10 @@ def test_patience_arguments_need_a_patience_artifact(artifacts, digits):
 # `profile` of an artifact: the same readout, the report of a Keras model,
 # and the agreement with the float model it was exported from.
 
-THRESHOLDS = [0.6, 0.8]  # let samples leave at both early exits
+# Samples leave at both early exits: over training seeds 0-11, 21-132 and
+# 125-236 of the 360 (exit 1's int8 confidence stays under 0.6 for most
+# samples: at [0.6, 0.8] none left it for 6 of the 12 seeds).
+THRESHOLDS = [0.3, 0.8]
 
 
 @pytest.fixture(scope="module")
@@ -473,8 +483,9 @@ def test_profile_of_an_artifact_agrees_with_the_float_model(
     assert report.reference_accuracy == pytest.approx(
         np.mean(keras_run.classes == digits.y_val), abs=tolerance
     )
-    # int8 moves few decisions (measured over 12 seeds for calibrated
-    # thresholds: same exit 0.978 to 1.0).
+    # int8 moves few decisions: at THRESHOLDS over training seeds 0-11,
+    # same exit 0.975-0.994 (mean 0.987), same class 0.989-1.0, same gate
+    # decision at least 0.983.
     assert report.exit_agreement >= 0.9 and report.class_agreement >= 0.95
     assert len(report.gate_agreement) == 2
     assert all(0.9 <= a <= 1.0 for a in report.gate_agreement)
@@ -526,5 +537,6 @@ def test_profile_of_a_patience_artifact(pabee_artifacts, digits):
         report.current.accuracy, abs=1e-12
     )
     assert report.current.exit_shares[0] == 0.0  # streak 1 < patience 2
-    # Over seeds 0-4 for calibrated floors: same exit 0.983-0.997.
+    # Over training seeds 0-11 for the current floors: same exit
+    # 0.964-0.994 (mean 0.979), same class 0.981-1.0.
     assert report.exit_agreement >= 0.93 and report.class_agreement >= 0.95
