@@ -28,6 +28,7 @@ them with the carries (NumPy on JAX and PyTorch, in the graph on
 TensorFlow), by the rule of `keras_earlyexit.runtime.patience`.
 """
 
+import warnings
 import weakref
 
 import keras
@@ -317,7 +318,15 @@ class _TorchRunner(_LoopRunner):
                     dynamic_shapes=dynamic,
                     strict=False,
                 )
-        except Exception:  # any layer the exporter cannot follow
+        except Exception as error:  # any layer the exporter cannot follow
+            warnings.warn(
+                "predict_early runs some segments eagerly on PyTorch, which is "
+                "slower: torch.export could not follow them "
+                f"({type(error).__name__}: {str(error)[:200]}). "
+                "Results are the same. A layer that branches in Python on "
+                "tensor values, or calls outside torch, is the usual cause.",
+                stacklevel=2,
+            )
             return function
         return _without_no_ops(program.module())
 
@@ -580,7 +589,8 @@ def _cast_input(array: np.ndarray, tensor) -> np.ndarray:
                 "are accepted only for integer inputs (token ids)."
             )
         # bfloat16 has no NumPy dtype; the backend casts float32 itself.
-        cast = array.astype("float32" if dtype == "bfloat16" else dtype, copy=False)
+        with np.errstate(over="ignore"):  # overflow is refused just below
+            cast = array.astype("float32" if dtype == "bfloat16" else dtype, copy=False)
         # Checked after the cast: a float64 value beyond the input dtype's
         # range becomes infinite.
         bad = ~np.isfinite(cast.reshape(len(cast), -1)).all(axis=1)
