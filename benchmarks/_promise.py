@@ -2,11 +2,9 @@
 setting of thresholds, the oracle, the summary of repeated calibrations
 (a kept promise), its table cells, and the results files."""
 
-import json
-import os
 from collections.abc import Callable, Sequence
 
-import keras
+import _results
 import numpy as np
 
 from keras_earlyexit.evaluation import _data
@@ -93,19 +91,6 @@ def main(
 ) -> None:
     """Runs `names`, keeps the other data sets' earlier results, and writes
     `results_dir/stem.{json,md}`."""
-    os.makedirs(results_dir, exist_ok=True)
-    path = os.path.join(results_dir, f"{stem}.json")
-    previous = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = {r["dataset"]: r for r in json.load(f)["results"]}
-    for name in names:
-        previous[name] = run(name)
-        print(json.dumps(previous[name], indent=1))
-    results = [previous[n] for n in ("digits", "signals") if n in previous]
-    with open(path, "w") as f:
-        json.dump({"backend": keras.backend.backend(), "results": results}, f, indent=2)
-    text = markdown(results)
-    with open(os.path.join(results_dir, f"{stem}.md"), "w") as f:
-        f.write(text)
-    print(text)
+    _results.write_merged(
+        stem, run, markdown, results_dir, names, ("digits", "signals"), "dataset"
+    )

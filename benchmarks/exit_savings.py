@@ -28,7 +28,6 @@ and saves the calibrated signal model and its test data for
 `predict_early_speed.py`.
 """
 
-import json
 import os
 import sys
 import time
@@ -38,6 +37,9 @@ import numpy as np
 
 import keras_earlyexit as kee
 from keras_earlyexit import demo
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _results  # noqa: E402  (results files)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 EPOCHS = {"digits": 40, "signals": 15}
@@ -433,21 +435,9 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(names=("digits", "signals")) -> None:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "exit_savings.json")
-    previous = {}
-    if os.path.exists(path):  # keep the other data set's figures
-        with open(path) as f:
-            previous = {r["dataset"]: r for r in json.load(f)["results"]}
-    for name in names:
-        previous[name] = run(name)
-    results = [previous[n] for n in ("digits", "signals") if n in previous]
-    with open(path, "w") as f:
-        json.dump({"backend": keras.backend.backend(), "results": results}, f, indent=2)
-    text = markdown(results)
-    with open(os.path.join(RESULTS, "exit_savings.md"), "w") as f:
-        f.write(text)
-    print(text)
+    _results.write_merged(
+        "exit_savings", run, markdown, RESULTS, names, ("digits", "signals"), "dataset"
+    )
 
 
 if __name__ == "__main__":

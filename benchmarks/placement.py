@@ -22,7 +22,6 @@ Run: `KERAS_BACKEND=jax python benchmarks/placement.py` (about 20 minutes on
 Writes `benchmarks/results/placement.{md,json}`.
 """
 
-import json
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ from keras_earlyexit import demo
 from keras_earlyexit.evaluation.placement import suggest_exits
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _results  # noqa: E402  (results files)
 import exit_savings  # noqa: E402  (the signal CNN and its data)
 
 RESULTS = exit_savings.RESULTS
@@ -208,21 +208,9 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(names=("signals", "mobilenet")) -> None:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "placement.json")
-    previous = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = {r["name"]: r for r in json.load(f)["results"]}
-    for name in names:
-        previous[name] = run(name)
-    results = [previous[n] for n in ("signals", "mobilenet") if n in previous]
-    with open(path, "w") as f:
-        json.dump({"backend": keras.backend.backend(), "results": results}, f, indent=2)
-    text = markdown(results)
-    with open(os.path.join(RESULTS, "placement.md"), "w") as f:
-        f.write(text)
-    print(text)
+    _results.write_merged(
+        "placement", run, markdown, RESULTS, names, ("signals", "mobilenet"), "name"
+    )
 
 
 if __name__ == "__main__":
