@@ -1,10 +1,9 @@
 """What `guarantees.py` and `exit_policies.py` share: the figures of one
 setting of thresholds, the oracle, the summary of repeated calibrations
-(a kept promise), its table cells, and the results files."""
+(a kept promise) and its table cells."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-import _results
 import numpy as np
 
 from keras_earlyexit.evaluation import _data
@@ -79,18 +78,4 @@ def cells(p: dict | None) -> str:
     return (
         f"{p['failures']}/{p['draws']} (n={p['draw_size']}) | "
         f"{p['mean_drop_points']:.2f} | {p['mean_speedup']:.2f}x"
-    )
-
-
-def main(
-    stem: str,
-    run: Callable[[str], dict],
-    markdown: Callable[[list], str],
-    results_dir: str,
-    names: Sequence[str],
-) -> None:
-    """Runs `names`, keeps the other data sets' earlier results, and writes
-    `results_dir/stem.{json,md}`."""
-    _results.write_merged(
-        stem, run, markdown, results_dir, names, ("digits", "signals"), "dataset"
     )

@@ -89,7 +89,8 @@ from keras_earlyexit.evaluation.policy import (
 from keras_earlyexit.gate import INITIAL_POLICY_BIAS, INITIAL_POLICY_WEIGHTS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _promise  # noqa: E402  (figures, promise summary, results files)
+import _promise  # noqa: E402  (figures, promise summary)
+import _results  # noqa: E402  (results files)
 import exit_savings  # noqa: E402  (data, models and training)
 import guarantees  # noqa: E402  (the trained models, cached)
 
@@ -590,7 +591,9 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(names=("digits", "signals")) -> None:
-    _promise.main("exit_policies", run, markdown, RESULTS, names)
+    _results.write_merged(
+        "exit_policies", run, markdown, RESULTS, names, ("digits", "signals"), "dataset"
+    )
 
 
 if __name__ == "__main__":

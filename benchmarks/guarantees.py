@@ -42,7 +42,8 @@ from keras_earlyexit.evaluation import _data
 from keras_earlyexit.evaluation.calibrate import calibrate_outputs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _promise  # noqa: E402  (figures, promise summary, results files)
+import _promise  # noqa: E402  (figures, promise summary)
+import _results  # noqa: E402  (results files)
 import exit_savings  # noqa: E402  (same models, data and training)
 
 RESULTS = exit_savings.RESULTS
@@ -183,7 +184,9 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(names=("digits", "signals")) -> None:
-    _promise.main("guarantees", run, markdown, RESULTS, names)
+    _results.write_merged(
+        "guarantees", run, markdown, RESULTS, names, ("digits", "signals"), "dataset"
+    )
 
 
 if __name__ == "__main__":
