@@ -73,11 +73,14 @@ def test_quantize_aware_keeps_exits_gates_and_weights(trained_digits_model, digi
     assert model.thresholds == pytest.approx(float_model.thresholds)
     assert [g.temperature for g in model.gates] == [1.0, 1.0, 1.0]
     assert len(model.weights) > len(float_model.weights)  # + the ranges
-    # The float model is untouched and the copy differs only by rounding.
+    # The float model is untouched and the copy differs only by rounding:
+    # of the 360 test samples, at most 8 change class at any exit (mean of
+    # the worst exit 3.5-3.9; the conftest model trained from seeds 0-9
+    # TensorFlow, 0-12 JAX, 0-14 PyTorch). Bar: 16.
     reference = float_model.predict(digits.x_test, verbose=0)
     fake_quant = model.predict(digits.x_test, verbose=0)
     for a, b in zip(reference, fake_quant):
-        assert np.mean(a.argmax(-1) == b.argmax(-1)) >= 0.97
+        assert np.sum(a.argmax(-1) != b.argmax(-1)) <= 16
     # Confidences lie on the int8 softmax grid (k / 256, at most 255/256).
     confidences = model.predict_early(digits.x_test).confidences * 256
     np.testing.assert_allclose(confidences, np.round(confidences), atol=1e-3)
@@ -89,8 +92,10 @@ def test_fit_updates_ranges_and_reloads(qat, digits, tmp_path):
     assert conv.initialized
     result = qat.predict_early(digits.x_test)
     # One epoch of fine-tuning keeps the accuracy of the 30-epoch float
-    # model: 0.969-0.981 gated over seeds 0-4 (TensorFlow).
-    assert np.mean(result.classes == digits.y_test) >= 0.9
+    # model: at most 15 of the 360 test samples wrong when gated (mean
+    # 9.7-10.1; trained from seeds 0-9 TensorFlow, 0-12 JAX, 0-14 PyTorch,
+    # fine-tuned from seed 0 and from the training seed). Bar: 30.
+    assert np.sum(result.classes != digits.y_test) <= 30
     path = str(tmp_path / "qat.keras")
     qat.save(path)
     loaded = keras.saving.load_model(path)
@@ -257,10 +262,13 @@ def test_quantize_aware_keeps_the_patience(trained_digits_model, digits):
 
 
 def test_quantize_aware_keeps_the_learned_exit_policies(trained_digits_model, digits):
-    """Measured (TensorFlow, the conftest model trained from seeds 0-2,
-    exit 1's policy fitted, thresholds 0.5-0.9, before fine-tuning): exit
-    agreement with the float model 0.972-0.989 with the fitted policies;
-    0.833-0.908 with the default policies a rebuilt gate starts from."""
+    """Measured (the conftest model trained from seeds 0-9 TensorFlow, 0-12
+    JAX, 0-14 PyTorch, exit 1's policy fitted, thresholds 0.7, before
+    fine-tuning): with the fitted policies at most 11 of the 360 test
+    samples take another exit than in the float model (mean 5.0-6.3 per
+    backend); TensorFlow seeds 0-2 at thresholds 0.5-0.9: 0.833-0.908
+    agreement (33-60 samples differ) with the default policies a rebuilt
+    gate starts from. Bar: 22 samples."""
     learned = kee.EarlyExitModel(
         trained_digits_model.inputs, trained_digits_model.outputs, criterion="learned"
     )
@@ -275,7 +283,7 @@ def test_quantize_aware_keeps_the_learned_exit_policies(trained_digits_model, di
     reference = learned.predict_early(digits.x_test)
     result = model.predict_early(digits.x_test)
     assert len(np.unique(reference.exit_indices)) >= 2
-    assert np.mean(result.exit_indices == reference.exit_indices) >= 0.95
+    assert np.sum(result.exit_indices != reference.exit_indices) <= 22
     # The float copy keeps them too.
     plain = model.float_model()
     np.testing.assert_array_equal(plain.gates[0].policy[0], learned.gates[0].policy[0])
@@ -369,9 +377,12 @@ def test_int8_bundle_reproduces_the_separable_qat_model(separable, digits, tmp_p
     np.testing.assert_array_equal(again.exit_indices, reference.exit_indices)
     plain = qat.float_model()
     assert type(plain.get_layer("sep_2")) is keras.layers.SeparableConv2D
+    # Rounding changes the final class of at most 10 of the 360 test
+    # samples (mean 5.2-5.9; trained from seeds 0-9 TensorFlow, 0-12 JAX,
+    # 0-14 PyTorch). Bar: 20.
     fake_quant = qat.predict(digits.x_test, verbose=0)[-1].argmax(-1)
     unrounded = plain.predict(digits.x_test, verbose=0)[-1].argmax(-1)
-    assert np.mean(fake_quant == unrounded) >= 0.95
+    assert np.sum(fake_quant != unrounded) <= 20
 
 
 def _batch_norm_model() -> kee.EarlyExitModel:
