@@ -164,6 +164,35 @@ def test_agreement_with_the_float_model(calibrated, model, digits):
     assert "same exit" in str(result)
 
 
+def test_match_reference_keeps_the_float_models_exits(artifacts, model, digits):
+    """match_reference: thresholds on the int8 grid whose exits agree with
+    the float model's at its own thresholds (0.9), within the target."""
+    x, y = digits.x_val, digits.y_val
+    float_exits = model.predict_early(x).exit_indices
+    at_float = GatedInterpreter(artifacts["bundle"], thresholds=model.thresholds)
+    at_float_agreement = np.mean(at_float.predict(x).exit_indices == float_exits)
+    for target in (0.01, 0.5):
+        result = kee.calibrate(
+            artifacts["bundle"],
+            x,
+            y,
+            max_accuracy_drop=target,
+            reference_model=model,
+            match_reference=True,
+        )
+        assert result.bound <= target
+        assert result.reference_thresholds == pytest.approx(model.thresholds)
+        assert "at its thresholds [0.9000, 0.9000]" in str(result)
+        run = GatedInterpreter(artifacts["bundle"], thresholds=result.thresholds)
+        agreement = np.mean(run.predict(x).exit_indices == float_exits)
+        # Keras' batched predict and predict_early may round apart.
+        assert result.exit_agreement == pytest.approx(agreement, abs=2 / len(y))
+    # At a target every setting meets, the search is for agreement alone
+    # and starts from the float thresholds: it never agrees less (up to the
+    # rounding above).
+    assert agreement >= at_float_agreement - 2 / len(y)
+
+
 def test_risk_target_on_an_artifact(artifacts, digits):
     result = kee.calibrate(artifacts["bundle"], digits.x_val, digits.y_val, risk=0.05)
     assert result.bound <= 0.05
@@ -269,6 +298,17 @@ def _bad_calls(digits, model):
         ((x[:5], y[:5]), {}, ValueError, "5 validation samples"),
         ((x, y), {"temperature_scaling": True}, ValueError, "temperatures"),
         ((x, y), {"max_accuracy_drop": 2.0}, ValueError, "max_accuracy_drop"),
+        ((x, y), {"match_reference": True}, ValueError, "needs reference_model="),
+        (
+            (x, y),
+            {
+                "match_reference": True,
+                "reference_model": model,
+                "guarantee": "high_probability",
+            },
+            ValueError,
+            "match_reference=True works with the guarded search",
+        ),  # fmt: skip
     ]
 
 
@@ -296,8 +336,10 @@ def test_paths_that_are_not_artifacts(digits, model, tmp_path):
         kee.calibrate(str(tmp_path / "missing"), x, y, max_accuracy_drop=0.01)
     with pytest.raises(ValueError, match="Keras model file"):
         kee.calibrate("model.keras", x, y, max_accuracy_drop=0.01)
-    with pytest.raises(ValueError, match="reference_model is for"):
+    with pytest.raises(ValueError, match="reference_model and match_reference are"):
         kee.calibrate(model, x, y, max_accuracy_drop=0.01, reference_model=model)
+    with pytest.raises(ValueError, match="reference_model and match_reference are"):
+        kee.calibrate(model, x, y, max_accuracy_drop=0.01, match_reference=True)
 
 
 # A patience artifact (criterion "patience"): its floors, and its patience.
@@ -352,6 +394,15 @@ def test_patience_artifact_floors_for_its_own_patience(pabee_artifacts, digits):
     assert results["bundle"].thresholds == results["fused"].thresholds
     # No sample leaves exit 1 with patience 2 (its streak is 1).
     assert results["bundle"].exit_shares[0] == 0.0
+    with pytest.raises(ValueError, match="not supported for a patience artifact"):
+        kee.calibrate(
+            artifacts["fused"],
+            x,
+            y,
+            max_accuracy_drop=0.02,
+            reference_model=model,
+            match_reference=True,
+        )
 
 
 # `calibrate`'s defaults, which it passes on to `calibrate_artifact`.

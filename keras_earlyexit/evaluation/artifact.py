@@ -73,13 +73,17 @@ class ArtifactCalibrationResult(CalibrationResult):
             compares its int8 confidence with (128: no sample leaves);
             None for float artifacts.
         exit_agreement: with `reference_model`, the share of validation
-            samples that leave at the same exit in the artifact and in the
-            float model, both gated by `thresholds` (else None).
+            samples that leave at the same exit in the artifact (gated by
+            `thresholds`) and in the float model (gated by
+            `reference_thresholds`); else None.
         class_agreement: the same for the predicted class.
         reference_accuracy: the float model's gated accuracy with
             `thresholds` on the validation data.
         exit_class_agreement: per exit, the share of samples whose class
             the artifact's exit predicts as the float model's does.
+        reference_thresholds: the float model's thresholds in these
+            comparisons: `thresholds` (the same gates on both), or with
+            `match_reference` the float model's own.
     """
 
     artifact: str = ""
@@ -89,6 +93,7 @@ class ArtifactCalibrationResult(CalibrationResult):
     class_agreement: float | None = None
     reference_accuracy: float | None = None
     exit_class_agreement: list[float] | None = None
+    reference_thresholds: list[float] | None = None
 
     def apply(self, target):
         """Writes the thresholds (and, for a patience artifact, the
@@ -125,8 +130,17 @@ class ArtifactCalibrationResult(CalibrationResult):
             )
         if self.exit_agreement is not None:
             per_exit = ", ".join(f"{a:.1%}" for a in self.exit_class_agreement)
+            gated = (
+                "at the same thresholds"
+                if self.reference_thresholds == self.thresholds
+                else "at its thresholds "
+                + "["
+                + ", ".join(f"{t:.4f}" for t in self.reference_thresholds)
+                + "]"
+            )
             lines += [
-                f"  vs float model:    same exit {self.exit_agreement:.1%}, same "
+                f"  vs float model {gated}:",
+                f"                     same exit {self.exit_agreement:.1%}, same "
                 f"class {self.class_agreement:.1%}, float gated accuracy "
                 f"{self.reference_accuracy:.4f}",
                 f"  class agreement per exit: {per_exit}",
@@ -300,6 +314,7 @@ def calibrate_artifact(
     target: str,
     value: float,
     reference_model=None,
+    match_reference: bool = False,
     temperature_scaling: bool = False,
     apply: bool = False,
     verbose: int = 0,
@@ -315,6 +330,8 @@ def calibrate_artifact(
         target, value: the checked target of `calibrate`.
         reference_model: optional float `EarlyExitModel` the artifact was
             exported from, for the exit agreement.
+        match_reference: prefer the thresholds whose exits agree most with
+            `reference_model` at its own thresholds (see `calibrate`).
         temperature_scaling: must be False: the temperatures are part of
             the exported gates.
         apply: write the thresholds into `source` (see
@@ -340,6 +357,7 @@ def calibrate_artifact(
             "(kee.calibrate(model, ..., temperature_scaling=True, apply=True)), "
             "export again, then calibrate the artifact's thresholds."
         )
+    _check_match_reference(match_reference, reference_model, target, search)
     opened = open_on(source, x_val, "x_val")
     interpreter, path, exits, n = (
         opened.interpreter,
@@ -354,11 +372,36 @@ def calibrate_artifact(
         )
     labels = check_labels(y_val, n, interpreter.manifest.num_classes, "y_val")
     candidates = _patience_candidates(interpreter, patience, confidence_floor)
+    if match_reference and interpreter.patience is not None:
+        raise ValueError(
+            "match_reference=True is not supported for a patience artifact: "
+            "its exits depend on the patience chosen with the floors. Drop "
+            "match_reference, or calibrate with patience= only."
+        )
     if reference_model is not None:
         check_reference(reference_model, x_val, len(exits), interpreter.manifest)
     data, predictions = artifact_outputs(interpreter, x_val, labels, exits, verbose)
+    reference = reference_exits = None
+    if reference_model is not None:
+        reference = reference_outputs(
+            reference_model, x_val, y_val, data.cumulative_macs
+        )
+    if match_reference:
+        reference_exits = select_exits(
+            reference.confidences, reference_model.thresholds
+        )
     if candidates is None:
-        base = calibrate_outputs(data, target, value, verbose=verbose, **search)
+        base = calibrate_outputs(
+            data,
+            target,
+            value,
+            verbose=verbose,
+            reference_exits=reference_exits,
+            reference_thresholds=reference_model.thresholds
+            if match_reference
+            else None,
+            **search,
+        )
     elif confidence_floor:
         base = _calibrate_patience(
             data, candidates, target, value, None, verbose, **search
@@ -379,10 +422,33 @@ def calibrate_artifact(
             for t, e in zip(result.thresholds, exits)
         ]
     if reference_model is not None:
-        _agreement(result, data, predictions, reference_model, x_val, y_val)
+        result.reference_thresholds = (
+            [float(t) for t in reference_model.thresholds]
+            if match_reference
+            else list(result.thresholds)
+        )
+        _agreement(result, data, predictions, reference)
     if apply:
         result.apply(source)
     return result
+
+
+def _check_match_reference(match_reference, reference_model, target, search) -> None:
+    if not match_reference:
+        return
+    if reference_model is None:
+        raise ValueError(
+            "match_reference=True needs reference_model=: the float "
+            "EarlyExitModel the artifact was exported from, with the "
+            "thresholds whose exits the artifact should reproduce."
+        )
+    if target == "risk" or search.get("guarantee") is not None:
+        raise ValueError(
+            "match_reference=True works with the guarded search of "
+            "max_accuracy_drop or macs_budget; a guarantee or risk certifies "
+            "settings along a path fixed in advance, which agreement cannot "
+            "reorder. Drop match_reference or the guarantee."
+        )
 
 
 def _patience_candidates(interpreter, patience, confidence_floor) -> list | None:
@@ -419,7 +485,8 @@ def check_reference(model, x, num_exits: int, manifest) -> None:
 @dataclass
 class Agreement:
     """An artifact against the float model it was exported from, on the
-    same samples, both gated by the same thresholds (and patience).
+    same samples, each gated by its thresholds (the same ones unless
+    `match_reference` kept the float model's own) and the same patience.
 
     Attributes:
         exit_agreement: share of samples that leave at the same exit.
@@ -446,26 +513,30 @@ def reference_outputs(model, x, y, cumulative_macs, batch_size: int = 256):
     return _data.exit_outputs(model, x, y, batch_size, cumulative_macs=cumulative_macs)
 
 
-def agreement(data, predictions, reference, thresholds, patience) -> Agreement:
+def agreement(
+    data, predictions, reference, thresholds, patience, reference_thresholds=None
+) -> Agreement:
     """Exit decisions and classes of the artifact (`data`, `predictions`
-    from `artifact_outputs`) against the float model's `reference`
-    outputs, both gated by `thresholds` and, for patience models,
-    `patience`."""
+    from `artifact_outputs`) gated by `thresholds` against the float model's
+    `reference` outputs gated by `reference_thresholds` (default: the same
+    `thresholds`) and, for patience models, both by `patience`."""
     if patience is not None:
         data = data.with_patience(patience)
         reference = reference.with_patience(patience)
+    if reference_thresholds is None:
+        reference_thresholds = thresholds
     rows = np.arange(len(data.labels))
     exits = select_exits(data.confidences, thresholds)
-    float_exits = select_exits(reference.confidences, thresholds)
+    float_exits = select_exits(reference.confidences, reference_thresholds)
     float_predictions = np.argmax(reference.logits, axis=-1).T  # (n, E)
     gates = [
         float(
             np.mean(
                 gate_passes(data.confidences[:, k], t)
-                == gate_passes(reference.confidences[:, k], t)
+                == gate_passes(reference.confidences[:, k], r)
             )
         )
-        for k, t in enumerate(thresholds)
+        for k, (t, r) in enumerate(zip(thresholds, reference_thresholds))
     ]
     return Agreement(
         exit_agreement=float(np.mean(exits == float_exits)),
@@ -481,10 +552,17 @@ def agreement(data, predictions, reference, thresholds, patience) -> Agreement:
     )
 
 
-def _agreement(result, data, predictions, model, x, y) -> None:
-    """`result`'s agreement fields, at its thresholds and patience."""
-    reference = reference_outputs(model, x, y, data.cumulative_macs)
-    found = agreement(data, predictions, reference, result.thresholds, result.patience)
+def _agreement(result, data, predictions, reference) -> None:
+    """`result`'s agreement fields, at its thresholds (the float model's at
+    `result.reference_thresholds`) and patience."""
+    found = agreement(
+        data,
+        predictions,
+        reference,
+        result.thresholds,
+        result.patience,
+        result.reference_thresholds,
+    )
     result.exit_agreement = found.exit_agreement
     result.class_agreement = found.class_agreement
     result.reference_accuracy = found.reference_accuracy

@@ -200,6 +200,7 @@ def calibrate(
     confidence_floor: bool = True,
     guarantee: str | None = None,
     per_exit: bool = False,
+    match_reference: bool = False,
 ) -> CalibrationResult:
     """Per-exit thresholds for one target, found on validation data.
 
@@ -311,6 +312,14 @@ def calibrate(
         reference_model: for an artifact only, the float `EarlyExitModel`
             it was exported from: the result then reports how often both
             take the same exit and class.
+        match_reference: for an artifact with `reference_model`, choose
+            among the thresholds that meet the target (same guard) those
+            whose exit decisions on the validation data agree most with
+            the float model gated by its own thresholds (ties: the fewest
+            MACs, or the best accuracy for `macs_budget`). The device then
+            leaves where the validated Keras model leaves, instead of
+            wherever the int8 confidences allow the most savings. Not with
+            `risk`, a `guarantee` or a patience artifact.
         patience: for a `criterion="patience"` model, the patience values
             to try: an int, a list of ints, or None (default) for every p
             in `[1, num_exits]`.
@@ -396,6 +405,7 @@ def calibrate(
             target,
             value,
             reference_model=reference_model,
+            match_reference=match_reference,
             temperature_scaling=temperature_scaling,
             apply=apply,
             verbose=verbose,
@@ -403,11 +413,11 @@ def calibrate(
             confidence_floor=confidence_floor,
             **search,
         )
-    if reference_model is not None:
+    if reference_model is not None or match_reference:
         raise ValueError(
-            "reference_model is for calibrating an exported artifact (a "
-            "GatedInterpreter or a bundle / fused file path); a Keras model "
-            "is its own reference."
+            "reference_model and match_reference are for calibrating an "
+            "exported artifact (a GatedInterpreter or a bundle / fused file "
+            "path); a Keras model is its own reference."
         )
     _data.check_model(model)
     if temperature_scaling:
@@ -653,12 +663,19 @@ def calibrate_outputs(
     seed: int = 0,
     guarantee: str | None = None,
     per_exit: bool = False,
+    reference_exits: np.ndarray | None = None,
+    reference_thresholds: list[float] | None = None,
 ) -> CalibrationResult:
     """The search and guard of `calibrate` on every exit's outputs, from a
     Keras model or an exported artifact (arguments checked by `calibrate`).
 
     `temperatures_of` is the model whose gates' criterion fitted
     temperatures go through (None: no temperature scaling).
+    `reference_exits` (per sample, the exit another model takes; guarded
+    search only): the search then prefers the feasible thresholds whose
+    exits agree most with them (`calibrate`'s `match_reference`), starting
+    also from `reference_thresholds` (that model's own), so the result
+    agrees at least as well as they do whenever they meet the target.
     """
     n = len(data.labels)
     z = statistics.NormalDist().inv_cdf(1.0 - delta) if guard else 0.0
@@ -716,16 +733,22 @@ def calibrate_outputs(
                 data, test, data.num_exits - 1, certify
             )
     else:
-        stats = _Stats(search, z)
+        stats = _Stats(search, z, reference_exits)
         if target == "max_accuracy_drop":
             objective = lambda s: s.share - 1e-6 * s.accuracy  # noqa: E731
             constraint = lambda s: s.drop_bound  # noqa: E731
         else:
             objective = lambda s: -s.accuracy + 1e-6 * s.share  # noqa: E731
             constraint = lambda s: s.share_bound  # noqa: E731
+        if reference_exits is not None:
+            # Agreement first; the target's own objective breaks ties.
+            saving = objective
+            objective = lambda s: s.reference_disagreement + 1e-6 * saving(s)  # noqa: E731
         feasible = lambda s: constraint(s) <= value + 1e-12  # noqa: E731
         progbar = _progbar(1, verbose)
         starts = _lagrangian_starts(stats, candidates, objective, constraint)
+        if reference_thresholds is not None:
+            starts.append(tuple(float(t) for t in reference_thresholds))
         found = search_thresholds(stats, candidates, feasible, objective, starts)
         if progbar is not None:
             progbar.add(1)
@@ -790,10 +813,17 @@ class _Stats:
         disagreement: np.ndarray
         drop_bound: np.ndarray
         share_bound: np.ndarray
+        reference_disagreement: np.ndarray  # 0 without reference exits
 
-    def __init__(self, data: "_data.ExitOutputs", z: float):
+    def __init__(
+        self,
+        data: "_data.ExitOutputs",
+        z: float,
+        reference_exits: np.ndarray | None = None,
+    ):
         self.data = data
         self.z = z
+        self.reference_exits = reference_exits
         self.rows = np.arange(len(data.labels))
         self.share_of_exit = data.cumulative_macs / data.cumulative_macs[-1]
         self.final_correct = data.correct[:, -1].astype(np.float64)
@@ -819,12 +849,18 @@ class _Stats:
         share = self.share_of_exit[exits]  # (c, n)
         drop = self.final_correct[None, :] - correct  # (c, n) in {-1, 0, 1}
         agree = self.data.agrees[self.rows[None, :], exits]  # (c, n)
+        reference = (
+            np.zeros(len(values))
+            if self.reference_exits is None
+            else (exits != self.reference_exits[None, :]).mean(axis=1)
+        )
         return self.Result(
             accuracy=correct.mean(axis=1),
             share=share.mean(axis=1),
             disagreement=1.0 - agree.mean(axis=1),
             drop_bound=_upper_bound(drop, self.z),
             share_bound=_upper_bound(share, self.z),
+            reference_disagreement=reference,
         )
 
 
