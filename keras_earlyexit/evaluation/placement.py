@@ -2,7 +2,7 @@
 trained on a frozen backbone."""
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import keras
 import numpy as np
@@ -671,8 +671,8 @@ class _Placement:
             if target == "macs_budget":
                 value = value * self.full / with_heads
             try:
-                result = calibrate_outputs(outputs, target, value, **self.search)
-                result.expected_share = result.expected_macs / self.full
+                found = calibrate_outputs(outputs, target, value, **self.search)
+                result = replace(found, expected_share=found.expected_macs / self.full)
             except ValueError:
                 result = None
             self.cache[key] = result
