@@ -181,10 +181,38 @@ def test_torch_segments_are_exported_programs(digits):
     assert {size for _, _, size in runner.compiled} <= {None, 1}
     aten = torch.ops.aten
     for program in runner.compiled.values():
-        assert isinstance(program, torch.fx.GraphModule)
-        targets = {node.target for node in program.graph.nodes}
+        assert isinstance(program.module, torch.fx.GraphModule)
+        assert program.positions is not None  # called on flat arguments
+        targets = {node.target for node in program.module.graph.nodes}
         assert aten.conv2d.default in targets  # each segment has a Conv2D
         assert aten._assert_tensor_metadata.default not in targets
+
+
+def test_torch_gather_keeps_the_memory_layout():
+    """PyTorch carries are gathered in their memory order: the same values
+    as `index_select`, in the layout the next segment reads (a
+    channels-first tensor seen channels-last stays so)."""
+    if keras.backend.backend() != "torch":
+        pytest.skip("PyTorch's gather")
+    import torch
+
+    from keras_earlyexit.inference import _take_rows
+
+    rows = torch.tensor([0, 2, 3])
+    channels_first = torch.arange(5 * 4 * 6, dtype=torch.float32).reshape(5, 4, 6)
+    for value in (
+        channels_first.permute(0, 2, 1),  # Keras' conv output, (n, steps, ch)
+        channels_first.reshape(5, 2, 2, 6).permute(0, 2, 3, 1),  # (n, h, w, ch)
+        channels_first,  # already in logical order
+        channels_first.permute(1, 0, 2),  # samples not outermost in memory
+        torch.ones(1, 4).expand(5, 4),  # no memory of its own per sample
+    ):
+        taken = _take_rows(value, rows)
+        assert torch.equal(taken, value.index_select(0, rows))
+        if value.stride(0) == max(value.stride()) and value.stride(0) > 0:
+            # Same order of strides: the samples' memory copied as it is.
+            order = sorted(range(value.dim()), key=lambda d: -value.stride(d))
+            assert sorted(range(value.dim()), key=lambda d: -taken.stride(d)) == order
 
 
 def test_bad_input_leaves_the_compiled_path_usable(digits):
