@@ -37,13 +37,20 @@ def test_digits_exits_are_accurate(trained_digits_model, digits):
     # 2-core CPU): final min 0.925 / mean 0.971 / sd 0.011 (TF seed 5 is the
     # low one; PyTorch 0.964-0.978, one other machine gave 0.950 at seed 0),
     # exit_2 min 0.947 / mean 0.971, exit_1 min 0.811 / mean 0.836 / sd
-    # 0.013. Bars sit below every measured run, about 4 sd under the mean.
-    # Seeds 0-19 per backend (this machine): final min 0.925 TensorFlow,
-    # 0.964 PyTorch, 0.939 JAX; exit_2 min 0.947; exit_1 min 0.806. Keras
-    # reports float32 means; no bar is k / 360 exactly.
-    assert result["final_accuracy"] >= 0.92
-    assert result["exit_2_accuracy"] >= 0.92
-    assert result["exit_1_accuracy"] >= 0.78
+    # 0.013. Seeds 0-19 per backend (this machine): final min 0.925
+    # TensorFlow, 0.964 PyTorch, 0.939 JAX; exit_2 min 0.947; exit_1 min
+    # 0.806. Counted in wrong samples of the 360: final at most 27 (mean 10),
+    # exit_2 at most 19, exit_1 at most 70 (sd about 4-5 samples). Bars: 40
+    # (13 samples above the worst run, about 7 sd above the mean), 28 and 79
+    # (9 above the worst run).
+    wrong = [
+        np.sum(np.argmax(probs, axis=-1) != digits.y_test)
+        for probs in trained_digits_model.predict(digits.x_test, verbose=0)
+    ]
+    exit_1_wrong, exit_2_wrong, final_wrong = wrong
+    assert final_wrong <= 40
+    assert exit_2_wrong <= 28
+    assert exit_1_wrong <= 79
     assert set(result) >= {
         "loss",
         "exit_1_loss",

@@ -142,22 +142,27 @@ def distilled(trained_digits_model, digits):
 
 
 def test_distillation_keeps_the_float_models_exits(
-    trained_digits_model, qat, distilled, digits
+    trained_digits_model, distilled, digits
 ):
-    """Exit agreement of the fake-quant model with the float model (both at
-    thresholds 0.9; the float model trained and both fine-tuned one epoch
-    from seeds 0-2, PyTorch 0-1): distilled 0.989-0.994 TensorFlow,
-    0.986-0.989 JAX, 0.986-0.994 PyTorch; on the labels 0.928-0.956,
-    0.939-0.956, 0.939-0.944 (gain 0.031-0.067). Accuracy of the distilled
-    model 0.967-0.978. Bars: 0.97, a gain of 0.015, and 0.95."""
+    """The distilled fake-quant model keeps the float model's exits and
+    accuracy (both at thresholds 0.9), counted in samples of the 360. The
+    float model trained from seeds 0-19 on every backend and both models
+    fine-tuned one epoch from the training seed (TensorFlow also from seed
+    0: 39 runs; JAX 21, PyTorch 20). Samples whose exit differs from the
+    float model's: distilled 0-9 TensorFlow, 1-10 JAX, 1-11 PyTorch (mean
+    4); the `qat` fixture's label-only fine-tuning 2-39, 8-34, 7-36 (mean
+    19). Distillation moves fewer exits on average, but not on every seed
+    (TensorFlow seed 3: 9 against 2; PyTorch seed 12: 8 against 7), so no
+    per-seed bar compares the two. Distilled misclassified: 7-22, 6-14,
+    8-13; minus the float model's misclassified (gated): -2 to +4, -2 to
+    +2, -3 to +2. Bars: 22 differing exits, 44 misclassified, and at most
+    8 more misclassified than the float model."""
     reference = trained_digits_model.predict_early(digits.x_test)
-    with_labels = qat.predict_early(digits.x_test)
     result = distilled.predict_early(digits.x_test)
-    agreement = np.mean(result.exit_indices == reference.exit_indices)
-    baseline = np.mean(with_labels.exit_indices == reference.exit_indices)
-    assert agreement >= 0.97
-    assert agreement >= baseline + 0.015
-    assert np.mean(result.classes == digits.y_test) >= 0.95
+    assert np.sum(result.exit_indices != reference.exit_indices) <= 22
+    wrong = np.sum(result.classes != digits.y_test)
+    assert wrong <= 44
+    assert wrong <= np.sum(reference.classes != digits.y_test) + 8
 
 
 def test_teacher_is_checked(trained_digits_model, qat, digits):
