@@ -132,6 +132,32 @@ def test_bucket_sizes():
     assert len(set(sizes)) <= 4 * 10  # 4 per octave up to 2**10
 
 
+def test_batches_in_flight_give_the_results_of_one_at_a_time(
+    trained_digits_model, digits
+):
+    """The JAX and PyTorch loops can advance several batches in turns (JAX
+    does by default): each batch gets exactly the classes, exits and
+    confidences it gets alone."""
+    if keras.backend.backend() == "tensorflow":
+        pytest.skip("TensorFlow runs each batch as one graph call")
+    model, x = trained_digits_model, digits.x_test[:200]
+    _, confidences = _confidences(model, x)
+    thresholds = _quantile_thresholds(confidences, [0.4, 0.3])
+    runner = gated_runner(model)
+    default = runner.samples_in_flight
+    results = []
+    try:
+        for in_flight in (0, len(x)):  # one batch at a time; all 13 in turns
+            runner.samples_in_flight = in_flight
+            results.append(model.predict_early(x, thresholds, batch_size=16))
+    finally:
+        runner.samples_in_flight = default
+    alone, together = results
+    for name in ("classes", "exit_indices", "confidences"):
+        np.testing.assert_array_equal(getattr(together, name), getattr(alone, name))
+    assert len(np.unique(together.exit_indices)) == 3
+
+
 def test_compiled_cache_stays_bounded(digits):
     model = demo.digits_cnn(width=4)
     model.set_temperatures([0.05, 0.05, 1.0])
