@@ -78,7 +78,7 @@ class ArtifactCalibrationResult(CalibrationResult):
             `reference_thresholds`); else None.
         class_agreement: the same for the predicted class.
         reference_accuracy: the float model's gated accuracy with
-            `thresholds` on the validation data.
+            `reference_thresholds` on the validation data.
         exit_class_agreement: per exit, the share of samples whose class
             the artifact's exit predicts as the float model's does.
         reference_thresholds: the float model's thresholds in these
@@ -381,15 +381,14 @@ def calibrate_artifact(
     if reference_model is not None:
         check_reference(reference_model, x_val, len(exits), interpreter.manifest)
     data, predictions = artifact_outputs(interpreter, x_val, labels, exits, verbose)
-    reference = reference_exits = None
+    reference = reference_exits = own_thresholds = None
     if reference_model is not None:
         reference = reference_outputs(
             reference_model, x_val, y_val, data.cumulative_macs
         )
     if match_reference:
-        reference_exits = select_exits(
-            reference.confidences, reference_model.thresholds
-        )
+        own_thresholds = [float(t) for t in reference_model.thresholds]
+        reference_exits = select_exits(reference.confidences, own_thresholds)
     if candidates is None:
         base = calibrate_outputs(
             data,
@@ -397,9 +396,7 @@ def calibrate_artifact(
             value,
             verbose=verbose,
             reference_exits=reference_exits,
-            reference_thresholds=reference_model.thresholds
-            if match_reference
-            else None,
+            reference_thresholds=own_thresholds,
             **search,
         )
     elif confidence_floor:
@@ -422,11 +419,7 @@ def calibrate_artifact(
             for t, e in zip(result.thresholds, exits)
         ]
     if reference_model is not None:
-        result.reference_thresholds = (
-            [float(t) for t in reference_model.thresholds]
-            if match_reference
-            else list(result.thresholds)
-        )
+        result.reference_thresholds = own_thresholds or list(result.thresholds)
         _agreement(result, data, predictions, reference)
     if apply:
         result.apply(source)
