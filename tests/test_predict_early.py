@@ -132,30 +132,38 @@ def test_bucket_sizes():
     assert len(set(sizes)) <= 4 * 10  # 4 per octave up to 2**10
 
 
-def test_batches_in_flight_give_the_results_of_one_at_a_time(
-    trained_digits_model, digits
-):
-    """The JAX and PyTorch loops can advance several batches in turns (JAX
-    does by default): each batch gets exactly the classes, exits and
-    confidences it gets alone."""
+def test_pooled_batches_give_the_results_of_one_at_a_time(trained_digits_model, digits):
+    """The JAX and PyTorch loops pool the samples that stay across a group
+    of batches and advance groups in turns (by default): each sample gets
+    the class, exit and confidence it gets with every batch alone."""
     if keras.backend.backend() == "tensorflow":
         pytest.skip("TensorFlow runs each batch as one graph call")
     model, x = trained_digits_model, digits.x_test[:200]
     _, confidences = _confidences(model, x)
     thresholds = _quantile_thresholds(confidences, [0.4, 0.3])
     runner = gated_runner(model)
-    default = runner.samples_in_flight
+    default = runner.group_samples, runner.groups_in_turn
     results = []
     try:
-        for in_flight in (0, len(x)):  # one batch at a time; all 13 in turns
-            runner.samples_in_flight = in_flight
+        # Each batch alone; 13 batches pooled; groups of 3 batches, 2 in turns.
+        for group_samples, in_turn in ((0, 1), (len(x), 1), (48, 2)):
+            runner.group_samples, runner.groups_in_turn = group_samples, in_turn
             results.append(model.predict_early(x, thresholds, batch_size=16))
     finally:
-        runner.samples_in_flight = default
-    alone, together = results
-    for name in ("classes", "exit_indices", "confidences"):
-        np.testing.assert_array_equal(getattr(together, name), getattr(alone, name))
-    assert len(np.unique(together.exit_indices)) == 3
+        runner.group_samples, runner.groups_in_turn = default
+    alone = results[0]
+    # A call's batch size can change the last bits of a confidence.
+    far = (np.abs(confidences[:, :-1] - np.float32(thresholds)) >= 1e-5).all(1)
+    for together in results[1:]:
+        for name in ("classes", "exit_indices"):
+            np.testing.assert_array_equal(
+                getattr(together, name)[far], getattr(alone, name)[far]
+            )
+        np.testing.assert_allclose(
+            together.confidences[far], alone.confidences[far], atol=1e-5
+        )
+    assert far.mean() > 0.95
+    assert len(np.unique(alone.exit_indices)) == 3
 
 
 def test_compiled_cache_stays_bounded(digits):
