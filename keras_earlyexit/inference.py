@@ -67,15 +67,16 @@ def predict_early(
     model, x, thresholds, batch_size: int = 256, patience: int | None = None
 ) -> EarlyExitPrediction:
     """Runs `model`'s segments with per-sample exits; see
-    `EarlyExitModel.predict_early`. `patience`: None, or the patience of a
-    `"patience"` model (checked by the caller)."""
+    `EarlyExitModel.predict_early`. `thresholds`: checked ones, or None for
+    the model's own; `patience`: None, or the patience of a `"patience"`
+    model (checked by the caller)."""
     runner = gated_runner(model)
     x = check_inputs(model, x)
     n = len(x[0])
     result = EarlyExitPrediction(
         np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.float32)
     )
-    gates = _gate_values(thresholds)
+    gates = runner.gates(model, thresholds)
     slices = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
     batches = [[v[rows] for v in x] for rows in slices]
     for rows, (classes, exits, confidences) in zip(
@@ -178,6 +179,12 @@ class _LoopRunner:
         # segment's call: the lists are taken once.
         self.variables = [list(s.variables) for s in segments]
         self.compiled = {}  # (first, last segment, bucket) -> call
+
+    @staticmethod
+    def gates(model, thresholds) -> np.ndarray:
+        """The gates' values (`_gate_values`) of `thresholds`, or of the
+        model's own (None)."""
+        return _gate_values(model.thresholds if thresholds is None else thresholds)
 
     def __call__(
         self, batches: list, gates: np.ndarray, patience: int | None = None
@@ -563,38 +570,60 @@ class _GraphRunner:
     def __init__(self, segments: list):
         self.segments = segments
         self.input_names = [[t.name for t in s.inputs] for s in segments]
-        self.functions = {}  # tracks the patience streak or not -> tf.function
-        # The same, as its one concrete function: called directly, a call
-        # skips the tf.function's signature lookup (binding and hashing the
-        # arguments' types), about 0.8 ms per call, a seventh of a
+        # (tracks the patience streak, reads the model's own thresholds)
+        # -> tf.function.
+        self.functions = {}
+        # The same, as their one concrete function each: called directly, a
+        # call skips the tf.function's signature lookup (binding and hashing
+        # the arguments' types), about 0.8 ms per call, a seventh of a
         # one-sample call of a MobileNetV2-size model on 2 CPU cores.
         self.concrete = {}
 
-    def __call__(
-        self, batches: list, gates: np.ndarray, patience: int | None = None
-    ) -> list:
-        """(classes, exits, confidences) of each batch of input arrays."""
-        track = patience is not None
-        if track not in self.functions:
-            import tensorflow as tf
+    @staticmethod
+    def gates(model, thresholds):
+        """The gates' values (`_gate_values`) of `thresholds`; for the
+        model's own (None), their variables, read in the graph: reading
+        them here costs about 0.1 ms each per call."""
+        if thresholds is None:
+            return tuple(gate.threshold_variable for gate in model.gates[:-1])
+        return _gate_values(thresholds)
 
+    def __call__(self, batches: list, gates, patience: int | None = None) -> list:
+        """(classes, exits, confidences) of each batch of input arrays;
+        `gates`: see `gates`."""
+        import tensorflow as tf
+
+        track = patience is not None
+        own = not isinstance(gates, np.ndarray)
+        if (track, own) not in self.functions:
             signature = [
                 [tf.TensorSpec((None,) + v.shape[1:], v.dtype) for v in batches[0]],
-                tf.TensorSpec(gates.shape, tf.float32),
                 tf.TensorSpec((), tf.int64),
             ]
-            gated = self._gated_patience if track else self._gated
-            self.functions[track] = tf.function(gated, input_signature=signature)
-            self.concrete[track] = self.functions[track].get_concrete_function()
-        patience = np.int64(patience if track else 0)
-        function = self.concrete[track]
-        return [tuple(v.numpy() for v in function(x, gates, patience)) for x in batches]
+            if own:
 
-    def _gated(self, x, gates, patience):
-        return self._gated_batch(x, gates, patience, track=False)
+                def gated(x, patience):
+                    return self._gated_batch(x, _read_gates(gates), patience, track)
 
-    def _gated_patience(self, x, gates, patience):
-        return self._gated_batch(x, gates, patience, track=True)
+            else:
+                signature.insert(1, tf.TensorSpec(gates.shape, tf.float32))
+
+                def gated(x, gates, patience):
+                    return self._gated_batch(x, gates, patience, track)
+
+            function = tf.function(gated, input_signature=signature)
+            self.functions[track, own] = function
+            self.concrete[track, own] = function.get_concrete_function()
+        function = self.concrete[track, own]
+        # Tensors, not arrays: the call's own conversion of NumPy arguments
+        # costs about 0.1 ms more.
+        settings = [tf.constant(np.int64(patience if track else 0))]
+        if not own:
+            settings.insert(0, tf.constant(gates))
+        return [
+            tuple(v.numpy() for v in function([tf.constant(v) for v in x], *settings))
+            for x in batches
+        ]
 
     def _gated_batch(self, x, gates, patience, track: bool):
         import tensorflow as tf
@@ -664,8 +693,16 @@ class _GraphRunner:
         return tf.cond(tf.size(stay) > 0, deeper, lambda: result)
 
     def compiled_count(self) -> int:
-        """Traces made (one whatever the batch sizes)."""
+        """Traces made (one per kind of call whatever the batch sizes)."""
         return sum(f.experimental_get_tracing_count() for f in self.functions.values())
+
+
+def _read_gates(variables):
+    """`_gate_values` of threshold variables, in a TensorFlow graph."""
+    import tensorflow as tf
+
+    values = tf.cast(tf.stack([v.value for v in variables]), tf.float32)
+    return tf.where(values < 1.0, values, tf.constant(np.inf, tf.float32))
 
 
 def check_inputs(model, x) -> list[np.ndarray]:

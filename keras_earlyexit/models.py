@@ -294,9 +294,7 @@ class EarlyExitModel(keras.Model):
             `EarlyExitPrediction` with NumPy arrays `.classes`,
             `.exit_indices` (0-based) and `.confidences`.
         """
-        if thresholds is None:
-            thresholds = self.thresholds
-        else:
+        if thresholds is not None:  # None: the gates' own, read as they run
             thresholds = self._check_thresholds(thresholds)
         if patience is None:
             patience = self.patience

@@ -166,6 +166,29 @@ def test_pooled_batches_give_the_results_of_one_at_a_time(trained_digits_model, 
     assert len(np.unique(alone.exit_indices)) == 3
 
 
+def test_the_models_own_thresholds_are_read_as_they_run(trained_digits_model, digits):
+    """Without `thresholds`, predict_early gates with the model's current
+    ones (TensorFlow reads them in its graph): a change takes effect at
+    once, without recompiling."""
+    model, x = trained_digits_model, digits.x_test[:120]
+    _, confidences = _confidences(model, x)
+    before = model.thresholds
+    runner = gated_runner(model)
+    try:
+        for shares in ([0.4, 0.3], [0.1, 0.6], [0.25, 0.5]):
+            model.set_thresholds(_quantile_thresholds(confidences, shares))
+            own = model.predict_early(x, batch_size=32)
+            count = runner.compiled_count()
+            given = model.predict_early(x, model.thresholds, batch_size=32)
+            for name in ("classes", "exit_indices", "confidences"):
+                np.testing.assert_array_equal(getattr(own, name), getattr(given, name))
+            if keras.backend.backend() == "tensorflow":
+                assert count == 1 + (shares != [0.4, 0.3])  # one graph each way
+            assert abs(own.exit_counts(3)[0] / len(x) - shares[0]) < 0.05
+    finally:
+        model.set_thresholds(before)
+
+
 def test_compiled_cache_stays_bounded(digits):
     model = demo.digits_cnn(width=4)
     model.set_temperatures([0.05, 0.05, 1.0])
