@@ -1,5 +1,6 @@
-"""predict_early's compiled paths (one TensorFlow graph per batch, jax.jit
-and PyTorch traces on padded buckets) against `predict` and the gate
+"""predict_early's compiled paths (one TensorFlow graph per batch; jax.jit
+per bucket, or one program per sample; PyTorch exported programs; samples
+pooled across batches on JAX and PyTorch) against `predict` and the gate
 rule; the compiled-function cache stays bounded; bad input."""
 
 import keras
@@ -94,6 +95,29 @@ def test_closed_exits_run_with_the_next_segment(digits):
             (0, 2),
             (1, 2),
         }
+
+
+def test_jax_runs_a_sample_as_one_program(trained_digits_model, digits):
+    """On JAX, batches of one sample run as one compiled program each (the
+    deeper segments under `lax.cond`), with the exits and results of
+    `predict`, closed exits merged, patience or not."""
+    if keras.backend.backend() != "jax":
+        pytest.skip("JAX only")
+    model, x = trained_digits_model, digits.x_test
+    _, confidences = _confidences(model, x)
+    runner = gated_runner(model)
+    segment_calls = set(runner.compiled)  # other tests' batches
+    for shares in ([0.4, 0.3], [0.0, 0.5]):
+        thresholds = _quantile_thresholds(confidences, shares)
+        if shares[0] == 0.0:
+            thresholds[0] = 1.0  # exit 0 closed: segments 0 and 1 run as one
+        result = _assert_equals_predict(model, x, thresholds, batch_size=1)
+        assert len(np.unique(result.exit_indices)) == 3 - (shares[0] == 0.0)
+    assert set(runner.compiled) == segment_calls  # no segment ran on its own
+    assert set(runner.one_sample) >= {
+        (((0, 0), (1, 1), (2, 2)), False),
+        (((0, 1), (2, 2)), False),
+    }
 
 
 def test_gate_rule_at_the_threshold(trained_digits_model, digits):
