@@ -125,8 +125,21 @@ def gated_runner(model):
                 f"Keras backend is '{backend}'. Set KERAS_BACKEND to one of them."
             )
         runner = kinds[backend](segments)
+        if backend == "tensorflow":
+            runner.first_macs = _first_segment_macs(model)
         _RUNNERS[model] = runner
     return runner
+
+
+def _first_segment_macs(model) -> int | None:
+    """MACs per sample up to the first exit, or None where they cannot be
+    counted (a sequence model of variable length)."""
+    from keras_earlyexit.evaluation.macs import count_macs
+
+    try:
+        return int(count_macs(model, warn=False).cumulative_macs[0])
+    except ValueError:
+        return None
 
 
 class _LoopRunner:
@@ -651,9 +664,22 @@ class _GraphRunner:
     take any batch size, so nothing is padded); the thresholds (and the
     patience) are arguments, so changing them does not retrace. A segment
     runs only if some sample is still in play (`tf.cond`). A patience
-    model's graph also carries each sample's previous class and streak."""
+    model's graph also carries each sample's previous class and streak.
+
+    Several batches of a large model (a first segment of at least
+    `pool_from_macs` MACs per batch) run pooled instead (`_TfLoopRunner`):
+    its calls are long enough that the host round trips between segments
+    cost little, while the deep segments gain from full batches. On 2 CPU
+    cores: MobileNetV2 at batch 128 (520 M MACs per batch to the first
+    exit) 1.69x faster than `predict` pooled against 1.43x as one graph
+    per batch; the signal CNN at batch 256 (24 M), 2.47x pooled against
+    2.92x."""
+
+    pool_from_macs = 100_000_000
+    first_macs = None  # per sample, up to the first exit (`gated_runner`)
 
     def __init__(self, segments: list):
+        self.pooled = _TfLoopRunner(segments)
         self.segments = segments
         self.input_names = [[t.name for t in s.inputs] for s in segments]
         # (tracks the patience streak, reads the model's own thresholds)
@@ -681,6 +707,16 @@ class _GraphRunner:
 
         track = patience is not None
         own = not isinstance(gates, np.ndarray)
+        if (
+            len(batches) > 1
+            and self.first_macs is not None
+            and self.first_macs * len(batches[0][0]) >= self.pool_from_macs
+        ):
+            if own:
+                gates = _gate_values(
+                    [float(keras.ops.convert_to_numpy(v)) for v in gates]
+                )
+            return self.pooled(batches, gates, patience)
         if (track, own) not in self.functions:
             signature = [
                 [tf.TensorSpec((None,) + v.shape[1:], v.dtype) for v in batches[0]],
@@ -779,8 +815,58 @@ class _GraphRunner:
         return tf.cond(tf.size(stay) > 0, deeper, lambda: result)
 
     def compiled_count(self) -> int:
-        """Traces made (one per kind of call whatever the batch sizes)."""
-        return sum(f.experimental_get_tracing_count() for f in self.functions.values())
+        """Traces made (one per kind of call whatever the batch sizes), and
+        the pooled loop's (one per run of segments)."""
+        traces = sum(
+            f.experimental_get_tracing_count() for f in self.functions.values()
+        )
+        return traces + len(self.pooled.compiled)
+
+
+class _TfLoopRunner(_LoopRunner):
+    """TensorFlow, several batches of a large model: the pooled loop of
+    `_LoopRunner` (see `_GraphRunner`), each run of segments one
+    `tf.function` traced once with a dynamic batch dimension (variables
+    read in the graph), nothing padded."""
+
+    def __init__(self, segments: list):
+        super().__init__(segments)
+        self.variables = [[] for _ in segments]  # read by the graphs
+
+    def _call(self, first: int, last: int, values: list, carry: dict, n: int):
+        import tensorflow as tf
+
+        function = self.compiled.get((first, last, None))
+        if function is None:
+            names = self.input_names[first]
+
+            def run(*inputs):
+                carry = dict(zip(names, inputs))
+                for k in range(first, last + 1):
+                    out = self.segments[k](carry, training=False)
+                    if k < last:
+                        carry = {name: out[name] for name in self.input_names[k + 1]}
+                return out
+
+            # The segment's declared shapes: a variable length stays variable.
+            signature = [
+                tf.TensorSpec((None,) + tuple(t.shape[1:]), carry[t.name].dtype)
+                for t in self.segments[first].inputs
+            ]
+            function = tf.function(run, input_signature=signature)
+            function = function.get_concrete_function()
+            self.compiled[first, last, None] = function
+        inputs = [tf.convert_to_tensor(carry[name]) for name in self.input_names[first]]
+        return function(*inputs)
+
+    def _to_numpy(self, value, n: int) -> np.ndarray:
+        return value.numpy()
+
+    def _gather(self, parts: list):
+        import tensorflow as tf
+
+        taken = [tf.gather(v, r) for v, r in parts]
+        return taken[0] if len(taken) == 1 else tf.concat(taken, 0)
 
 
 def _read_gates(variables):
