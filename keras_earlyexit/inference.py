@@ -7,21 +7,24 @@ converts every output to NumPy once per segment):
 
 - TensorFlow: the whole gated batch is one graph (`tf.function` traced once
   for any batch size: segments, gates, compaction and the results), so a
-  batch costs one call whatever the number of exits;
+  batch costs one call whatever the number of exits; several batches of a
+  large model run in the pooled loop below instead (`_GraphRunner`);
 - JAX: each run of segments' stateless call compiled per shape
   (`jax.jit`), so a batch is padded to the next *bucket* (`bucket_size`:
   exact up to 4, then 4 sizes per octave, at most 25% padding): a run of
-  any length compiles a bounded set of shapes;
+  any length compiles a bounded set of shapes; a batch of one sample runs
+  as one compiled program (`_JaxRunner`);
 - PyTorch: each run of segments exported once (`torch.export`) with a
   dynamic batch dimension, so one program serves every batch size and
   nothing is padded; the program replays the segments' tensor operations
   without Keras' per-layer Python work, runs under `torch.inference_mode`,
   and the carries stay tensors on their device.
 
-On JAX and PyTorch, the samples that stay after an exit are pooled across
-a group of batches and go deeper in chunks of up to `batch_size`, so the
-deeper segments run on batches about as large as the first; and segments
-whose exits are closed (threshold 1.0) run with the next one as one call.
+In the loops (JAX, PyTorch, TensorFlow for large models) the samples that
+stay after an exit are pooled across a group of batches and go deeper in
+chunks of up to `batch_size`, so the deeper segments run on batches about
+as large as the first; and segments whose exits are closed (threshold 1.0)
+run with the next one as one call.
 
 A patience gate (PABEE) also needs each sample's class at the previous exit
 and its streak: the loops keep them per sample still in play and compact
