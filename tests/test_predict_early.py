@@ -1,7 +1,8 @@
 """predict_early's compiled paths (one TensorFlow graph per batch; jax.jit
 per bucket, or one program per sample; PyTorch exported programs; samples
-pooled across batches on JAX and PyTorch) against `predict` and the gate
-rule; the compiled-function cache stays bounded; bad input."""
+pooled across batches on JAX, PyTorch and, for large models, TensorFlow)
+against `predict` and the gate rule; the compiled-function cache stays
+bounded; bad input."""
 
 import keras
 import numpy as np
@@ -100,7 +101,7 @@ def test_closed_exits_run_with_the_next_segment(digits):
 def test_jax_runs_a_sample_as_one_program(trained_digits_model, digits):
     """On JAX, batches of one sample run as one compiled program each (the
     deeper segments under `lax.cond`), with the exits and results of
-    `predict`, closed exits merged, patience or not."""
+    `predict`, closed exits merged (patience at batch 1: test_patience)."""
     if keras.backend.backend() != "jax":
         pytest.skip("JAX only")
     model, x = trained_digits_model, digits.x_test
