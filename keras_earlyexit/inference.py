@@ -333,15 +333,20 @@ class _LoopRunner:
         variables = [v for k in range(first, last + 1) for v in self.variables[k]]
 
         def call(values, *inputs):
-            carry = dict(zip(self.input_names[first], inputs))
             with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                for k in range(first, last + 1):
-                    out = self.segments[k](carry, training=False)
-                    if k < last:
-                        carry = {name: out[name] for name in self.input_names[k + 1]}
-            return out
+                return self._run(first, last, inputs)
 
         return call
+
+    def _run(self, first: int, last: int, inputs) -> dict:
+        """Segments `first`..`last` on segment `first`'s inputs: the outputs
+        of segment `last`."""
+        carry = dict(zip(self.input_names[first], inputs))
+        for k in range(first, last + 1):
+            out = self.segments[k](carry, training=False)
+            if k < last:
+                carry = {name: out[name] for name in self.input_names[k + 1]}
+        return out
 
     def compiled_count(self) -> int:
         """Compiled functions held (bounded whatever the batch sizes)."""
@@ -841,22 +846,15 @@ class _TfLoopRunner(_LoopRunner):
 
         function = self.compiled.get((first, last, None))
         if function is None:
-            names = self.input_names[first]
-
-            def run(*inputs):
-                carry = dict(zip(names, inputs))
-                for k in range(first, last + 1):
-                    out = self.segments[k](carry, training=False)
-                    if k < last:
-                        carry = {name: out[name] for name in self.input_names[k + 1]}
-                return out
-
             # The segment's declared shapes: a variable length stays variable.
             signature = [
                 tf.TensorSpec((None,) + tuple(t.shape[1:]), carry[t.name].dtype)
                 for t in self.segments[first].inputs
             ]
-            function = tf.function(run, input_signature=signature)
+            function = tf.function(
+                lambda *inputs: self._run(first, last, inputs),
+                input_signature=signature,
+            )
             function = function.get_concrete_function()
             self.compiled[first, last, None] = function
         inputs = [tf.convert_to_tensor(carry[name]) for name in self.input_names[first]]
